@@ -1,0 +1,40 @@
+"""kfac_hessian: layer-wise Hessians of neural networks.
+
+Kronecker path: ``compute_kfac`` gathers ``A`` and ``G`` per layer (``G ⊗ A`` ≈ the layer's Hessian block);
+``KroneckerFactor.eig`` gives every eigenvalue and top eigenvectors without forming the product.
+Exact path: ``layer_operator`` applies the true block; ``lanczos``, ``slq_density`` and ``hutchinson_trace``
+measure it. Conventions: ``docs/conventions.md``.
+"""
+
+from .exact import (
+    CurvatureOperator,
+    LanczosResult,
+    SLQDensity,
+    TraceEstimate,
+    hutchinson_trace,
+    lanczos,
+    layer_operator,
+    slq_density,
+)
+from .factors import KFAC, KroneckerFactor, compute_kfac
+from .layout import BlockLayout
+from .spectra import KroneckerEigen, SpectralDensity
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KFAC",
+    "BlockLayout",
+    "CurvatureOperator",
+    "KroneckerEigen",
+    "KroneckerFactor",
+    "LanczosResult",
+    "SLQDensity",
+    "SpectralDensity",
+    "TraceEstimate",
+    "compute_kfac",
+    "hutchinson_trace",
+    "lanczos",
+    "layer_operator",
+    "slq_density",
+]

@@ -1,0 +1,194 @@
+"""Extreme eigenpairs of a symmetric operator: block Lanczos with full reorthogonalization and locking.
+
+One *run* builds a block Krylov basis (every new block orthogonalized twice against the whole basis and
+against the locked vectors), with Rayleigh-Ritz on the block-tridiagonal projection. A Ritz pair has
+converged when its residual ``‖A x − θ x‖ ≤ tol · ‖A‖`` (``‖A‖`` estimated by the largest Ritz value in
+magnitude). Converged pairs are *locked*: the next run starts from a fresh random block orthogonal to them.
+Runs repeat until one finds nothing above the current k-th eigenvalue, so eigenvalues of any multiplicity
+come out with all their copies (a Krylov space of one start block holds at most ``block_size`` copies).
+Small operators (``P ≤ dense_limit``) are formed densely and decomposed with ``eigh``.
+
+The operator is anything with ``shape``, ``dtype``, ``device`` and ``op @ X`` for ``X`` of shape ``(P, m)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LanczosResult:
+    """Eigenvalues ``(k,)`` and orthonormal eigenvectors ``(k, P)``, with how they were obtained.
+
+    Unpacks as ``vals, vecs = lanczos(...)``. ``residuals[i] = ‖A x_i − θ_i x_i‖``.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    residuals: Tensor
+    converged: bool
+    n_matvecs: int
+    n_runs: int
+    method: str
+    notes: list[str] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter((self.eigenvalues, self.eigenvectors))
+
+
+def _orthogonalize(block: Tensor, bases: list[Tensor]) -> Tensor:
+    for _ in range(2):  # twice is enough (Kahan-Parlett)
+        for basis in bases:
+            if basis.shape[1]:
+                block = block - basis @ (basis.T @ block)
+    return block
+
+
+def _random_block(shape, generator, dtype, device, bases: list[Tensor]) -> Tensor:
+    block = torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    return torch.linalg.qr(_orthogonalize(block, bases)).Q
+
+
+def _run(apply, n: int, block_size: int, max_dim: int, n_want: int, tol: float, locked: Tensor, generator):
+    """One block Lanczos run on the complement of ``locked``; returns Ritz values (descending), vectors, residuals."""
+    dtype, device = locked.dtype, locked.device
+    max_dim = min(max_dim, n - locked.shape[1])
+    b = min(block_size, max_dim)
+    basis = torch.zeros(n, max_dim + b, dtype=dtype, device=device)
+    proj = torch.zeros(max_dim + b, max_dim + b, dtype=dtype, device=device)
+    basis[:, :b] = _random_block((n, b), generator, dtype, device, [locked])
+    j, matvecs = 0, 0
+    while True:
+        current = basis[:, j : j + b]
+        w = apply(current)
+        matvecs += b
+        diag = current.T @ w
+        proj[j : j + b, j : j + b] = 0.5 * (diag + diag.T)
+        w = _orthogonalize(w, [basis[:, : j + b], locked])
+        j += b
+        theta, y = torch.linalg.eigh(proj[:j, :j])
+        theta, y = theta.flip(0), y.flip(1)
+        q, r = torch.linalg.qr(w)
+        residuals = torch.linalg.vector_norm(r @ y[j - b : j, :], dim=0)
+        scale = theta.abs().max().clamp_min(torch.finfo(dtype).tiny)
+        converged = residuals <= tol * scale
+        next_b = min(b, max_dim - j)
+        if converged[:n_want].all() or next_b <= 0:
+            return theta, basis[:, :j] @ y, residuals, converged, matvecs
+        # a (nearly) invariant subspace: continue from fresh directions, decoupled from the basis
+        deficient = r.diagonal().abs() <= 10 * torch.finfo(dtype).eps * scale
+        if deficient.any():
+            fresh = _random_block((n, int(deficient.sum())), generator, dtype, device, [basis[:, :j], locked, q[:, ~deficient]])
+            q = q.clone()
+            q[:, deficient] = fresh
+            r = r.clone()
+            r[deficient] = 0
+        basis[:, j : j + next_b] = q[:, :next_b]
+        proj[j : j + next_b, j - b : j] = r[:next_b]
+        proj[j - b : j, j : j + next_b] = r[:next_b].T
+        b = next_b
+
+
+def _largest(apply, n: int, k: int, tol: float, max_dim: int, block_size: int, max_runs: int, generator, dtype, device):
+    values = torch.zeros(0, dtype=dtype, device=device)
+    vectors = torch.zeros(n, 0, dtype=dtype, device=device)
+    residuals = torch.zeros(0, dtype=dtype, device=device)
+    matvecs, runs, converged_all, notes = 0, 0, True, []
+    while runs < max_runs and vectors.shape[1] < n:
+        have = len(values)
+        n_want = k - have if have < k else 1
+        theta, ritz, res, conv, used = _run(apply, n, block_size, max_dim, n_want, tol, vectors, generator)
+        matvecs, runs = matvecs + used, runs + 1
+        threshold = values.topk(k).values[-1] if have >= k else -torch.inf
+        accept = conv & (theta > threshold + tol * theta.abs().max())
+        if not conv[:n_want].all():
+            converged_all = False
+            notes.append(f"run {runs}: only {int(conv[:n_want].sum())} of the {n_want} wanted Ritz pairs converged within max_iter={max_dim}")
+        if not accept.any():
+            break
+        values = torch.cat([values, theta[accept]])
+        vectors = torch.cat([vectors, ritz[:, accept]], dim=1)
+        residuals = torch.cat([residuals, res[accept]])
+        if not converged_all:
+            break
+    else:
+        if runs >= max_runs:
+            converged_all = False
+            notes.append(f"stopped after max_runs={max_runs} runs")
+    if len(values) < k:
+        converged_all = False
+        notes.append(f"found {len(values)} converged eigenpairs of the {k} asked for")
+    order = values.argsort(descending=True)[:k]
+    return values[order], vectors[:, order], residuals[order], converged_all, matvecs, runs, notes
+
+
+def lanczos(
+    op,
+    k: int,
+    which: str = "largest",
+    tol: float = 1e-6,
+    max_iter: int | None = None,
+    block_size: int = 1,
+    seed: int | None = None,
+    dense_limit: int = 512,
+    max_runs: int | None = None,
+) -> LanczosResult:
+    """The ``k`` extreme eigenpairs of a symmetric operator.
+
+    Args:
+        op: ``CurvatureOperator``, ``KroneckerFactor`` or anything with ``shape``, ``dtype``, ``device``, ``@``.
+        k: number of eigenpairs.
+        which: ``"largest"`` (descending), ``"smallest"`` (ascending), or ``"both"`` (``k − k//2`` largest and
+            ``k//2`` smallest, descending).
+        tol: converged when ``‖A x − θ x‖ ≤ tol·‖A‖``; eigenvalue errors are about ``residual²/gap``.
+        max_iter: largest Krylov dimension of one run (default ``max(4k + 40, 60)``, at most ``P``).
+        block_size: vectors per block (one pass over the data applies the whole block).
+        seed: seeds the random start blocks.
+        dense_limit: at or below this ``P`` the operator is formed densely (``op @ I``) and ``eigh`` is used.
+        max_runs: bound on the locking restarts (default ``2k + 4``).
+
+    A result that did not converge is returned with ``converged=False``, its residuals and notes, and a
+    ``RuntimeWarning``.
+    """
+    n = op.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must lie in [1, {n}]")
+    if which not in ("largest", "smallest", "both"):
+        raise ValueError(f"which must be 'largest', 'smallest' or 'both', got {which!r}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be ≥ 1, got {block_size}")
+    dtype, device = op.dtype, op.device
+    k_hi = {"largest": k, "smallest": 0, "both": k - k // 2}[which]
+    k_lo = k - k_hi
+    if n <= dense_limit:
+        dense = op @ torch.eye(n, dtype=dtype, device=device)
+        theta, vecs = torch.linalg.eigh(0.5 * (dense + dense.T))
+        largest, smallest = torch.arange(n - 1, n - 1 - k_hi, -1), torch.arange(k_lo)
+        idx = torch.cat([largest, smallest.flip(0) if which == "both" else smallest]).to(device)
+        return LanczosResult(theta[idx], vecs[:, idx].T, torch.zeros(k, dtype=dtype, device=device), True, n, 1, "dense")
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    max_dim = min(n, max_iter if max_iter is not None else max(4 * k + 40, 60))
+    max_runs = max_runs if max_runs is not None else 2 * k + 4
+    parts = []
+    for count, sign in ((k_hi, 1.0), (k_lo, -1.0)):
+        if count:
+            apply = (lambda x: op @ x) if sign > 0 else (lambda x: -(op @ x))
+            parts.append((sign, _largest(apply, n, count, tol, max_dim, block_size, max_runs, generator, dtype, device)))
+    values = torch.cat([sign * p[0] for sign, p in parts])
+    vectors = torch.cat([p[1] for _, p in parts], dim=1).T
+    residuals = torch.cat([p[2] for _, p in parts])
+    if which == "both":
+        order = values.argsort(descending=True)
+        values, vectors, residuals = values[order], vectors[order], residuals[order]
+    converged = all(p[3] for _, p in parts)
+    notes = [note for _, p in parts for note in p[6]]
+    result = LanczosResult(
+        values, vectors, residuals, converged, sum(p[4] for _, p in parts), sum(p[5] for _, p in parts), "block-lanczos", notes
+    )
+    if not converged:
+        warnings.warn("lanczos did not converge: " + "; ".join(notes), RuntimeWarning, stacklevel=2)
+    return result

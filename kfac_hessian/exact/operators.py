@@ -1,0 +1,155 @@
+"""Exact curvature operators: the true Hessian block (or its Gauss-Newton part) applied by products.
+
+The objective is the one ``loss_fn`` computes over the whole data set (see ``kfac_hessian.losses``); each
+product streams the data once, batch by batch, and sums the per-batch products of the *summed* loss
+before the reduction scale is applied, so an uneven last batch changes nothing.
+
+* ``kind="hessian"``: ``v ↦ ∂/∂θ ⟨∂L/∂θ, v⟩`` by double backward, all other parameters held fixed;
+* ``kind="ggn"``: ``v ↦ Σ_n J_nᵀ Λ_n J_n v`` with a forward-mode product ``J v`` (``torch.func.jvp``), the
+  closed-form loss Hessian ``Λ`` and a reverse-mode product (``torch.func.vjp``).
+
+Both take ``m`` vectors in one pass over the data. Parameters are passed to the model functionally
+(``torch.func.functional_call``) as detached views, so the model's flags and ``.grad`` are never touched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import Tensor, nn
+from torch.func import functional_call, jvp, vjp, vmap
+
+from ..capture import preserved_model_state
+from ..data import Data, iterate_batches, require_reiterable
+from ..factors import DENSE_LIMIT
+from ..losses import check_batch, hessian_vector_product, loss_spec, summed_loss, terms_per_sample
+
+
+class CurvatureOperator:
+    """The exact ``(P, P)`` Hessian or GGN block of some parameters, in the order of ``param_names``.
+
+    ``n_matvecs`` and ``n_data_passes`` count the work done so far (one pass serves ``m`` vectors).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, data: Data, param_names: list[str], kind: str = "hessian"):
+        if kind not in ("hessian", "ggn"):
+            raise ValueError(f"kind must be 'hessian' or 'ggn', got {kind!r}")
+        require_reiterable(data)
+        self.model, self.data, self.kind = model, data, kind
+        self.spec = loss_spec(loss_fn)
+        params = dict(model.named_parameters())
+        self.param_names = list(param_names)
+        self._shapes = [params[n].shape for n in self.param_names]
+        self._sizes = [params[n].numel() for n in self.param_names]
+        first = params[self.param_names[0]]
+        self.dtype, self.device = first.dtype, first.device
+        self.n_matvecs = 0
+        self.n_data_passes = 0
+
+    @property
+    def num_params(self) -> int:
+        return sum(self._sizes)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_params, self.num_params)
+
+    def __repr__(self) -> str:
+        return f"CurvatureOperator(kind={self.kind!r}, P={self.num_params}, params={self.param_names})"
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        if v.dim() not in (1, 2) or v.shape[0] != self.num_params:
+            raise ValueError(f"expected a vector (P,) or matrix (P, m) with P={self.num_params}, got {tuple(v.shape)}")
+        columns = v.reshape(self.num_params, -1).to(self.device, self.dtype)
+        return self._apply(columns).reshape(v.shape)
+
+    def _apply(self, columns: Tensor) -> Tensor:
+        m = columns.shape[1]
+        tangents = [t.reshape(m, *shape) for t, shape in zip(columns.T.split(self._sizes, dim=1), self._shapes)]
+        result = torch.zeros(m, self.num_params, dtype=self.dtype, device=self.device)
+        n_samples, tau = 0, None
+        all_params = dict(self.model.named_parameters())
+        with preserved_model_state(self.model), torch.enable_grad():
+            for index, inputs, target in iterate_batches(self.data, self.device):
+                fixed = {name: p.detach() for name, p in all_params.items()}
+                theta = tuple(all_params[name].detach().requires_grad_() for name in self.param_names)
+
+                def forward(*values: Tensor) -> Tensor:
+                    return functional_call(self.model, {**fixed, **dict(zip(self.param_names, values))}, (inputs,))
+
+                products, output = self._batch_products(forward, theta, tangents, target)
+                tau = terms_per_sample(self.spec, output)
+                n_samples += output.shape[0]
+                result += torch.cat([p.reshape(m, -1) for p in products], dim=1)
+        self.n_matvecs += m
+        self.n_data_passes += 1
+        return (result * self.spec.scale(n_samples, tau)).T
+
+    def _batch_products(self, forward, theta: tuple[Tensor, ...], tangents: list[Tensor], target: Tensor):
+        if self.kind == "hessian":
+            output = forward(*theta)
+            check_batch(self.spec, output, target)
+            grads = torch.autograd.grad(summed_loss(self.spec, output, target), theta, create_graph=True)
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            if not flat.requires_grad:  # the loss is linear in these parameters
+                return [torch.zeros_like(t) for t in tangents], output
+            stacked = torch.cat([t.reshape(t.shape[0], -1) for t in tangents], dim=1)
+            products = torch.autograd.grad(flat, theta, grad_outputs=stacked, is_grads_batched=True, allow_unused=True)
+            return [torch.zeros_like(t) if p is None else p for p, t in zip(products, tangents)], output
+        output, pullback = vjp(forward, *theta)
+        check_batch(self.spec, output, target)
+        jacobian_products = vmap(lambda *t: jvp(forward, theta, t)[1])(*tangents)
+        return vmap(pullback)(hessian_vector_product(self.spec, output, jacobian_products)), output
+
+    def to_dense(self, max_params: int = DENSE_LIMIT, chunk: int = 512) -> Tensor:
+        """The ``(P, P)`` matrix, ``chunk`` columns per pass over the data — small blocks and tests only."""
+        if self.num_params > max_params:
+            raise ValueError(
+                f"P={self.num_params} exceeds max_params={max_params} for a dense matrix; use products, "
+                "`lanczos`, `slq_density` or `hutchinson_trace` instead"
+            )
+        eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
+        return torch.cat([self @ eye[:, i : i + chunk] for i in range(0, self.num_params, chunk)], dim=1)
+
+    def to_scipy(self) -> LinearOperator:
+        """A ``scipy.sparse.linalg.LinearOperator`` (numpy in, numpy out) over the same products."""
+        np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
+
+        def matmat(x: np.ndarray) -> np.ndarray:
+            return (self @ torch.as_tensor(np.asarray(x), dtype=self.dtype, device=self.device)).cpu().numpy()
+
+        return LinearOperator(self.shape, matvec=matmat, matmat=matmat, rmatvec=matmat, dtype=np_dtype)
+
+
+def layer_operator(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Data,
+    layer: str | list[str] | None,
+    kind: str = "hessian",
+) -> CurvatureOperator:
+    """Exact curvature block of one layer, of several layers jointly (a list), or of all parameters (``None``).
+
+    The order is ``torch.cat([p.flatten() for p in module.parameters()])`` per layer, layers in the order
+    given (``None``: ``model.parameters()`` order, trainable parameters only). Any module with parameters
+    works here, supported by the Kronecker path or not.
+    """
+    if layer is None:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if not names:
+            raise ValueError("the model has no trainable parameter")
+        return CurvatureOperator(model, loss_fn, data, names, kind)
+    modules = dict(model.named_modules())
+    names = []
+    for layer_name in [layer] if isinstance(layer, str) else layer:
+        if layer_name not in modules or layer_name == "":
+            with_params = [n for n, m in modules.items() if n and list(m.parameters(recurse=False))]
+            raise ValueError(f"no layer named {layer_name!r}; modules with parameters: {with_params}")
+        own = [f"{layer_name}.{n}" for n, _ in modules[layer_name].named_parameters()]
+        if not own:
+            raise ValueError(f"layer {layer_name!r} has no parameters")
+        names.extend(own)
+    if len(set(names)) != len(names):
+        raise ValueError(f"layers {layer} share parameters; name each layer once")
+    return CurvatureOperator(model, loss_fn, data, names, kind)

@@ -1,0 +1,377 @@
+"""Kronecker factors ``A`` and ``G`` of every selected layer, gathered in one streamed pass over the data.
+
+For a layer ``z = W̄ ā`` the block of the objective's Hessian (augmented row-major order, see ``layout``) is
+approximated by ``G ⊗ A`` with
+
+* ``A = mean of ā āᵀ`` over samples (and, with ``approx="expand"``, over the shared locations);
+* ``G = scale · Σ g gᵀ``, ``g`` the output gradients of the *summed* loss backpropagated from a set of
+  columns at the model output: the loss-Hessian square-root columns (``curvature="ggn"``), labels sampled
+  from the model (``"mc"``), or the true labels (``"empirical"``).
+
+``scale`` makes ``G ⊗ A`` approximate the Hessian of exactly the objective ``loss_fn`` computes over the
+whole data set (``N`` samples, ``τ`` loss terms per sample, ``m`` = ``mc_samples``):
+
+=============  =======================  ==========
+curvature      reduction="mean"          "sum"
+=============  =======================  ==========
+``ggn``        ``1/(N τ)``               ``1``
+``mc``         ``1/(N τ m)``             ``1/m``
+``empirical``  ``1/(N τ²)``              ``1``
+=============  =======================  ==========
+
+(the empirical Fisher uses the per-sample loss ``ℓ_n`` = ``loss_fn`` on sample ``n`` alone, whose gradient
+is ``1/τ`` that of the summed loss under "mean"). Weight sharing (``T`` locations per sample):
+``"expand"`` treats every location as a sample (``A`` averages over ``N·T`` rows, ``G`` sums over all of
+them); ``"reduce"`` averages ``ā`` and sums ``g`` over the locations of each sample first. A layer called
+several times in one forward pass contributes every call, as further locations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .capture import LayerCall, LayerRecorder, preserved_model_state
+from .data import Data, iterate_batches
+from .layers import input_rows, output_rows, select_layers, weight_matrix_shape
+from .layout import BlockLayout
+from .losses import (
+    LossSpec,
+    check_batch,
+    hessian_sqrt_columns,
+    loss_spec,
+    output_gradient,
+    sample_output_gradients,
+    terms_per_sample,
+)
+from .spectra import KroneckerEigen, symmetric_eig
+
+Curvature = Literal["ggn", "mc", "empirical"]
+Approx = Literal["expand", "reduce"]
+DENSE_LIMIT = 20_000  # largest P for which ``to_dense`` builds a P×P matrix
+
+
+class KroneckerFactor:
+    """``G ⊗ A``: the Kronecker approximation of one layer's Hessian block.
+
+    ``A`` is ``(width, width)`` with ``width = d_in + 1`` when the layer has a bias; ``G`` is
+    ``(d_out, d_out)``. Vectors and matrices exchanged with users are in the order
+    ``torch.cat([p.flatten() for p in module.parameters()])`` (weight, then bias).
+    """
+
+    def __init__(self, A: Tensor, G: Tensor, layout: BlockLayout, name: str = ""):
+        if A.shape != (layout.width, layout.width) or G.shape != (layout.d_out, layout.d_out):
+            raise ValueError(f"factor shapes {tuple(A.shape)}, {tuple(G.shape)} do not fit {layout}")
+        self.A, self.G, self.layout, self.name = A, G, layout, name
+
+    def __repr__(self) -> str:
+        return f"KroneckerFactor({self.name!r}, A={tuple(self.A.shape)}, G={tuple(self.G.shape)}, P={self.num_params})"
+
+    @property
+    def num_params(self) -> int:
+        return self.layout.num_params
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_params, self.num_params)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.A.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.A.device
+
+    def to_dense(self, max_params: int = DENSE_LIMIT) -> Tensor:
+        """The ``(P, P)`` matrix in public parameter order — for small layers and tests only."""
+        if self.num_params > max_params:
+            raise ValueError(
+                f"layer {self.name!r} has P={self.num_params} parameters; a dense {self.num_params}² matrix is "
+                f"refused above max_params={max_params}. Use `@` (matvec), `.eig()` or `.eig().density()` instead"
+            )
+        perm = self.layout.permutation(self.A.device)
+        return torch.kron(self.G, self.A)[perm][:, perm]
+
+    def __matmul__(self, v: Tensor | tuple[Tensor, ...] | list[Tensor]) -> Tensor | tuple[Tensor, ...]:
+        """``(G ⊗ A) v`` as ``G V̄ A`` on the augmented weight matrix, never forming the product.
+
+        ``v``: ``(P,)``, ``(P, m)``, or a tuple of tensors shaped like the module's parameters (returned alike).
+        """
+        if isinstance(v, (tuple, list)):
+            flat = torch.cat([t.reshape(-1) for t in v])
+            out = self @ flat
+            pieces, start = [], 0
+            for t in v:
+                pieces.append(out[start : start + t.numel()].reshape(t.shape))
+                start += t.numel()
+            return tuple(pieces)
+        if v.dim() not in (1, 2) or v.shape[0] != self.num_params:
+            raise ValueError(f"expected a vector (P,) or matrix (P, m) with P={self.num_params}, got {tuple(v.shape)}")
+        columns = v.reshape(self.num_params, -1).T.to(self.A.dtype)
+        product = self.G @ self.layout.to_matrices(columns) @ self.A
+        out = self.layout.to_vectors(product).T
+        return out.reshape(v.shape)
+
+    def trace(self) -> Tensor:
+        """``tr(A)·tr(G)``."""
+        return torch.trace(self.A) * torch.trace(self.G)
+
+    def frobenius_norm(self) -> Tensor:
+        """``‖A‖_F·‖G‖_F``."""
+        return torch.linalg.matrix_norm(self.A) * torch.linalg.matrix_norm(self.G)
+
+    def eig(self, dtype: torch.dtype | None = None, vectors: bool = True) -> KroneckerEigen:
+        """Eigendecomposition of both factors on their device (``dtype=torch.float64`` for more precision)."""
+        return _eig_all({self.name: self}, dtype, vectors)[self.name]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "KroneckerFactor":
+        return KroneckerFactor(self.A.to(device, dtype), self.G.to(device, dtype), self.layout, self.name)
+
+
+def _eig_all(factors: Mapping[str, KroneckerFactor], dtype: torch.dtype | None, vectors: bool) -> dict[str, KroneckerEigen]:
+    """Eigendecompose all factors, one batched call per (size, device, dtype) group."""
+    matrices = {}
+    for name, f in factors.items():
+        matrices[(name, "A")] = f.A if dtype is None else f.A.to(dtype)
+        matrices[(name, "G")] = f.G if dtype is None else f.G.to(dtype)
+    groups: dict[tuple, list] = {}
+    for key, m in matrices.items():
+        groups.setdefault((m.shape[0], m.device, m.dtype), []).append(key)
+    results = {}
+    for keys in groups.values():
+        values, vecs, reports = symmetric_eig(torch.stack([matrices[k] for k in keys]), vectors)
+        for n, key in enumerate(keys):
+            results[key] = (values[n], None if vecs is None else vecs[n], reports[n])
+    out = {}
+    for name, f in factors.items():
+        (a_val, a_vec, a_rep), (g_val, g_vec, g_rep) = results[(name, "A")], results[(name, "G")]
+        out[name] = KroneckerEigen(
+            f.layout, matrices[(name, "A")], matrices[(name, "G")], a_val, g_val, a_vec, g_vec, {"A": a_rep, "G": g_rep}
+        )
+    return out
+
+
+@dataclass
+class KFAC(Mapping[str, KroneckerFactor]):
+    """Kronecker factors of every selected layer, with how they were computed.
+
+    A read-only mapping ``layer name → KroneckerFactor``; ``skipped`` names the parameterized modules that
+    were not factored and why.
+    """
+
+    factors: dict[str, KroneckerFactor]
+    curvature: str
+    approx: str
+    loss: str
+    reduction: str
+    n_samples: int
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.factors)
+
+    def __getitem__(self, name: str) -> KroneckerFactor:
+        if name not in self.factors:
+            raise KeyError(f"no factors for layer {name!r}; layers: {self.layer_names}")
+        return self.factors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.factors)
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+    def eig(self, dtype: torch.dtype | None = None, vectors: bool = True) -> dict[str, KroneckerEigen]:
+        """Eigendecompositions of every layer; equal-size factors go through one batched call."""
+        return _eig_all(self.factors, dtype, vectors)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "KFAC":
+        moved = {n: f.to(device, dtype) for n, f in self.factors.items()}
+        return KFAC(moved, self.curvature, self.approx, self.loss, self.reduction, self.n_samples, dict(self.skipped))
+
+    def summary(self) -> str:
+        """One line per module: factored (shapes, parameter count) or skipped (why)."""
+        lines = [f"KFAC curvature={self.curvature} approx={self.approx} loss={self.loss}({self.reduction}) N={self.n_samples}"]
+        for name, f in self.factors.items():
+            lines.append(f"  {name}: A {tuple(f.A.shape)}, G {tuple(f.G.shape)}, P={f.num_params}")
+        for name, reason in self.skipped.items():
+            lines.append(f"  {name}: skipped — {reason}")
+        return "\n".join(lines)
+
+    def save(self, path) -> None:
+        """Save as plain tensors and strings (loaded with ``torch.load(weights_only=True)``: no code runs)."""
+        torch.save(
+            {
+                "format": "kfac_hessian.KFAC/1",
+                "meta": {k: getattr(self, k) for k in ("curvature", "approx", "loss", "reduction", "n_samples")},
+                "skipped": dict(self.skipped),
+                "layers": {
+                    name: {"A": f.A, "G": f.G, "layout": [f.layout.d_out, f.layout.d_in, int(f.layout.has_bias)]}
+                    for name, f in self.factors.items()
+                },
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path, map_location: torch.device | str | None = None) -> "KFAC":
+        """Load what ``save`` wrote; never unpickles code (``weights_only=True``)."""
+        state = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != "kfac_hessian.KFAC/1":
+            raise ValueError(f"{path} is not a file written by KFAC.save")
+        factors = {}
+        for name, entry in state["layers"].items():
+            d_out, d_in, has_bias = entry["layout"]
+            factors[name] = KroneckerFactor(entry["A"], entry["G"], BlockLayout(d_out, d_in, bool(has_bias)), name)
+        return cls(factors, skipped=state["skipped"], **state["meta"])
+
+
+class _FactorSums:
+    """Running sums ``Σ ā āᵀ`` and ``Σ g gᵀ`` of one layer (bias column handled without copying ``ā``)."""
+
+    def __init__(self, layout: BlockLayout, approx: Approx, dtype: torch.dtype, device: torch.device):
+        self.layout, self.approx = layout, approx
+        self.a_sum = torch.zeros(layout.width, layout.width, dtype=dtype, device=device)
+        self.g_sum = torch.zeros(layout.d_out, layout.d_out, dtype=dtype, device=device)
+        self.a_rows = 0
+
+    def add(self, inputs: Tensor, grads: Tensor) -> None:
+        """``inputs`` (N, T, d_in) and ``grads`` (K, N, T, d_out) of all calls of this batch."""
+        dtype, d = self.a_sum.dtype, self.layout.d_in
+        if self.approx == "expand":
+            rows, grad_rows = inputs.reshape(-1, d), grads.reshape(-1, self.layout.d_out)
+        else:
+            rows, grad_rows = inputs.mean(1), grads.sum(2).reshape(-1, self.layout.d_out)
+        rows, grad_rows = rows.to(dtype), grad_rows.to(dtype)
+        self.a_sum[:d, :d].addmm_(rows.T, rows)
+        if self.layout.has_bias:
+            column_sums = rows.sum(0)
+            self.a_sum[:d, d] += column_sums
+            self.a_sum[d, :d] += column_sums
+            self.a_sum[d, d] += rows.shape[0]
+        self.a_rows += rows.shape[0]
+        self.g_sum.addmm_(grad_rows.T, grad_rows)
+
+
+def _output_columns(spec: LossSpec, curvature: Curvature, output: Tensor, target: Tensor, mc_samples: int, generator) -> Tensor:
+    """Columns ``(K, *output.shape)`` backpropagated from the output for ``curvature``."""
+    if curvature == "ggn":
+        return hessian_sqrt_columns(spec, output)
+    if curvature == "mc":
+        return sample_output_gradients(spec, output, mc_samples, generator)
+    return output_gradient(spec, output.detach(), target).unsqueeze(0)
+
+
+def _require_finite(tensor: Tensor, what: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise FloatingPointError(f"{what} contains NaN or Inf; no spectrum is computed from non-finite values")
+
+
+def compute_kfac(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Data,
+    curvature: Curvature = "ggn",
+    layers: list[str] | None = None,
+    approx: Approx = "expand",
+    mc_samples: int = 1,
+    seed: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> KFAC:
+    """Kronecker factors ``G ⊗ A`` of the Hessian blocks of every selected layer (see the module docstring).
+
+    Args:
+        model: any ``nn.Module``; it runs as it is (train/eval mode untouched) and is left as it was.
+        loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` (reduction mean/sum).
+        data: an ``(inputs, targets)`` pair or an iterable of pairs, streamed batch by batch.
+        curvature: ``"ggn"`` (exact Gauss-Newton output Hessian), ``"mc"`` (Monte-Carlo Fisher),
+            ``"empirical"`` (empirical Fisher).
+        layers: module names (from ``named_modules``); ``None`` takes every supported trainable layer.
+        approx: weight-sharing approximation, ``"expand"`` or ``"reduce"``.
+        mc_samples: labels drawn per sample for ``"mc"``.
+        seed: seeds a private generator for ``"mc"`` (the global RNG is not touched when given).
+        device, dtype: where and in which precision the factors are accumulated and kept (default: the
+            model's). Forward and backward passes run on the model's device.
+        progress: show a progress bar (needs ``tqdm``).
+    """
+    if curvature not in ("ggn", "mc", "empirical"):
+        raise ValueError(f"curvature must be 'ggn', 'mc' or 'empirical', got {curvature!r}")
+    if approx not in ("expand", "reduce"):
+        raise ValueError(f"approx must be 'expand' or 'reduce', got {approx!r}")
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+    spec = loss_spec(loss_fn)
+    selected, skipped = select_layers(model, layers)
+    first_param = next(iter(selected.values())).weight
+    model_device = first_param.device
+    dtype = dtype or first_param.dtype
+    generator = torch.Generator(model_device).manual_seed(seed) if (seed is not None and curvature == "mc") else None
+    sums = {
+        name: _FactorSums(BlockLayout(*weight_matrix_shape(m), m.bias is not None), approx, dtype, model_device)
+        for name, m in selected.items()
+    }
+    n_samples, tau = 0, None
+    batches = iterate_batches(data, model_device)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"KFAC ({curvature})", unit="batch")
+    with preserved_model_state(model), LayerRecorder(selected) as recorder, torch.enable_grad():
+        for index, inputs, target in batches:
+            recorder.clear()
+            output = model(inputs)
+            if not isinstance(output, Tensor):
+                raise ValueError(f"the model must return one tensor of outputs, got {type(output).__name__}")
+            check_batch(spec, output, target)
+            _require_finite(output, f"model output at batch {index}")
+            batch_tau = terms_per_sample(spec, output)
+            if tau is not None and batch_tau != tau:
+                raise ValueError(f"batch {index} has {batch_tau} loss terms per sample, earlier batches {tau}")
+            tau = batch_tau
+            calls: list[tuple[str, LayerCall]] = [(n, c) for n in selected for c in recorder.calls[n]]
+            n_samples += output.shape[0]
+            if not calls:
+                continue
+            columns = _output_columns(spec, curvature, output, target, mc_samples, generator)
+            grads = torch.autograd.grad(
+                output, [c.output for _, c in calls], grad_outputs=columns, is_grads_batched=True, allow_unused=True
+            )
+            per_layer: dict[str, tuple[list, list]] = {}
+            for (name, call), grad in zip(calls, grads):
+                module = selected[name]
+                if grad is None:  # the call did not influence the output
+                    grad = torch.zeros((len(columns), *call.output.shape), dtype=output.dtype, device=output.device)
+                _require_finite(call.inputs, f"input of layer {name!r} at batch {index}")
+                _require_finite(grad, f"output gradient of layer {name!r} at batch {index}")
+                rows = per_layer.setdefault(name, ([], []))
+                rows[0].append(input_rows(module, call.inputs))
+                rows[1].append(output_rows(module, grad))
+            for name, (inputs_list, grads_list) in per_layer.items():
+                sums[name].add(torch.cat(inputs_list, dim=1), torch.cat(grads_list, dim=2))
+            recorder.clear()
+    scale = spec.scale(n_samples, tau)
+    if curvature == "mc":
+        scale /= mc_samples
+    elif curvature == "empirical" and spec.reduction == "mean":
+        scale /= tau
+    factors = {}
+    for name, s in sums.items():
+        if s.a_rows == 0:
+            if layers is not None:
+                raise ValueError(f"layer {name!r} was never called in the model's forward pass")
+            skipped[name] = "never called in the forward pass"
+            continue
+        A = (s.a_sum / s.a_rows).to(device)
+        G = (s.g_sum * scale).to(device)
+        factors[name] = KroneckerFactor(A, G, s.layout, name)
+    if not factors:
+        raise ValueError(f"no selected layer was called in the forward pass; skipped: {skipped}")
+    return KFAC(factors, curvature, approx, spec.kind, spec.reduction, n_samples, skipped)

@@ -1,0 +1,192 @@
+"""Spectra of ``G ⊗ A`` from the eigendecompositions of the two small factors, never forming the product.
+
+With ``A = U diag(λ) Uᵀ`` and ``G = V diag(μ) Vᵀ`` (both PSD), ``G ⊗ A`` has the ``P = d_out·width``
+eigenvalues ``μ_j λ_i`` with eigenvectors ``v_j ⊗ u_i`` (the rank-one matrix ``v_j u_iᵀ`` in weight shape).
+The top-k products need only the pairs with ``i·j ≤ k`` (1-based ranks in the two descending lists).
+"""
+
+from __future__ import annotations
+
+import builtins
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .layout import BlockLayout
+
+
+@dataclass
+class ClampReport:
+    """Negative eigenvalues of a PSD factor set to zero (round-off): how many, and the most negative one."""
+
+    count: int = 0
+    most_negative: float = 0.0
+
+
+def symmetric_eig(matrices: Tensor, vectors: bool) -> tuple[Tensor, Tensor | None, list[ClampReport]]:
+    """Eigen-decompose a batch ``(B, d, d)`` of PSD matrices; eigenvalues descending, clamped at 0.
+
+    A failed float32 decomposition is retried in float64 (result cast back). Negative eigenvalues are
+    round-off here (the factors are sums of outer products), so they are clamped to 0 and reported.
+    """
+    try:
+        values, vecs = torch.linalg.eigh(matrices) if vectors else (torch.linalg.eigvalsh(matrices), None)
+    except torch.linalg.LinAlgError:
+        if matrices.dtype == torch.float64:
+            raise
+        values, vecs = torch.linalg.eigh(matrices.double()) if vectors else (torch.linalg.eigvalsh(matrices.double()), None)
+        values = values.to(matrices.dtype)
+        vecs = vecs.to(matrices.dtype) if vecs is not None else None
+    values = values.flip(-1)
+    vecs = vecs.flip(-1) if vecs is not None else None
+    negative = values < 0
+    reports = [
+        ClampReport(int(n), float(v.min()) if n else 0.0) for n, v in zip(negative.sum(-1).tolist(), values)
+    ]
+    return values.clamp_min(0), vecs, reports
+
+
+def _eig_one(matrix: Tensor) -> tuple[Tensor, Tensor, ClampReport]:
+    values, vectors, (report,) = symmetric_eig(matrix.unsqueeze(0), vectors=True)
+    return values[0], vectors[0], report
+
+
+@dataclass
+class SpectralDensity:
+    """Histogram of a spectrum: ``counts[b]`` eigenvalues in ``[edges[b], edges[b+1])``.
+
+    With ``log=True`` the edges are in ``log10(eigenvalue)`` and the ``n_zero`` eigenvalues that are exactly
+    zero (no logarithm) are counted apart, so ``counts.sum() + n_zero`` is the number of eigenvalues.
+    """
+
+    edges: Tensor
+    counts: Tensor
+    n_zero: int
+    log: bool
+
+    @property
+    def centers(self) -> Tensor:
+        return 0.5 * (self.edges[1:] + self.edges[:-1])
+
+    @property
+    def density(self) -> Tensor:
+        """Counts per unit of the (log-)eigenvalue axis: integrates to ``counts.sum()``."""
+        return self.counts / (self.edges[1:] - self.edges[:-1])
+
+
+class KroneckerEigen:
+    """Eigen-structure of one layer's ``G ⊗ A``.
+
+    Eigenvalues of both factors are always present; eigenvectors are computed on first use (``eigvalsh``
+    is several times cheaper than ``eigh``) unless they were computed already.
+    """
+
+    def __init__(
+        self,
+        layout: BlockLayout,
+        A: Tensor,
+        G: Tensor,
+        a_values: Tensor,
+        g_values: Tensor,
+        a_vectors: Tensor | None = None,
+        g_vectors: Tensor | None = None,
+        clamped: dict[str, ClampReport] | None = None,
+    ):
+        self.layout = layout
+        self._A, self._G = A, G
+        self.a_values, self.g_values = a_values, g_values
+        self._a_vectors, self._g_vectors = a_vectors, g_vectors
+        self.clamped = clamped or {}
+
+    @property
+    def num_params(self) -> int:
+        return self.layout.num_params
+
+    @property
+    def a_vectors(self) -> Tensor:
+        """Eigenvectors of ``A`` as columns, matching ``a_values`` (descending)."""
+        if self._a_vectors is None:
+            self.a_values, self._a_vectors, self.clamped["A"] = _eig_one(self._A)
+        return self._a_vectors
+
+    @property
+    def g_vectors(self) -> Tensor:
+        """Eigenvectors of ``G`` as columns, matching ``g_values`` (descending)."""
+        if self._g_vectors is None:
+            self.g_values, self._g_vectors, self.clamped["G"] = _eig_one(self._G)
+        return self._g_vectors
+
+    def eigenvalues(self) -> Tensor:
+        """All ``P`` eigenvalues ``μ_j λ_i``, descending (``P`` numbers: for huge layers use ``density``)."""
+        return torch.outer(self.g_values, self.a_values).flatten().sort(descending=True).values
+
+    def trace(self) -> Tensor:
+        """``tr(G ⊗ A) = tr(A)·tr(G)``."""
+        return self.a_values.sum() * self.g_values.sum()
+
+    def _top_index_pairs(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        n_a, n_g = len(self.a_values), len(self.g_values)
+        if not 1 <= k <= n_a * n_g:
+            raise ValueError(f"k={k} must lie in [1, {n_a * n_g}] (the number of eigenvalues)")
+        # a product of 1-based ranks (i, j) in the top k satisfies i·j ≤ k
+        ii, jj = [], []
+        for i in range(1, min(k, n_a) + 1):
+            j_max = min(k // i, n_g)
+            ii.append(np.full(j_max, i - 1))
+            jj.append(np.arange(j_max))
+        device = self.a_values.device
+        i_idx = torch.as_tensor(np.concatenate(ii), device=device)
+        j_idx = torch.as_tensor(np.concatenate(jj), device=device)
+        products = self.g_values[j_idx] * self.a_values[i_idx]
+        top = products.topk(k).indices
+        order = products[top].argsort(descending=True, stable=True)
+        top = top[order]
+        return products[top], j_idx[top], i_idx[top]
+
+    def top_pairs(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-k eigenpairs as rank-one factors: ``(values (k,), g_vecs (k, d_out), a_vecs (k, width))``.
+
+        Eigenvector ``n`` reshaped to the augmented weight ``[W b]`` is ``outer(g_vecs[n], a_vecs[n])``.
+        """
+        values, j_idx, i_idx = self._top_index_pairs(k)
+        return values, self.g_vectors[:, j_idx].T, self.a_vectors[:, i_idx].T
+
+    def topk(self, k: int) -> tuple[Tensor, Tensor]:
+        """Top-k eigenvalues (descending) and orthonormal eigenvectors ``(k, P)`` in public parameter order."""
+        values, g_vecs, a_vecs = self.top_pairs(k)
+        return values, self.layout.rank_one_vectors(g_vecs, a_vecs)
+
+    def density(self, bins: int = 100, log: bool = True, range: tuple[float, float] | None = None, chunk: int = 2**22) -> SpectralDensity:
+        """Histogram of all ``P`` eigenvalues, streamed in chunks of about ``chunk`` products (bounded memory).
+
+        ``log=True`` bins ``log10`` of the positive eigenvalues and counts zeros apart; ``range`` is in the
+        binned variable (defaults to the exact extent of the spectrum).
+        """
+        a, g = self.a_values, self.g_values.to(self.a_values.dtype)
+        if log:
+            a_pos, g_pos = a[a > 0], g[g > 0]
+            n_zero = self.num_params - len(a_pos) * len(g_pos)
+            a_t, g_t = a_pos.log10(), g_pos.log10()
+            combine = torch.add
+        else:
+            n_zero, a_t, g_t, combine = 0, a, g, torch.mul
+        if range is None:
+            if len(a_t) == 0:
+                range = (0.0, 1.0)
+            else:
+                corners = combine(torch.stack([g_t.min(), g_t.max()])[:, None], torch.stack([a_t.min(), a_t.max()])[None, :])
+                range = (float(corners.min()), float(corners.max()))
+        lo, hi = range
+        if hi <= lo:  # a single distinct eigenvalue: give it a bin of its own
+            lo, hi = lo - 0.5, hi + 0.5
+        counts = torch.zeros(bins, dtype=torch.float64, device=a.device)
+        rows = max(1, chunk // max(1, len(a_t)))
+        # the argument ``range`` shadows the builtin
+        for start in builtins.range(0, len(g_t), rows):
+            values = combine(g_t[start : start + rows, None], a_t[None, :]).flatten()
+            counts += torch.histc(values.double(), bins=bins, min=lo, max=hi)
+        edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64, device=a.device)
+        return SpectralDensity(edges, counts, n_zero, log)
+

@@ -1,0 +1,76 @@
+"""Dense float64 references computed independently of the library (torch.func on the whole data set)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, hessian, jacrev
+
+
+def _flat_function(model: nn.Module, names: list[str], fn):
+    """Turn ``fn(params_dict)`` into a function of one flat vector of the parameters ``names``."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+    theta0 = torch.cat([params[n].reshape(-1) for n in names])
+
+    def wrapped(theta: Tensor):
+        values = [t.reshape(s) for t, s in zip(theta.split(sizes), shapes)]
+        return fn({**params, **dict(zip(names, values))})
+
+    return wrapped, theta0
+
+
+def layer_param_names(model: nn.Module, layers: list[str]) -> list[str]:
+    modules = dict(model.named_modules())
+    return [f"{layer}.{n}" for layer in layers for n, _ in modules[layer].named_parameters()]
+
+
+def dense_hessian(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor, layers: list[str]) -> Tensor:
+    """``∇²_θ loss_fn(model(X), y)`` for the parameters of ``layers`` (public order), by ``torch.func.hessian``."""
+    f, theta = _flat_function(model, layer_param_names(model, layers), lambda p: loss_fn(functional_call(model, p, (X,)), y))
+    return hessian(f)(theta)
+
+
+def dense_ggn(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor, layers: list[str]) -> Tensor:
+    """``Jᵀ Λ J`` with ``J`` = Jacobian of all outputs (``jacrev``) and ``Λ`` = Hessian of the loss in the outputs."""
+    f, theta = _flat_function(model, layer_param_names(model, layers), lambda p: functional_call(model, p, (X,)))
+    out = f(theta).detach()
+    jac = jacrev(f)(theta).reshape(out.numel(), -1)
+    lam = hessian(lambda o: loss_fn(o, y))(out).reshape(out.numel(), out.numel())
+    return jac.T @ lam @ jac
+
+
+def naive_kfac_sequential(model: nn.Sequential, loss_fn: nn.Module, X: Tensor, y: Tensor, index: int) -> tuple[Tensor, Tensor]:
+    """Per-sample KFAC reference for ``model[index]`` (a Linear on (N, d) inputs) of an ``nn.Sequential``.
+
+    ``A = (1/N) Σ ā āᵀ``; ``G = Σ_n J_nᵀ Λ_n J_n`` with ``J_n`` the Jacobian of the rest of the network at
+    sample ``n``'s layer output and ``Λ_n`` the loss Hessian (with the reduction) at its output.
+    """
+    prefix, layer, suffix = model[:index], model[index], model[index + 1 :]
+    with torch.no_grad():
+        a = prefix(X)
+        z = layer(a)
+        out = suffix(z)
+    a_bar = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], dim=1) if layer.bias is not None else a
+    A = a_bar.T @ a_bar / len(a)
+    jac = jacrev(suffix)(z)  # (N, C, N, o)
+    lam = hessian(lambda o: loss_fn(o, y))(out)  # (N, C, N, C)
+    G = sum(jac[n, :, n, :].T @ lam[n, :, n, :] @ jac[n, :, n, :] for n in range(len(X)))
+    return A, G
+
+
+def public_kron(G: Tensor, A: Tensor, has_bias: bool) -> Tensor:
+    """``G ⊗ A`` permuted from augmented order to public (weight, then bias) order, built element by element."""
+    d_out, width = G.shape[0], A.shape[0]
+    d_in = width - int(has_bias)
+    order = [r * width + c for r in range(d_out) for c in range(d_in)]
+    if has_bias:
+        order += [r * width + d_in for r in range(d_out)]
+    full = torch.kron(G, A)
+    return full[order][:, order]
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm())

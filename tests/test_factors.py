@@ -1,0 +1,346 @@
+"""compute_kfac against dense float64 references: exact cases, the general case, scaling, bad input, side effects."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import kfac_hessian as kh
+from kfac_hessian.losses import hessian_sqrt_columns, loss_spec
+
+from .conftest import PerPosition, TinyCNN, batches, binary_data, classification_data, mlp, regression_data
+from .references import dense_ggn, dense_hessian, naive_kfac_sequential, public_kron, rel_err
+
+EXACT = 1e-10
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.Tanh])
+@pytest.mark.parametrize(
+    "loss_fn, make_data",
+    [(nn.CrossEntropyLoss(), classification_data), (nn.MSELoss(), regression_data), (nn.BCEWithLogitsLoss(), binary_data)],
+)
+def test_one_sample_equals_ggn_block(activation, loss_fn, make_data):
+    model = mlp(activation)
+    X, y = make_data(n=1)
+    kfac = kh.compute_kfac(model, loss_fn, (X, y))
+    for name in ("0", "2"):
+        assert rel_err(kfac[name].to_dense(), dense_ggn(model, loss_fn, X, y, [name])) < EXACT
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_deep_linear_mse_equals_hessian(reduction):
+    model = mlp(activation=None, widths=(4, 5, 3, 2))
+    X, y = regression_data(n=9, d=4, out=2)
+    loss_fn = nn.MSELoss(reduction=reduction)
+    kfac = kh.compute_kfac(model, loss_fn, batches(X, y, [4, 4, 1]))
+    for name in ("0", "1", "2"):
+        assert rel_err(kfac[name].to_dense(), dense_hessian(model, loss_fn, X, y, [name])) < EXACT
+
+
+def test_last_layer_mse_equals_hessian_with_nonlinear_body():
+    model = mlp(nn.Tanh)
+    X, y = regression_data()
+    kfac = kh.compute_kfac(model, nn.MSELoss(), batches(X, y, [6, 5]))
+    assert rel_err(kfac["2"].to_dense(), dense_hessian(model, nn.MSELoss(), X, y, ["2"])) < EXACT
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_general_case_equals_naive_per_sample_reference(bias, reduction):
+    model = mlp(nn.Tanh, widths=(5, 4, 4, 3), bias=bias)
+    X, y = classification_data()
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    kfac = kh.compute_kfac(model, loss_fn, batches(X, y, [5, 5, 1]))
+    for index, name in ((0, "0"), (2, "2"), (4, "4")):
+        A, G = naive_kfac_sequential(model, loss_fn, X, y, index)
+        assert rel_err(kfac[name].A, A) < EXACT and rel_err(kfac[name].G, G) < EXACT
+        assert rel_err(kfac[name].to_dense(), public_kron(G, A, bias)) < EXACT
+
+
+def test_batching_does_not_change_factors():
+    model = mlp(nn.Tanh)
+    X, y = classification_data(n=10)
+    whole = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    split = kh.compute_kfac(model, nn.CrossEntropyLoss(), batches(X, y, [3, 3, 3, 1]))
+    for name in whole:
+        assert rel_err(split[name].A, whole[name].A) < EXACT and rel_err(split[name].G, whole[name].G) < EXACT
+
+
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.MSELoss(), nn.BCEWithLogitsLoss()])
+def test_sum_is_n_tau_times_mean(loss_fn):
+    model = mlp(nn.Tanh)
+    X, y = {"CrossEntropyLoss": classification_data, "MSELoss": regression_data}.get(type(loss_fn).__name__, binary_data)()
+    mean = kh.compute_kfac(model, loss_fn, (X, y))
+    loss_fn_sum = type(loss_fn)(reduction="sum")
+    total = kh.compute_kfac(model, loss_fn_sum, (X, y))
+    tau = 1 if isinstance(loss_fn, nn.CrossEntropyLoss) else 3
+    for name in mean:
+        assert rel_err(total[name].to_dense(), len(X) * tau * mean[name].to_dense()) < EXACT
+
+
+def test_sequence_cross_entropy_expand_equals_flattened_positions():
+    """(N, C, T) outputs, per-position network: positions act as samples of one flat (N·T) problem."""
+    model = PerPosition()
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.randn(4, 5, 4, generator=g), torch.randint(0, 3, (4, 5), generator=g)
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), batches(X, y, [3, 1]))
+    flat = nn.Sequential(model.fc1, nn.Tanh(), model.fc2)
+    for index, name in ((0, "fc1"), (2, "fc2")):
+        A, G = naive_kfac_sequential(flat, nn.CrossEntropyLoss(), X.reshape(-1, 4), y.reshape(-1), index)
+        assert rel_err(kfac[name].A, A) < EXACT and rel_err(kfac[name].G, G) < EXACT
+
+
+class Transpose(nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2)
+
+
+def test_sequence_deep_linear_expand_is_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2), Transpose())
+    g = torch.Generator().manual_seed(4)
+    X, y = torch.randn(5, 6, 4, generator=g), torch.randn(5, 2, 6, generator=g)
+    kfac = kh.compute_kfac(model, nn.MSELoss(), batches(X, y, [3, 2]))
+    for name in ("0", "1"):
+        assert rel_err(kfac[name].to_dense(), dense_hessian(model, nn.MSELoss(), X, y, [name])) < EXACT
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.Conv2d(2, 3, (2, 3), stride=2, dilation=(1, 2), padding=(1, 0), bias=False),
+        nn.Conv2d(2, 3, 2, padding="same", padding_mode="reflect"),
+        nn.Conv1d(2, 3, 3, stride=2, padding=2),
+    ],
+)
+def test_conv_expand_is_exact_for_per_location_mse(conv):
+    torch.manual_seed(0)
+    conv = conv.double()
+    shape = (4, 2, 5, 6) if isinstance(conv, nn.Conv2d) else (4, 2, 7)
+    X = torch.randn(shape)
+    y = torch.randn_like(conv(X)).detach()
+    model = nn.Sequential(conv)
+    kfac = kh.compute_kfac(model, nn.MSELoss(), batches(X, y, [3, 1]), approx="expand")
+    assert rel_err(kfac["0"].to_dense(), dense_hessian(model, nn.MSELoss(), X, y, ["0"])) < EXACT
+
+
+def test_conv_reduce_is_exact_after_average_pooling():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+    X, y = torch.randn(5, 2, 4, 4), torch.randn(5, 2)
+    kfac = kh.compute_kfac(model, nn.MSELoss(), batches(X, y, [3, 2]), approx="reduce")
+    assert rel_err(kfac["0"].to_dense(), dense_hessian(model, nn.MSELoss(), X, y, ["0"])) < EXACT
+    expand = kh.compute_kfac(model, nn.MSELoss(), (X, y), approx="expand")
+    assert rel_err(expand["0"].to_dense(), dense_hessian(model, nn.MSELoss(), X, y, ["0"])) > 1e-3
+
+
+def test_mc_converges_to_ggn_within_derived_error():
+    """Last layer, CE: G_mc's entries are means of m i.i.d. draws; their exact variance comes from enumerating labels."""
+    model = mlp(nn.Tanh)
+    X, y = classification_data(n=8)
+    m = 400
+    ggn = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), layers=["2"])["2"].G
+    mc = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), layers=["2"], curvature="mc", mc_samples=m, seed=0)["2"].G
+    with torch.no_grad():
+        p = model(X).softmax(1)
+    variance = torch.zeros_like(ggn)
+    for p_n in p:
+        draws = p_n[None, :] - torch.eye(3)  # g for each sampled class c
+        outer = draws[:, :, None] * draws[:, None, :]
+        variance += (p_n[:, None, None] * outer**2).sum(0) - ((p_n[:, None, None] * outer).sum(0)) ** 2
+    variance = variance / (len(X) ** 2 * m)
+    z2 = ((mc - ggn) ** 2 / variance).mean()
+    assert z2 < 4.0  # E[z²] = 1 per entry
+    assert rel_err(mc, ggn) < 0.2
+
+
+def test_mc_seed_reproducible_and_global_rng_untouched():
+    model = mlp(nn.Tanh)
+    X, y = classification_data()
+    state = torch.get_rng_state()
+    a = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), curvature="mc", seed=7)
+    b = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), curvature="mc", seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a[n].G, b[n].G) for n in a)
+
+
+@pytest.mark.parametrize("loss_fn, make_data", [(nn.MSELoss(), regression_data), (nn.BCEWithLogitsLoss(), binary_data)])
+def test_mc_expectation_matches_ggn_for_regression_losses(loss_fn, make_data):
+    model = mlp(nn.Tanh)
+    X, y = make_data(n=6)
+    ggn = kh.compute_kfac(model, loss_fn, (X, y), layers=["2"])["2"].G
+    mc = kh.compute_kfac(model, loss_fn, (X, y), layers=["2"], curvature="mc", mc_samples=4000, seed=1)["2"].G
+    assert rel_err(mc, ggn) < 6 / math.sqrt(4000) * 3
+
+
+def test_empirical_fisher_per_sample_definition():
+    """G = (1/N) Σ g_n g_nᵀ with g_n = ∂ℓ_n/∂z, ℓ_n = loss_fn on sample n alone (autograd per sample)."""
+    model = mlp(nn.Tanh)
+    X, y = regression_data(n=6)
+    loss_fn = nn.MSELoss()
+    kfac = kh.compute_kfac(model, loss_fn, batches(X, y, [4, 2]), curvature="empirical")
+    reference = torch.zeros(3, 3)
+    for x_n, y_n in zip(X, y):
+        z = model[:3](x_n[None]).detach().requires_grad_()
+        (g,) = torch.autograd.grad(loss_fn(model[3:](z), y_n[None]), z)
+        reference += g.T @ g / len(X)
+    assert rel_err(kfac["2"].G, reference) < EXACT
+
+
+def test_ggn_columns_square_to_loss_hessian():
+    f = torch.randn(2, 4, 3)  # (N, C, T)
+    cols = hessian_sqrt_columns(loss_spec(nn.CrossEntropyLoss()), f)
+    for n in range(2):
+        for t in range(3):
+            s = cols[:, n, :, t]  # (column, row)
+            p = f[n, :, t].softmax(0)
+            assert torch.allclose(s.T @ s, torch.diag(p) - torch.outer(p, p), atol=1e-14)
+
+
+def test_multiple_calls_contribute_as_locations():
+    """A layer applied twice is the same as its input rows stacked: check against an explicit sequence model."""
+    torch.manual_seed(0)
+    shared = nn.Linear(3, 3)
+    head = nn.Linear(3, 2)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared, self.head = shared, head
+
+        def forward(self, x):
+            return self.head(self.shared(x) + self.shared(x.flip(1)))
+
+    X, y = torch.randn(5, 3), torch.randn(5, 2)
+    kfac = kh.compute_kfac(Twice(), nn.MSELoss(), (X, y))
+    rows = torch.cat([X, X.flip(1)])
+    a_bar = torch.cat([rows, torch.ones(10, 1)], 1)
+    assert rel_err(kfac["shared"].A, a_bar.T @ a_bar / 10) < EXACT
+    # both calls backpropagate g = W_hᵀ √2 e_c (c < C = 2) per sample:
+    # G = 1/(N C) · N · 2 calls · Σ_c 2 W_hᵀ e_c e_cᵀ W_h = (4/C) W_hᵀ W_h
+    assert rel_err(kfac["shared"].G, 2 * head.weight.T @ head.weight) < EXACT
+
+
+def test_cnn_runs_and_factor_shapes():
+    model = TinyCNN().double()
+    X, y = torch.randn(3, 2, 4, 4), torch.tensor([0, 1, 2])
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    assert kfac["conv1"].A.shape == (2 * 9 + 1, 19) and kfac["conv1"].G.shape == (3, 3)
+    assert kfac["conv2"].A.shape == (3 * 4, 12)
+    assert kfac["conv1"].num_params == sum(p.numel() for p in model.conv1.parameters())
+
+
+def test_matvec_equals_dense_and_accepts_parameter_tuples():
+    model = mlp(nn.Tanh)
+    X, y = classification_data()
+    f = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))["0"]
+    v = torch.randn(f.num_params, 3)
+    assert torch.allclose(f @ v, f.to_dense() @ v, atol=1e-13)
+    assert torch.allclose(f @ v[:, 0], f.to_dense() @ v[:, 0], atol=1e-13)
+    w, b = torch.randn_like(model[0].weight), torch.randn_like(model[0].bias)
+    out_w, out_b = f @ (w, b)
+    assert torch.allclose(torch.cat([out_w.flatten(), out_b]), f.to_dense() @ torch.cat([w.flatten(), b]), atol=1e-13)
+
+
+def test_trace_and_frobenius():
+    f = kh.compute_kfac(mlp(nn.Tanh), nn.CrossEntropyLoss(), classification_data())["0"]
+    dense = f.to_dense()
+    assert math.isclose(float(f.trace()), float(torch.trace(dense)), rel_tol=1e-12)
+    assert math.isclose(float(f.frobenius_norm()), float(dense.norm()), rel_tol=1e-12)
+
+
+def test_to_dense_refuses_large_layers():
+    f = kh.compute_kfac(mlp(nn.Tanh), nn.CrossEntropyLoss(), classification_data())["0"]
+    with pytest.raises(ValueError, match="eig"):
+        f.to_dense(max_params=10)
+
+
+def test_save_load_round_trip(tmp_path):
+    kfac = kh.compute_kfac(TinyCNN().double(), nn.CrossEntropyLoss(), (torch.randn(3, 2, 4, 4), torch.tensor([0, 1, 2])))
+    kfac.save(tmp_path / "k.pt")
+    loaded = kh.KFAC.load(tmp_path / "k.pt")
+    assert loaded.layer_names == kfac.layer_names and loaded.curvature == kfac.curvature
+    for name in kfac:
+        assert torch.equal(loaded[name].A, kfac[name].A) and torch.equal(loaded[name].G, kfac[name].G)
+        assert loaded[name].layout == kfac[name].layout
+
+
+def test_load_refuses_pickled_code(tmp_path, capsys):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as fh:
+        pickle.dump(Evil(), fh)
+    with pytest.raises(pickle.UnpicklingError):
+        kh.KFAC.load(path)
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_to_dtype_and_summary():
+    kfac = kh.compute_kfac(mlp(nn.Tanh), nn.CrossEntropyLoss(), classification_data(), dtype=torch.float32)
+    assert kfac["0"].A.dtype == torch.float32
+    assert kfac.to(dtype=torch.float64)["0"].G.dtype == torch.float64
+    assert "0: A (6, 6)" in kfac.summary()
+
+
+# ---- layer selection -------------------------------------------------------------------------------------
+
+
+def test_unsupported_layers_are_skipped_and_listed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    X, y = classification_data(d=4)
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    assert kfac.layer_names == ["0", "2"] and "1" in kfac.skipped and "LayerNorm" in kfac.skipped["1"]
+
+
+def test_frozen_layers_skipped_by_default_but_computable_by_name():
+    model = mlp(nn.Tanh)
+    X, y = classification_data()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    assert "0" in kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y)).skipped
+    frozen = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), layers=["0"])
+    A, G = naive_kfac_sequential(model, nn.CrossEntropyLoss(), X, y, 0)
+    assert rel_err(frozen["0"].A, A) < EXACT and rel_err(frozen["0"].G, G) < EXACT
+    assert all(not p.requires_grad for p in model[0].parameters())
+
+
+@pytest.mark.parametrize(
+    "layers, message",
+    [(["nope"], "no layer named 'nope'"), (["1"], "Tanh is not a supported layer"), ([], "selects nothing")],
+)
+def test_bad_layer_names(layers, message):
+    with pytest.raises(ValueError, match=message):
+        kh.compute_kfac(mlp(nn.Tanh), nn.CrossEntropyLoss(), classification_data(), layers=layers)
+
+
+def test_grouped_conv_is_rejected_by_name():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 2 * 2, 2))
+    with pytest.raises(ValueError, match="groups=2"):
+        kh.compute_kfac(model, nn.CrossEntropyLoss(), (torch.randn(2, 2, 4, 4), torch.tensor([0, 1])), layers=["0"])
+
+
+class WithUnusedLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.unused = mlp(nn.Tanh), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_never_called_layer():
+    model = WithUnusedLayer()
+    X, y = classification_data()
+    assert "unused" in kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y)).skipped
+    with pytest.raises(ValueError, match="never called"):
+        kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), layers=["unused"])
