@@ -81,7 +81,7 @@ class CurvatureOperator:
                 products, output = self._batch_products(forward, theta, tangents, target)
                 tau = terms_per_sample(self.spec, output)
                 n_samples += output.shape[0]
-                result += torch.cat([p.reshape(m, -1) for p in products], dim=1)
+                result += torch.cat([p.detach().reshape(m, -1) for p in products], dim=1)
         self.n_matvecs += m
         self.n_data_passes += 1
         return (result * self.spec.scale(n_samples, tau)).T

@@ -1,0 +1,107 @@
+"""Exact operators against torch.func.hessian and an explicit Jᵀ Λ J, float64, streamed uneven batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import kfac_hessian as kh
+
+from ..conftest import TinyCNN, batches, binary_data, classification_data, mlp, regression_data
+from ..references import dense_ggn, dense_hessian, rel_err
+
+EXACT = 1e-10
+LOSSES = {
+    "ce": (nn.CrossEntropyLoss, classification_data),
+    "mse": (nn.MSELoss, regression_data),
+    "bce": (nn.BCEWithLogitsLoss, binary_data),
+}
+
+
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_linear_layers_equal_dense(loss_name, reduction, kind):
+    loss_cls, make_data = LOSSES[loss_name]
+    loss_fn = loss_cls(reduction=reduction)
+    model = mlp(nn.Tanh)
+    X, y = make_data()
+    data = batches(X, y, [4, 4, 3])
+    reference = dense_hessian if kind == "hessian" else dense_ggn
+    for layers in (["0"], ["2"], ["0", "2"]):
+        op = kh.layer_operator(model, loss_fn, data, layers if len(layers) > 1 else layers[0], kind=kind)
+        assert rel_err(op.to_dense(), reference(model, loss_fn, X, y, layers)) < EXACT
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_conv_layers_and_all_parameters_equal_dense(kind):
+    model = TinyCNN().double()
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(5, 2, 4, 4, generator=g), torch.randint(0, 3, (5,), generator=g)
+    data = batches(X, y, [3, 2])
+    reference = dense_hessian if kind == "hessian" else dense_ggn
+    for layer in ("conv1", "conv2"):
+        op = kh.layer_operator(model, nn.CrossEntropyLoss(), data, layer, kind=kind)
+        assert rel_err(op.to_dense(), reference(model, nn.CrossEntropyLoss(), X, y, [layer])) < EXACT
+    everything = kh.layer_operator(model, nn.CrossEntropyLoss(), data, None, kind=kind)
+    assert rel_err(everything.to_dense(), reference(model, nn.CrossEntropyLoss(), X, y, ["conv1", "conv2", "fc"])) < EXACT
+
+
+def test_tanh_hessian_differs_from_ggn_relu_equals():
+    X, y = classification_data()
+    for activation, equal in ((nn.Tanh, False), (nn.ReLU, True)):
+        model = mlp(activation)
+        h = kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "0", "hessian").to_dense()
+        g = kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "0", "ggn").to_dense()
+        assert (rel_err(h, g) < EXACT) == equal
+
+
+def test_relu_kfac_one_sample_equals_exact_hessian():
+    model = mlp(nn.ReLU)
+    X, y = classification_data(n=1)
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    for name in ("0", "2"):
+        op = kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), name, "hessian")
+        assert rel_err(kfac[name].to_dense(), op.to_dense()) < EXACT
+
+
+def test_matvec_shapes_counts_and_scipy():
+    model = mlp(nn.Tanh)
+    X, y = classification_data()
+    op = kh.layer_operator(model, nn.CrossEntropyLoss(), batches(X, y, [6, 5]), "0")
+    dense = op.to_dense()
+    v = torch.randn(op.shape[0], 3)
+    assert torch.allclose(op @ v, dense @ v, atol=1e-14) and (op @ v[:, 0]).shape == (op.shape[0],)
+    passes, matvecs = op.n_data_passes, op.n_matvecs
+    op @ v
+    assert (op.n_data_passes, op.n_matvecs) == (passes + 1, matvecs + 3)
+    sp = op.to_scipy()
+    assert np.allclose(sp @ v.numpy(), (dense @ v).numpy(), atol=1e-14)
+    assert np.allclose(sp.matvec(v[:, 0].numpy()), (dense @ v[:, 0]).numpy(), atol=1e-14)
+
+
+def test_operator_bad_input():
+    model = mlp()
+    X, y = classification_data()
+    with pytest.raises(ValueError, match="no layer named 'x'"):
+        kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "x")
+    with pytest.raises(ValueError, match="kind"):
+        kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "0", kind="fisher")
+    with pytest.raises(ValueError, match="has no parameters"):
+        kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "1")
+    op = kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "0")
+    with pytest.raises(ValueError, match="expected a vector"):
+        op @ torch.ones(3)
+    with pytest.raises(ValueError, match="max_params"):
+        op.to_dense(max_params=3)
+
+
+def test_layer_norm_block_on_exact_path():
+    """The exact path covers any parameterized module, not only the Kronecker-supported ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3))
+    X, y = classification_data()
+    op = kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "1")
+    assert rel_err(op.to_dense(), dense_hessian(model, nn.CrossEntropyLoss(), X, y, ["1"])) < EXACT

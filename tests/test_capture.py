@@ -1,0 +1,111 @@
+"""No side effects on the user's model, also when a call raises half-way; non-finite values are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import kfac_hessian as kh
+
+from .conftest import TinyCNN, classification_data, mlp
+
+
+def snapshot(model: nn.Module):
+    return {
+        "modes": [m.training for m in model.modules()],
+        "flags": [p.requires_grad for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "params": [p.detach().clone() for p in model.parameters()],
+        "hooks": [(len(m._forward_hooks), len(m._backward_hooks), len(m._forward_pre_hooks)) for m in model.modules()],
+    }
+
+
+def assert_same(before, model):
+    after = snapshot(model)
+    assert after["modes"] == before["modes"] and after["flags"] == before["flags"] and after["hooks"] == before["hooks"]
+    for a, b in zip(after["grads"], before["grads"]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(after["params"], before["params"]))
+
+
+def prepared(model: nn.Module) -> nn.Module:
+    """A model with some state to disturb: grads set, one parameter frozen, eval mode on one module."""
+    params = list(model.parameters())
+    params[0].grad = torch.ones_like(params[0])
+    params[-1].requires_grad_(False)
+    list(model.modules())[1].eval()
+    return model
+
+
+class FailAfter(nn.Module):
+    """Wraps a model and raises on the k-th forward call (a failure half-way through the data)."""
+
+    def __init__(self, inner: nn.Module, k: int):
+        super().__init__()
+        self.inner, self.k, self.calls = inner, k, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.k:
+            raise RuntimeError("boom")
+        return self.inner(x)
+
+
+def calls(model, X, y):
+    data = [(X[:4], y[:4]), (X[4:], y[4:])]
+    loss = nn.CrossEntropyLoss()
+    return [
+        lambda: kh.compute_kfac(model, loss, data),
+        lambda: kh.compute_kfac(model, loss, data, curvature="mc", seed=0),
+        lambda: kh.compute_kfac(model, loss, data, curvature="empirical", approx="reduce"),
+        lambda: kh.layer_operator(model, loss, data, None, kind="hessian") @ torch.ones(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+        lambda: kh.layer_operator(model, loss, data, None, kind="ggn") @ torch.ones(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+    ]
+
+
+@pytest.mark.parametrize("make_model, make_input", [(mlp, lambda: torch.randn(7, 5)), (TinyCNN, lambda: torch.randn(7, 2, 4, 4))])
+@pytest.mark.parametrize("fail_at", [None, 1, 2])
+def test_no_side_effects(make_model, make_input, fail_at):
+    inner = prepared(make_model().double())
+    X, y = make_input(), torch.randint(0, 3, (7,))
+    for call_index in range(5):
+        model = inner if fail_at is None else FailAfter(inner, fail_at)
+        before = snapshot(inner)
+        if fail_at is None:
+            calls(model, X, y)[call_index]()
+        else:
+            with pytest.raises(RuntimeError, match="boom"):
+                calls(model, X, y)[call_index]()
+        assert_same(before, inner)
+
+
+@pytest.mark.parametrize("where", ["input", "weight"])
+def test_non_finite_values_raise(where):
+    model = mlp()
+    X, y = classification_data()
+    if where == "input":
+        X = X.clone()
+        X[3, 1] = float("nan")
+    else:
+        with torch.no_grad():
+            model[2].weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="batch 0"):
+        kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+
+
+def test_non_finite_activation_names_the_layer():
+    class DeadBranch(nn.Module):
+        """A layer on a branch that never reaches the output sees Inf while the output stays finite."""
+
+        def __init__(self):
+            super().__init__()
+            self.probe, self.fc = nn.Linear(5, 2), nn.Linear(5, 3)
+
+        def forward(self, x):
+            self.probe(x * float("inf"))
+            return self.fc(x)
+
+    X, y = classification_data()
+    with pytest.raises(FloatingPointError, match="input of layer 'probe' at batch 0"):
+        kh.compute_kfac(DeadBranch().double(), nn.CrossEntropyLoss(), (X, y))

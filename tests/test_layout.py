@@ -1,0 +1,22 @@
+"""Public (weight, then bias) order against the augmented row-major order of G ⊗ A."""
+
+import torch
+
+from kfac_hessian.layout import BlockLayout
+
+
+def test_round_trip_and_permutation():
+    layout = BlockLayout(d_out=3, d_in=4, has_bias=True)
+    v = torch.randn(2, layout.num_params)
+    mats = layout.to_matrices(v)
+    assert torch.equal(layout.to_vectors(mats), v)
+    weight, bias = v[0, :12].reshape(3, 4), v[0, 12:]
+    assert torch.equal(mats[0], torch.cat([weight, bias[:, None]], 1))
+    perm = layout.permutation()
+    assert torch.equal(mats[0].flatten()[perm], v[0])
+
+
+def test_rank_one_vectors_are_outer_products():
+    layout = BlockLayout(d_out=2, d_in=3, has_bias=False)
+    g, a = torch.randn(1, 2), torch.randn(1, 3)
+    assert torch.allclose(layout.rank_one_vectors(g, a)[0], torch.kron(g[0], a[0]))
