@@ -243,20 +243,27 @@ class _FactorSums:
 
     def add(self, inputs: Tensor, grads: Tensor) -> None:
         """``inputs`` (N, T, d_in) and ``grads`` (K, N, T, d_out) of all calls of this batch."""
-        dtype, d = self.a_sum.dtype, self.layout.d_in
-        if self.approx == "expand":
-            rows, grad_rows = inputs.reshape(-1, d), grads.reshape(-1, self.layout.d_out)
-        else:
-            rows, grad_rows = inputs.mean(1), grads.sum(2).reshape(-1, self.layout.d_out)
-        rows, grad_rows = rows.to(dtype), grad_rows.to(dtype)
-        self.a_sum[:d, :d].addmm_(rows.T, rows)
+        if self.approx == "reduce":
+            inputs, grads = inputs.mean(1, keepdim=True), grads.sum(2, keepdim=True)
+        rows, grad_rows = _feature_major(inputs, self.a_sum.dtype), _feature_major(grads, self.g_sum.dtype)
+        d = self.layout.d_in
+        self.a_sum[:d, :d].addmm_(rows, rows.T)
         if self.layout.has_bias:
-            column_sums = rows.sum(0)
+            column_sums = rows.sum(1)
             self.a_sum[:d, d] += column_sums
             self.a_sum[d, :d] += column_sums
-            self.a_sum[d, d] += rows.shape[0]
-        self.a_rows += rows.shape[0]
-        self.g_sum.addmm_(grad_rows.T, grad_rows)
+            self.a_sum[d, d] += rows.shape[1]
+        self.a_rows += rows.shape[1]
+        self.g_sum.addmm_(grad_rows, grad_rows.T)
+
+
+def _feature_major(rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(..., d)`` rows as a ``(d, R)`` matrix. Convolution rows are transposed views of ``(…, d, T)`` tensors:
+    copying them feature-major moves contiguous runs of ``T``, where a row-major copy would gather single
+    elements (several times slower)."""
+    d = rows.shape[-1]
+    matrix = rows.reshape(-1, d).T if rows.stride(-1) == 1 else rows.movedim(-1, 0).reshape(d, -1)
+    return matrix.to(dtype)
 
 
 def _output_columns(spec: LossSpec, curvature: Curvature, output: Tensor, target: Tensor, mc_samples: int, generator) -> Tensor:
@@ -349,13 +356,17 @@ def compute_kfac(
                 module = selected[name]
                 if grad is None:  # the call did not influence the output
                     grad = torch.zeros((len(columns), *call.output.shape), dtype=output.dtype, device=output.device)
-                _require_finite(call.inputs, f"input of layer {name!r} at batch {index}")
-                _require_finite(grad, f"output gradient of layer {name!r} at batch {index}")
                 rows = per_layer.setdefault(name, ([], []))
                 rows[0].append(input_rows(module, call.inputs))
                 rows[1].append(output_rows(module, grad))
             for name, (inputs_list, grads_list) in per_layer.items():
-                sums[name].add(torch.cat(inputs_list, dim=1), torch.cat(grads_list, dim=2))
+                # several calls of one layer are further locations (no copy for the usual single call)
+                inputs_rows = inputs_list[0] if len(inputs_list) == 1 else torch.cat(inputs_list, dim=1)
+                grads_rows = grads_list[0] if len(grads_list) == 1 else torch.cat(grads_list, dim=2)
+                sums[name].add(inputs_rows, grads_rows)
+                # a NaN/Inf anywhere in the rows reaches the sums: checking them costs O(d²), not O(N·T·d)
+                _require_finite(sums[name].a_sum, f"A factor of layer {name!r} after batch {index} (its inputs)")
+                _require_finite(sums[name].g_sum, f"G factor of layer {name!r} after batch {index} (its output gradients)")
             recorder.clear()
     scale = spec.scale(n_samples, tau)
     if curvature == "mc":

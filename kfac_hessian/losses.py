@@ -18,7 +18,8 @@ Conventions (stated once here and in ``docs/conventions.md``):
 
 Loss Hessians per term (``Λ``) and square roots ``S`` with ``S Sᵀ = Λ``:
 
-* cross-entropy, ``p = softmax(f)``: ``Λ = diag(p) − p pᵀ``, ``S = diag(√p) − p √pᵀ``;
+* cross-entropy, ``p = softmax(f)``: ``Λ = diag(p) − p pᵀ``, ``S = (diag(√p) − p √pᵀ) Q`` with ``Q`` an
+  orthonormal basis of the complement of ``√p`` (``C − 1`` columns, as ``Λ`` has rank ``C − 1``);
 * squared error ``(f − y)²`` per element: ``Λ = 2``, ``S = √2``;
 * binary cross-entropy with logits: ``Λ = σ(1 − σ)``, ``S = √(σ(1 − σ))``.
 """
@@ -163,14 +164,23 @@ def hessian_sqrt_columns(spec: LossSpec, output: Tensor) -> Tensor:
     """Columns of ``S`` (``S Sᵀ = Λ`` per term), shape ``(K, *output.shape)``.
 
     Column ``c`` holds, at every position at once, the ``c``-th column of that position's square root;
-    ``K`` is the size of the feature axis (axis 1).
+    ``K`` is the size of the feature axis (axis 1), less one for cross-entropy (rank ``C − 1``).
     """
     out = output.detach()
     if spec.kind == "cross_entropy":
         p = out.softmax(1).movedim(1, -1)  # (N, *, C)
         sqrt_p = p.sqrt()
         s = torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)  # (N, *, C_row, C_col)
-        return s.movedim(-1, 0).movedim(-1, 2).contiguous()  # (C_col, N, C_row, *)
+        # S √p = 0, so S Q Qᵀ Sᵀ = Λ for any orthonormal basis Q of √p's complement: C − 1 columns suffice.
+        # Q = the first C − 1 columns of the Householder reflection H = I − 2 w wᵀ/‖w‖², w = √p + e_C,
+        # which maps e_C to −√p (‖w‖² ≥ 2: no cancellation).
+        w = sqrt_p.clone()
+        w[..., -1] += 1
+        q = torch.eye(p.shape[-1], dtype=out.dtype, device=out.device)[:, :-1] - 2 * w.unsqueeze(-1) * w[..., None, :-1] / (
+            w.pow(2).sum(-1)[..., None, None]
+        )
+        s = s @ q  # (N, *, C_row, C − 1)
+        return s.movedim(-1, 0).movedim(-1, 2).contiguous()  # (C − 1, N, C_row, *)
     root = math.sqrt(2.0) * torch.ones_like(out) if spec.kind == "mse" else (out.sigmoid() * (1 - out.sigmoid())).sqrt()
     if out.dim() == 1:
         return root.unsqueeze(0)

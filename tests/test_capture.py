@@ -107,5 +107,5 @@ def test_non_finite_activation_names_the_layer():
             return self.fc(x)
 
     X, y = classification_data()
-    with pytest.raises(FloatingPointError, match="input of layer 'probe' at batch 0"):
+    with pytest.raises(FloatingPointError, match="A factor of layer 'probe' after batch 0"):
         kh.compute_kfac(DeadBranch().double(), nn.CrossEntropyLoss(), (X, y))

@@ -53,14 +53,20 @@ def _random_block(shape, generator, dtype, device, bases: list[Tensor]) -> Tenso
     return torch.linalg.qr(_orthogonalize(block, bases)).Q
 
 
-def _run(apply, n: int, block_size: int, max_dim: int, n_want: int, tol: float, locked: Tensor, generator):
-    """One block Lanczos run on the complement of ``locked``; returns Ritz values (descending), vectors, residuals."""
+def _run(apply, n: int, block_size: int, max_dim: int, n_want: int, tol: float, locked: Tensor, generator, start: Tensor | None):
+    """One block Lanczos run on the complement of ``locked`` from ``start`` (random when ``None``).
+
+    Returns Ritz values (descending), Ritz vectors, residual norms, convergence flags and the matvec count.
+    """
     dtype, device = locked.dtype, locked.device
     max_dim = min(max_dim, n - locked.shape[1])
     b = min(block_size, max_dim)
     basis = torch.zeros(n, max_dim + b, dtype=dtype, device=device)
     proj = torch.zeros(max_dim + b, max_dim + b, dtype=dtype, device=device)
-    basis[:, :b] = _random_block((n, b), generator, dtype, device, [locked])
+    if start is None:
+        basis[:, :b] = _random_block((n, b), generator, dtype, device, [locked])
+    else:
+        basis[:, :b] = torch.linalg.qr(_orthogonalize(start, [locked])).Q
     j, matvecs = 0, 0
     while True:
         current = basis[:, j : j + b]
@@ -94,36 +100,36 @@ def _run(apply, n: int, block_size: int, max_dim: int, n_want: int, tol: float, 
 
 
 def _largest(apply, n: int, k: int, tol: float, max_dim: int, block_size: int, max_runs: int, generator, dtype, device):
+    """Top-k eigenpairs by repeated runs: converged pairs are locked; a run that ran out of Krylov dimension
+    is restarted from its unconverged wanted Ritz vectors (explicit restart), a finished one from random."""
     values = torch.zeros(0, dtype=dtype, device=device)
     vectors = torch.zeros(n, 0, dtype=dtype, device=device)
     residuals = torch.zeros(0, dtype=dtype, device=device)
-    matvecs, runs, converged_all, notes = 0, 0, True, []
+    matvecs, runs, notes, start, finished = 0, 0, [], None, False
     while runs < max_runs and vectors.shape[1] < n:
         have = len(values)
         n_want = k - have if have < k else 1
-        theta, ritz, res, conv, used = _run(apply, n, block_size, max_dim, n_want, tol, vectors, generator)
+        theta, ritz, res, conv, used = _run(apply, n, block_size, max_dim, n_want, tol, vectors, generator, start)
         matvecs, runs = matvecs + used, runs + 1
         threshold = values.topk(k).values[-1] if have >= k else -torch.inf
         accept = conv & (theta > threshold + tol * theta.abs().max())
-        if not conv[:n_want].all():
-            converged_all = False
-            notes.append(f"run {runs}: only {int(conv[:n_want].sum())} of the {n_want} wanted Ritz pairs converged within max_iter={max_dim}")
-        if not accept.any():
-            break
         values = torch.cat([values, theta[accept]])
         vectors = torch.cat([vectors, ritz[:, accept]], dim=1)
         residuals = torch.cat([residuals, res[accept]])
-        if not converged_all:
+        pending = (~conv[:n_want]).nonzero().flatten()
+        if len(pending):  # restart from what was not yet converged
+            chosen = ritz[:, pending]
+            start = chosen[:, :block_size] if block_size > 1 else chosen.sum(1, keepdim=True)
+            continue
+        start = None
+        if not accept.any():  # a complete run found nothing above the k-th value: done
+            finished = True
             break
-    else:
-        if runs >= max_runs:
-            converged_all = False
-            notes.append(f"stopped after max_runs={max_runs} runs")
-    if len(values) < k:
-        converged_all = False
-        notes.append(f"found {len(values)} converged eigenpairs of the {k} asked for")
+    converged = finished or (len(values) >= k and vectors.shape[1] >= n)
+    if not converged:
+        notes.append(f"stopped after {runs} runs (max_runs={max_runs}, max_iter={max_dim}) with {len(values)} converged pairs of {k}")
     order = values.argsort(descending=True)[:k]
-    return values[order], vectors[:, order], residuals[order], converged_all, matvecs, runs, notes
+    return values[order], vectors[:, order], residuals[order], converged and len(values) >= k, matvecs, runs, notes
 
 
 def lanczos(

@@ -1,0 +1,170 @@
+"""Side-by-side timings in one run: compute_kfac vs the gradient floor, eig, and the exact path.
+
+Usage: python benchmarks/compare.py [--n 2048] [--n-cnn 256] [--repeats 3] [--device cpu|cuda]
+Prints a markdown report section by section. Ratios are measured in the same run, interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import eigsh
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kfac_hessian as kh  # noqa: E402
+from models import workload  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def interleaved(cases: dict, repeats: int, device) -> dict:
+    """Run every case once per round, ``repeats`` rounds; return (median, min, max) seconds per case."""
+    times = {name: [] for name in cases}
+    for name, fn in cases.items():  # warm-up round
+        fn()
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            times[name].append(timed(fn, device)[0])
+    return {name: (statistics.median(t), min(t), max(t)) for name, t in times.items()}
+
+
+def matmul_rate(device, n=2048, dtype=torch.float32) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    a @ a
+    t, _ = timed(lambda: [a @ a for _ in range(5)], device)
+    return 5 * 2 * n**3 / t / 1e9
+
+
+def gradient_pass(model, loss_fn, data):
+    for X, y in data:
+        loss = loss_fn(model(X), y) * len(y)
+        torch.autograd.grad(loss, list(model.parameters()))
+
+
+def c_backward_passes(model, loss_fn, data, c=10):
+    params = list(model.parameters())
+    for X, y in data:
+        out = model(X)
+        for k in range(c):
+            torch.autograd.grad(out[:, k].sum(), params, retain_graph=k < c - 1)
+
+
+def power_iteration(op, k, tol, max_matvecs=5000, seed=0):
+    """Power iteration with deflation (PyHessian's method): returns eigenvalues and matvec count."""
+    g = torch.Generator().manual_seed(seed)
+    found, vals, matvecs = [], [], 0
+    for _ in range(k):
+        v = torch.randn(op.shape[0], generator=g, dtype=op.dtype)
+        v /= v.norm()
+        value = None
+        while matvecs < max_matvecs:
+            for u in found:
+                v -= (u @ v) * u
+            v /= v.norm()
+            hv = op @ v
+            matvecs += 1
+            new = float(v @ hv)
+            v = hv
+            if value is not None and abs(new - value) <= tol * abs(new):
+                break
+            value = new
+        found.append(v / v.norm())
+        vals.append(new)
+    return np.array(vals), matvecs
+
+
+def fmt(t):
+    return f"{t[0]:.3f} ({t[1]:.3f}–{t[2]:.3f})"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=2048, help="samples for the MLP")
+    parser.add_argument("--n-cnn", type=int, default=256, help="samples for the CNN (its A factor dominates on CPU)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--exact-n", type=int, default=512, help="samples for the exact-path comparison")
+    parser.add_argument("--skip-exact", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    lines = [f"# kfac_hessian benchmark ({device}, torch {torch.__version__}, {torch.get_num_threads()} threads)", ""]
+    lines.append(f"matmul rate (float32, 2048²): {matmul_rate(device):.0f} GFLOP/s")
+    for name in ("mlp", "cnn"):
+        n = args.n if name == "mlp" else args.n_cnn
+        model, loss_fn, data = workload(name, n)
+        model = model.to(device)
+        data = [(X.to(device), y.to(device)) for X, y in data]
+        cases = {
+            "floor: forward + 1 backward": lambda: gradient_pass(model, loss_fn, data),
+            "forward + 10 backward passes": lambda: c_backward_passes(model, loss_fn, data),
+            "compute_kfac ggn": lambda: kh.compute_kfac(model, loss_fn, data, curvature="ggn"),
+            "compute_kfac mc": lambda: kh.compute_kfac(model, loss_fn, data, curvature="mc", seed=0),
+            "compute_kfac empirical": lambda: kh.compute_kfac(model, loss_fn, data, curvature="empirical"),
+        }
+        kfac = kh.compute_kfac(model, loss_fn, data)
+        cases["eig, all factors (values)"] = lambda: kfac.eig(vectors=False)
+        cases["eig, all factors (vectors)"] = lambda: kfac.eig(vectors=True)
+        result = interleaved(cases, args.repeats, device)
+        floor = result["floor: forward + 1 backward"][0]
+        n_params = sum(p.numel() for p in model.parameters())
+        lines += ["", f"## {name}: {n_params / 1e6:.2f}M parameters, N={n}, CE, float32", "",
+                  "| what | seconds: median (min–max) | / floor |", "|---|---|---|"]
+        for case, t in result.items():
+            lines.append(f"| {case} | {fmt(t)} | {t[0] / floor:.2f} |")
+        print("\n".join(lines), flush=True)
+        lines = []
+    if not args.skip_exact:
+        lines += exact_section(args, device)
+    print("\n".join(lines), flush=True)
+
+
+def exact_section(args, device):
+    """Exact top-k of one MLP layer: our Lanczos vs scipy eigsh vs power iteration; Kronecker top-k vs Lanczos."""
+    model, loss_fn, data = workload("mlp", args.exact_n)
+    model = model.to(device)
+    data = [(X.to(device), y.to(device)) for X, y in data]
+    layer = "4"  # the 1024→10 output layer: P = 10,250
+    lines = ["", f"## exact path: layer {layer} of the MLP (P = 10,250), GGN, N={args.exact_n}", "",
+             "| method | k | seconds | matvecs | max rel. error of top-k vs reference |", "|---|---|---|---|---|"]
+    for k in (10, 20):
+        op = kh.layer_operator(model, loss_fn, data, layer, kind="ggn")
+        t_ref, ref = timed(lambda: kh.lanczos(op, k, tol=1e-10, seed=0, dense_limit=0, block_size=1), device)
+        reference = ref.eigenvalues.double().cpu().numpy()
+        op_l = kh.layer_operator(model, loss_fn, data, layer, kind="ggn")
+        t_l, ours = timed(lambda: kh.lanczos(op_l, k, tol=1e-4, seed=1, dense_limit=0), device)
+        err = np.max(np.abs(ours.eigenvalues.cpu().numpy() - reference) / reference)
+        lines.append(f"| kh.lanczos (tol 1e-4) | {k} | {t_l:.2f} | {op_l.n_matvecs} | {err:.1e} |")
+        op_s = kh.layer_operator(model, loss_fn, data, layer, kind="ggn")
+        t_s, vals = timed(lambda: eigsh(op_s.to_scipy(), k=k, which="LA", tol=1e-4)[0], device)
+        err = np.max(np.abs(np.sort(vals)[::-1] - reference) / reference)
+        lines.append(f"| scipy eigsh (tol 1e-4) | {k} | {t_s:.2f} | {op_s.n_matvecs} | {err:.1e} |")
+        op_p = kh.layer_operator(model, loss_fn, data, layer, kind="ggn")
+        t_p, (vals, count) = timed(lambda: power_iteration(op_p, k, tol=1e-4), device)
+        err = np.max(np.abs(np.sort(vals)[::-1] - reference) / reference)
+        lines.append(f"| power iteration + deflation (tol 1e-4) | {k} | {t_p:.2f} | {count} | {err:.1e} |")
+        t_k, kfac = timed(lambda: kh.compute_kfac(model, loss_fn, data, layers=[layer]), device)
+        t_e, _ = timed(lambda: kfac[layer].eig().topk(k), device)
+        lines.append(f"| Kronecker top-k (factors + eig + topk) | {k} | {t_k + t_e:.3f} | 0 | (approximation) |")
+        lines.append(f"| → speed ratio exact Lanczos / Kronecker | {k} | {t_l / (t_k + t_e):.0f}× | | |")
+    return lines
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The validation report's numbers equal values recomputed from the dense matrices."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import wasserstein_distance
+from torch import nn
+
+import kfac_hessian as kh
+from kfac_hessian.analyses import eigenspace_overlap
+from kfac_hessian.analyses.report import compare
+
+from ..conftest import batches, classification_data, mlp
+
+
+@pytest.mark.parametrize("dense_limit", [5000, 0])
+def test_report_matches_dense_recomputation(dense_limit, tmp_path):
+    model = mlp(nn.Tanh, widths=(5, 6, 3))
+    X, y = classification_data(n=30)
+    data = batches(X, y, [16, 14])
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), data)
+    report = compare(kfac, model, nn.CrossEntropyLoss(), data, k=4, dense_limit=dense_limit)
+    for row in report.rows:
+        f = kfac[row["layer"]]
+        H = kh.layer_operator(model, nn.CrossEntropyLoss(), data, row["layer"]).to_dense()
+        exact_vals, exact_vecs = torch.linalg.eigh(H)
+        exact_vals, exact_vecs = exact_vals.flip(0)[:4], exact_vecs.flip(1)[:, :4].T
+        k_vals, k_vecs = f.eig().topk(4)
+        rel = ((k_vals - exact_vals).abs() / exact_vals.abs()).numpy()
+        assert row["max_eig_rel_err"] == pytest.approx(rel.max(), rel=1e-5)
+        assert abs(row["exact_trace"] - float(torch.trace(H))) <= max(4 * row["exact_trace_stderr"], 1e-12 * abs(row["exact_trace"]))
+        assert row["trace_ratio"] == pytest.approx(float(f.trace()) / row["exact_trace"], rel=1e-12)
+        if dense_limit:
+            assert row["overlap"] == pytest.approx(eigenspace_overlap(k_vecs, exact_vecs), abs=1e-9)
+            assert row["frobenius_rel_err"] == pytest.approx(float((f.to_dense() - H).norm() / H.norm()), rel=1e-9)
+            all_k = f.eig().eigenvalues().numpy()
+            all_e = torch.linalg.eigvalsh(H).numpy()
+            top = max(all_k.max(), all_e.max())
+            w1 = wasserstein_distance(np.log10(np.maximum(all_k, 1e-10 * top)), np.log10(np.maximum(all_e, 1e-10 * top)))
+            assert row["log_spectrum_w1"] == pytest.approx(w1, rel=1e-6)
+        else:
+            assert row["exact"] == "lanczos+slq" and row["overlap"] == pytest.approx(eigenspace_overlap(k_vecs, exact_vecs), abs=1e-4)
+    assert "| layer |" in report.to_markdown()
+    path = tmp_path / "r.json"
+    report.to_json(path)
+    assert json.loads(path.read_text())["layers"][0]["layer"] == "0"
