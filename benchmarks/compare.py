@@ -18,7 +18,7 @@ from scipy.sparse.linalg import eigsh
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kfac_hessian as kh  # noqa: E402
-from models import workload  # noqa: E402
+from models import workload  # noqa: E402  (run as a script from any folder)
 
 
 def sync(device):
@@ -145,24 +145,27 @@ def exact_section(args, device):
              "| method | k | seconds | matvecs | max rel. error of top-k vs reference |", "|---|---|---|---|---|"]
     for k in (10, 20):
         op = kh.layer_operator(model, loss_fn, data, layer, kind="ggn")
-        t_ref, ref = timed(lambda: kh.lanczos(op, k, tol=1e-10, seed=0, dense_limit=0, block_size=1), device)
+        ref = kh.lanczos(op, k, tol=1e-10, max_iter=400, seed=0, dense_limit=0)
         reference = ref.eigenvalues.double().cpu().numpy()
+
+        def error(values):
+            return np.max(np.abs(np.sort(np.asarray(values))[::-1][:k] - reference) / reference)
+
         op_l = kh.layer_operator(model, loss_fn, data, layer, kind="ggn")
-        t_l, ours = timed(lambda: kh.lanczos(op_l, k, tol=1e-4, seed=1, dense_limit=0), device)
-        err = np.max(np.abs(ours.eigenvalues.cpu().numpy() - reference) / reference)
-        lines.append(f"| kh.lanczos (tol 1e-4) | {k} | {t_l:.2f} | {op_l.n_matvecs} | {err:.1e} |")
+        t_l, ours = timed(lambda: kh.lanczos(op_l, k, tol=1e-3, seed=1, dense_limit=0), device)
+        lines.append(f"| kh.lanczos (residual tol 1e-3) | {k} | {t_l:.2f} | {op_l.n_matvecs} | {error(ours.eigenvalues.cpu().numpy()):.1e} |")
         op_s = kh.layer_operator(model, loss_fn, data, layer, kind="ggn")
-        t_s, vals = timed(lambda: eigsh(op_s.to_scipy(), k=k, which="LA", tol=1e-4)[0], device)
-        err = np.max(np.abs(np.sort(vals)[::-1] - reference) / reference)
-        lines.append(f"| scipy eigsh (tol 1e-4) | {k} | {t_s:.2f} | {op_s.n_matvecs} | {err:.1e} |")
+        t_s, vals = timed(lambda: eigsh(op_s.to_scipy(), k=k, which="LA", tol=1e-3)[0], device)
+        lines.append(f"| scipy eigsh (tol 1e-3) | {k} | {t_s:.2f} | {op_s.n_matvecs} | {error(vals):.1e} |")
         op_p = kh.layer_operator(model, loss_fn, data, layer, kind="ggn")
-        t_p, (vals, count) = timed(lambda: power_iteration(op_p, k, tol=1e-4), device)
-        err = np.max(np.abs(np.sort(vals)[::-1] - reference) / reference)
-        lines.append(f"| power iteration + deflation (tol 1e-4) | {k} | {t_p:.2f} | {count} | {err:.1e} |")
+        t_p, (vals, count) = timed(lambda: power_iteration(op_p, k, tol=1e-6), device)
+        lines.append(f"| power iteration + deflation (eigenvalue change 1e-6) | {k} | {t_p:.2f} | {count} | {error(vals):.1e} |")
         t_k, kfac = timed(lambda: kh.compute_kfac(model, loss_fn, data, layers=[layer]), device)
         t_e, _ = timed(lambda: kfac[layer].eig().topk(k), device)
         lines.append(f"| Kronecker top-k (factors + eig + topk) | {k} | {t_k + t_e:.3f} | 0 | (approximation) |")
-        lines.append(f"| → speed ratio exact Lanczos / Kronecker | {k} | {t_l / (t_k + t_e):.0f}× | | |")
+        lines.append(f"| → speed ratio kh.lanczos / Kronecker | {k} | {t_l / (t_k + t_e):.0f}× | | |")
+        print("\n".join(lines), flush=True)
+        lines = []
     return lines
 
 

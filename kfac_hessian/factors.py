@@ -330,7 +330,8 @@ def compute_kfac(
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc=f"KFAC ({curvature})", unit="batch")
+        total = len(data) if hasattr(data, "__len__") and not (isinstance(data, tuple) and len(data) == 2) else None
+        batches = tqdm(batches, desc=f"KFAC ({curvature})", unit="batch", total=total)
     with preserved_model_state(model), LayerRecorder(selected) as recorder, torch.enable_grad():
         for index, inputs, target in batches:
             recorder.clear()

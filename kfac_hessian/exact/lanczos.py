@@ -2,8 +2,8 @@
 
 One *run* builds a block Krylov basis (every new block orthogonalized twice against the whole basis and
 against the locked vectors), with Rayleigh-Ritz on the block-tridiagonal projection. A Ritz pair has
-converged when its residual ``‖A x − θ x‖ ≤ tol · ‖A‖`` (``‖A‖`` estimated by the largest Ritz value in
-magnitude). Converged pairs are *locked*: the next run starts from a fresh random block orthogonal to them.
+converged when its residual ``‖A x − θ x‖ ≤ tol · max(|θ|, 10⁻⁶‖A‖)`` (``‖A‖`` estimated by the largest
+Ritz value in magnitude), so every eigenvalue is accurate relative to itself, not only to ``‖A‖``. Converged pairs are *locked*: the next run starts from a fresh random block orthogonal to them.
 Runs repeat until one finds nothing above the current k-th eigenvalue, so eigenvalues of any multiplicity
 come out with all their copies (a Krylov space of one start block holds at most ``block_size`` copies).
 Small operators (``P ≤ dense_limit``) are formed densely and decomposed with ``eigh``.
@@ -81,7 +81,8 @@ def _run(apply, n: int, block_size: int, max_dim: int, n_want: int, tol: float, 
         q, r = torch.linalg.qr(w)
         residuals = torch.linalg.vector_norm(r @ y[j - b : j, :], dim=0)
         scale = theta.abs().max().clamp_min(torch.finfo(dtype).tiny)
-        converged = residuals <= tol * scale
+        # relative to each Ritz value (as ARPACK), floored so that eigenvalues near 0 can converge
+        converged = residuals <= tol * theta.abs().clamp_min(1e-6 * scale)
         next_b = min(b, max_dim - j)
         if converged[:n_want].all() or next_b <= 0:
             return theta, basis[:, :j] @ y, residuals, converged, matvecs
@@ -112,7 +113,7 @@ def _largest(apply, n: int, k: int, tol: float, max_dim: int, block_size: int, m
         theta, ritz, res, conv, used = _run(apply, n, block_size, max_dim, n_want, tol, vectors, generator, start)
         matvecs, runs = matvecs + used, runs + 1
         threshold = values.topk(k).values[-1] if have >= k else -torch.inf
-        accept = conv & (theta > threshold + tol * theta.abs().max())
+        accept = conv & (theta > threshold + res)  # above the k-th value by more than its own uncertainty
         values = torch.cat([values, theta[accept]])
         vectors = torch.cat([vectors, ritz[:, accept]], dim=1)
         residuals = torch.cat([residuals, res[accept]])
@@ -150,7 +151,8 @@ def lanczos(
         k: number of eigenpairs.
         which: ``"largest"`` (descending), ``"smallest"`` (ascending), or ``"both"`` (``k − k//2`` largest and
             ``k//2`` smallest, descending).
-        tol: converged when ``‖A x − θ x‖ ≤ tol·‖A‖``; eigenvalue errors are about ``residual²/gap``.
+        tol: converged when ``‖A x − θ x‖ ≤ tol·max(|θ|, 10⁻⁶‖A‖)``; the eigenvalue error is at most the
+            residual, and about ``residual²/gap`` where eigenvalues are separated.
         max_iter: largest Krylov dimension of one run (default ``max(4k + 40, 60)``, at most ``P``).
         block_size: vectors per block (one pass over the data applies the whole block).
         seed: seeds the random start blocks.

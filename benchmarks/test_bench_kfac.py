@@ -1,0 +1,46 @@
+"""pytest-benchmark cases: ``python -m pytest benchmarks --benchmark-enable``.
+
+compute_kfac + eig() on the MLP 784-1024-1024-10 (N=2048) and the ResNet-style CNN (N=128), next to the
+floor (one forward + backward over the same data), so the ratio can be read from one run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kfac_hessian as kh
+
+from .models import workload
+
+SIZES = {"mlp": 2048, "cnn": 128}
+
+
+@pytest.fixture(scope="module", params=["mlp", "cnn"])
+def problem(request):
+    torch.set_default_dtype(torch.float32)
+    return workload(request.param, SIZES[request.param])
+
+
+def test_floor_gradient_pass(benchmark, problem):
+    model, loss_fn, data = problem
+
+    def gradient():
+        for X, y in data:
+            torch.autograd.grad(loss_fn(model(X), y), list(model.parameters()))
+
+    benchmark(gradient)
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "mc", "empirical"])
+def test_compute_kfac(benchmark, problem, curvature):
+    model, loss_fn, data = problem
+    kfac = benchmark(lambda: kh.compute_kfac(model, loss_fn, data, curvature=curvature, seed=0))
+    assert len(kfac) > 0
+
+
+def test_eig_all_layers(benchmark, problem):
+    model, loss_fn, data = problem
+    kfac = kh.compute_kfac(model, loss_fn, data, curvature="mc", seed=0)
+    eigs = benchmark(kfac.eig)
+    assert set(eigs) == set(kfac)
