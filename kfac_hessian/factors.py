@@ -241,11 +241,11 @@ class _FactorSums:
         self.g_sum = torch.zeros(layout.d_out, layout.d_out, dtype=dtype, device=device)
         self.a_rows = 0
 
-    def add(self, inputs: Tensor, grads: Tensor) -> None:
-        """``inputs`` (N, T, d_in) and ``grads`` (K, N, T, d_out) of all calls of this batch."""
+    def add_inputs(self, inputs: Tensor) -> None:
+        """``inputs`` (N, T, d_in) of all calls of this batch."""
         if self.approx == "reduce":
-            inputs, grads = inputs.mean(1, keepdim=True), grads.sum(2, keepdim=True)
-        rows, grad_rows = _feature_major(inputs, self.a_sum.dtype), _feature_major(grads, self.g_sum.dtype)
+            inputs = inputs.mean(1, keepdim=True)
+        rows = _feature_major(inputs, self.a_sum.dtype)
         d = self.layout.d_in
         self.a_sum[:d, :d].addmm_(rows, rows.T)
         if self.layout.has_bias:
@@ -254,7 +254,18 @@ class _FactorSums:
             self.a_sum[d, :d] += column_sums
             self.a_sum[d, d] += rows.shape[1]
         self.a_rows += rows.shape[1]
+
+    def add_gradients(self, grads: Tensor) -> None:
+        """``grads`` (K, N, T, d_out) of all calls of this batch, for some of the backpropagated columns."""
+        if self.approx == "reduce":
+            grads = grads.sum(2, keepdim=True)
+        grad_rows = _feature_major(grads, self.g_sum.dtype)
         self.g_sum.addmm_(grad_rows, grad_rows.T)
+
+
+def _concat_locations(rows: list[Tensor], axis: int = 1) -> Tensor:
+    """Several calls of one layer are further locations (no copy for the usual single call)."""
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=axis)
 
 
 def _feature_major(rows: Tensor, dtype: torch.dtype) -> Tensor:
@@ -292,6 +303,7 @@ def compute_kfac(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = False,
+    column_chunk: int | None = None,
 ) -> KFAC:
     """Kronecker factors ``G ⊗ A`` of the Hessian blocks of every selected layer (see the module docstring).
 
@@ -308,6 +320,10 @@ def compute_kfac(
         device, dtype: where and in which precision the factors are accumulated and kept (default: the
             model's). Forward and backward passes run on the model's device.
         progress: show a progress bar (needs ``tqdm``).
+        column_chunk: output-gradient columns backpropagated together in one vectorized
+            (``is_grads_batched``) pass. ``None``: all of them on CUDA, one per pass on CPU, where the
+            vectorized backward of convolutions measured 1.7× slower than separate passes
+            (``docs/performance.md``). A chunk of ``K`` holds ``K`` copies of the activations' gradients.
     """
     if curvature not in ("ggn", "mc", "empirical"):
         raise ValueError(f"curvature must be 'ggn', 'mc' or 'empirical', got {curvature!r}")
@@ -348,25 +364,33 @@ def compute_kfac(
             n_samples += output.shape[0]
             if not calls:
                 continue
+            for name in selected:
+                if recorder.calls[name]:
+                    sums[name].add_inputs(_concat_locations([input_rows(selected[name], c.inputs) for c in recorder.calls[name]]))
+                    _require_finite(sums[name].a_sum, f"A factor of layer {name!r} after batch {index} (its inputs)")
             columns = _output_columns(spec, curvature, output, target, mc_samples, generator)
-            grads = torch.autograd.grad(
-                output, [c.output for _, c in calls], grad_outputs=columns, is_grads_batched=True, allow_unused=True
-            )
-            per_layer: dict[str, tuple[list, list]] = {}
-            for (name, call), grad in zip(calls, grads):
-                module = selected[name]
-                if grad is None:  # the call did not influence the output
-                    grad = torch.zeros((len(columns), *call.output.shape), dtype=output.dtype, device=output.device)
-                rows = per_layer.setdefault(name, ([], []))
-                rows[0].append(input_rows(module, call.inputs))
-                rows[1].append(output_rows(module, grad))
-            for name, (inputs_list, grads_list) in per_layer.items():
-                # several calls of one layer are further locations (no copy for the usual single call)
-                inputs_rows = inputs_list[0] if len(inputs_list) == 1 else torch.cat(inputs_list, dim=1)
-                grads_rows = grads_list[0] if len(grads_list) == 1 else torch.cat(grads_list, dim=2)
-                sums[name].add(inputs_rows, grads_rows)
+            chunks = columns.split(column_chunk or (len(columns) if output.is_cuda else 1))
+            for chunk_index, chunk in enumerate(chunks):
+                batched = len(chunk) > 1  # a single column skips vmap's batching rules
+                grads = torch.autograd.grad(
+                    output,
+                    [c.output for _, c in calls],
+                    grad_outputs=chunk if batched else chunk[0],
+                    is_grads_batched=batched,
+                    allow_unused=True,
+                    retain_graph=chunk_index < len(chunks) - 1,
+                )
+                if not batched:
+                    grads = [None if g is None else g.unsqueeze(0) for g in grads]
+                per_layer: dict[str, list[Tensor]] = {}
+                for (name, call), grad in zip(calls, grads):
+                    if grad is None:  # the call did not influence the output
+                        grad = torch.zeros((len(chunk), *call.output.shape), dtype=output.dtype, device=output.device)
+                    per_layer.setdefault(name, []).append(output_rows(selected[name], grad))
+                for name, rows in per_layer.items():
+                    sums[name].add_gradients(_concat_locations(rows, axis=2))
+            for name in per_layer:
                 # a NaN/Inf anywhere in the rows reaches the sums: checking them costs O(d²), not O(N·T·d)
-                _require_finite(sums[name].a_sum, f"A factor of layer {name!r} after batch {index} (its inputs)")
                 _require_finite(sums[name].g_sum, f"G factor of layer {name!r} after batch {index} (its output gradients)")
             recorder.clear()
     scale = spec.scale(n_samples, tau)

@@ -344,3 +344,16 @@ def test_never_called_layer():
     assert "unused" in kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y)).skipped
     with pytest.raises(ValueError, match="never called"):
         kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), layers=["unused"])
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "mc"])
+def test_column_chunking_does_not_change_factors(curvature):
+    model = TinyCNN().double()
+    X, y = torch.randn(4, 2, 4, 4), torch.tensor([0, 1, 2, 1])
+    runs = [
+        kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), curvature=curvature, mc_samples=3, seed=0, column_chunk=c)
+        for c in (1, 2, 100)  # one per pass, batched in pairs, all batched
+    ]
+    for name in runs[0]:
+        for other in runs[1:]:
+            assert rel_err(other[name].G, runs[0][name].G) < EXACT
