@@ -1,6 +1,7 @@
 """Side-by-side timings in one run: compute_kfac vs the gradient floor, eig, and the exact path.
 
 Usage: python benchmarks/compare.py [--n 2048] [--n-cnn 256] [--repeats 3] [--device cpu|cuda]
+       [--workloads mlp,cnn] [--skip-exact]
 Prints a markdown report section by section. Ratios are measured in the same run, interleaved.
 """
 
@@ -101,12 +102,13 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--exact-n", type=int, default=512, help="samples for the exact-path comparison")
+    parser.add_argument("--workloads", default="mlp,cnn", help="comma-separated: mlp, cnn (empty for none)")
     parser.add_argument("--skip-exact", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     lines = [f"# kfac_hessian benchmark ({device}, torch {torch.__version__}, {torch.get_num_threads()} threads)", ""]
     lines.append(f"matmul rate (float32, 2048²): {matmul_rate(device):.0f} GFLOP/s")
-    for name in ("mlp", "cnn"):
+    for name in [w for w in args.workloads.split(",") if w]:
         n = args.n if name == "mlp" else args.n_cnn
         model, loss_fn, data = workload(name, n)
         model = model.to(device)
@@ -115,6 +117,9 @@ def main(argv=None):
             "floor: forward + 1 backward": lambda: gradient_pass(model, loss_fn, data),
             "forward + 10 backward passes": lambda: c_backward_passes(model, loss_fn, data),
             "compute_kfac ggn": lambda: kh.compute_kfac(model, loss_fn, data, curvature="ggn"),
+            "compute_kfac ggn, 9 columns in one vmapped pass": lambda: kh.compute_kfac(
+                model, loss_fn, data, curvature="ggn", column_chunk=9
+            ),
             "compute_kfac mc": lambda: kh.compute_kfac(model, loss_fn, data, curvature="mc", seed=0),
             "compute_kfac empirical": lambda: kh.compute_kfac(model, loss_fn, data, curvature="empirical"),
         }

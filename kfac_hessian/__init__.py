@@ -6,6 +6,7 @@ Exact path: ``layer_operator`` applies the true block; ``lanczos``, ``slq_densit
 measure it. Conventions: ``docs/conventions.md``.
 """
 
+from . import analyses
 from .exact import (
     CurvatureOperator,
     LanczosResult,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KFAC",
+    "analyses",
     "BlockLayout",
     "CurvatureOperator",
     "KroneckerEigen",
