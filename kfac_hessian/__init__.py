@@ -7,6 +7,7 @@ measure it. Conventions: ``docs/conventions.md``.
 """
 
 from . import analyses
+from .analyses.report import ValidationReport, compare
 from .exact import (
     CurvatureOperator,
     LanczosResult,
@@ -34,6 +35,8 @@ __all__ = [
     "SLQDensity",
     "SpectralDensity",
     "TraceEstimate",
+    "ValidationReport",
+    "compare",
     "compute_kfac",
     "hutchinson_trace",
     "lanczos",

@@ -4,7 +4,8 @@
   Kronecker approximation of every layer against the exact Hessian, compare the top eigenspaces of models
   trained from different seeds, print the tables and write ``report.json`` and PNG plots.
 * ``kfac-hessian analyze MODULE:FUNCTION``: the same validation for a user's model; ``FUNCTION()`` returns
-  ``(model, loss_fn, data)``.
+  ``(model, loss_fn, data)``. Or ``analyze --checkpoint state.pt --arch digits-mlp --hidden 64 32``: a saved
+  ``state_dict`` of the built-in digits MLP, analysed on the digits training split.
 """
 
 from __future__ import annotations
@@ -87,18 +88,32 @@ def _run_demo(args) -> dict:
     return result
 
 
-def _run_analyze(args) -> dict:
+def _load_problem(args):
+    """``(model, loss_fn, data)`` from MODULE:FUNCTION, or from a checkpoint of a built-in architecture."""
+    if args.checkpoint:
+        from .demo import digits_mlp, load_digits_tensors
+
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        model = digits_mlp(tuple(args.hidden)).double()
+        model.load_state_dict(state)
+        X, y = load_digits_tensors(dtype=torch.float64)
+        n_train = int(0.8 * len(X))
+        return model, torch.nn.CrossEntropyLoss(), list(zip(X[:n_train].split(512), y[:n_train].split(512)))
+    if not args.target or ":" not in args.target:
+        raise SystemExit("analyze expects MODULE:FUNCTION (e.g. my_project.setup:make_problem) or --checkpoint")
     module_name, _, function_name = args.target.partition(":")
-    if not function_name:
-        raise SystemExit("analyze expects MODULE:FUNCTION, e.g. my_project.setup:make_problem")
     sys.path.insert(0, str(Path.cwd()))
-    model, loss_fn, data = getattr(importlib.import_module(module_name), function_name)()
+    return getattr(importlib.import_module(module_name), function_name)()
+
+
+def _run_analyze(args) -> dict:
+    model, loss_fn, data = _load_problem(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     kfac = compute_kfac(model, loss_fn, data, curvature=args.curvature, layers=args.layers,
                         device=args.device, progress=not args.quiet and not args.json)
     _log(args, kfac.summary())
-    report = compare(kfac, model, loss_fn, data, k=args.k, kind=args.kind)
+    report = compare(kfac, model, loss_fn, data, k=args.k, kind=args.kind, gauss_newton_residual=args.gauss_newton_residual)
     _log(args, "\n" + report.to_markdown())
     result = report.to_dict()
     result["skipped"] = kfac.skipped
@@ -123,8 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=None)
     demo.add_argument("--quick", action="store_true", help="small data and few epochs (for tests)")
     analyze = commands.add_parser("analyze", parents=[common], help="validate a user's model given as MODULE:FUNCTION")
-    analyze.add_argument("target", help="MODULE:FUNCTION returning (model, loss_fn, data)")
+    analyze.add_argument("target", nargs="?", help="MODULE:FUNCTION returning (model, loss_fn, data)")
+    analyze.add_argument("--checkpoint", help="state_dict of the built-in digits MLP (--arch), analysed on digits")
+    analyze.add_argument("--arch", choices=["digits-mlp"], default="digits-mlp")
+    analyze.add_argument("--hidden", type=int, nargs="+", default=[64, 32], help="hidden widths of --arch")
     analyze.add_argument("--layers", nargs="+", default=None)
+    analyze.add_argument("--gauss-newton-residual", action="store_true", help="also report the Hessian − GGN split")
     return parser
 
 

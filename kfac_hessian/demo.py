@@ -38,6 +38,17 @@ def load_digits_tensors(n_samples: int | None = None, dtype=torch.float32):
     return torch.as_tensor(X, dtype=dtype), torch.as_tensor(y, dtype=torch.long)
 
 
+def digits_mlp(hidden: tuple[int, ...] = (64, 32)) -> nn.Sequential:
+    """The built-in architecture: ReLU MLP 64 → hidden → 10 (layers named "0", "2", ...)."""
+    widths = (64, *hidden, 10)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
 def train_digits_mlp(
     hidden: tuple[int, ...] = (64, 32),
     epochs: int = 60,
@@ -52,13 +63,7 @@ def train_digits_mlp(
     X, y = X.to(device), y.to(device)
     n_train = int(0.8 * len(X))
     torch.manual_seed(seed)
-    widths = (64, *hidden, 10)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(nn.ReLU())
-    model = nn.Sequential(*layers).to(device, dtype)
+    model = digits_mlp(hidden).to(device, dtype)
     init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     loss_fn = nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)

@@ -42,3 +42,19 @@ def test_analyze_user_function(tmp_path, monkeypatch, capsys):
 def test_analyze_needs_module_function():
     with pytest.raises(SystemExit):
         main(["analyze", "no_colon_here"])
+
+
+def test_analyze_checkpoint_of_builtin_architecture(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    import torch
+
+    from kfac_hessian.demo import digits_mlp
+
+    torch.manual_seed(0)
+    torch.save(digits_mlp((8,)).state_dict(), tmp_path / "state.pt")
+    args = ["analyze", "--checkpoint", str(tmp_path / "state.pt"), "--hidden", "8", "--k", "3", "--json", "--no-plots",
+            "--gauss-newton-residual", "--out", str(tmp_path / "o")]
+    assert main(args) == 0
+    rows = json.loads(capsys.readouterr().out)["layers"]
+    assert [row["layer"] for row in rows] == ["0", "2"]
+    assert all(abs(row["residual_trace_share"]) < 1e-8 for row in rows)  # ReLU: Hessian block = GGN block

@@ -11,6 +11,7 @@ Per layer, with ``k`` top eigenpairs on each side:
 * ``outliers``: eigenvalues above the bulk edge on each side (``count_outliers``), beside ``C``;
 * ``energy_share``: mean share of the top singular value of the exact top eigenvectors reshaped to the
   weight (1 = exactly rank one, as every Kronecker eigenvector is);
+* ``residual_frobenius``, ``residual_trace_share`` (optional): the Hessian − Gauss-Newton split;
 * cost: seconds and matrix-vector products of each side.
 
 Layers with ``P ≤ dense_limit`` are measured densely (exact full spectrum); larger ones with Lanczos (top-k),
@@ -39,6 +40,17 @@ from .overlap import eigenspace_overlap
 
 def _log_floor(values: np.ndarray, top: float) -> np.ndarray:
     return np.log10(np.maximum(values, 1e-10 * top))
+
+
+class _Difference:
+    """``H − GGN`` as an operator (for the Hutchinson trace of the residual)."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+        self.shape, self.dtype, self.device = first.shape, first.dtype, first.device
+
+    def __matmul__(self, x):
+        return self.first @ x - self.second @ x
 
 
 @dataclass
@@ -73,6 +85,7 @@ class ValidationReport:
         ("outliers_kronecker", "outliers K", "{}"),
         ("outliers_exact", "outliers exact", "{}"),
         ("energy_share", "rank-1 energy", "{:.3f}"),
+        ("residual_frobenius", "‖H−GGN‖/‖H‖", "{:.3f}"),
         ("seconds_kronecker", "s K", "{:.3f}"),
         ("seconds_exact", "s exact", "{:.2f}"),
         ("matvecs_exact", "matvecs", "{}"),
@@ -100,12 +113,21 @@ def compare(
     dense_limit: int = 5000,
     n_classes: int | None = None,
     seed: int = 0,
+    gauss_newton_residual: bool = False,
 ) -> ValidationReport:
-    """Measure every layer of ``kfac`` against the exact ``kind`` block (``"hessian"`` or ``"ggn"``)."""
+    """Measure every layer of ``kfac`` against the exact ``kind`` block (``"hessian"`` or ``"ggn"``).
+
+    ``gauss_newton_residual`` (with ``kind="hessian"``) adds the Hessian − GGN split per layer:
+    ``residual_frobenius = ‖H − GGN‖_F/‖H‖_F`` (dense layers) and ``residual_trace_share = tr(H − GGN)/tr(H)``
+    (Hutchinson on ``H − GGN`` for larger layers). It is zero for piecewise-linear activations.
+    """
+    if gauss_newton_residual and kind != "hessian":
+        raise ValueError("gauss_newton_residual needs kind='hessian'")
     rows, spectra = [], {}
     for name, factor in kfac.items():
         P = factor.num_params
         k_layer = min(k, P)
+        split: dict = {}
         start = time.perf_counter()
         eig = factor.eig()
         k_vals, k_vecs = eig.topk(k_layer)
@@ -120,6 +142,14 @@ def compare(
             e_vals, e_vecs = e_all[:k_layer], e_vecs_all[:, :k_layer].T
             exact_trace, trace_stderr = float(torch.trace(dense)), 0.0
             frob = float((factor.to_dense(max_params=dense_limit) - dense).norm() / dense.norm())
+            if gauss_newton_residual:
+                residual = dense - layer_operator(model, loss_fn, data, name, kind="ggn").to_dense(max_params=dense_limit)
+                split = {
+                    "residual_frobenius": float(residual.norm() / dense.norm()),
+                    "residual_trace": float(torch.trace(residual)),
+                    "residual_trace_stderr": 0.0,
+                    "residual_trace_share": float(torch.trace(residual)) / exact_trace,
+                }
             e_dist_values, e_dist_weights = e_all.cpu().double().numpy(), None
             mode = "dense"
         else:
@@ -133,6 +163,15 @@ def compare(
             e_dist_weights = slq.weights[used].cpu().double().numpy()
             frob = float("nan")
             mode = "lanczos+slq"
+            if gauss_newton_residual:
+                difference = _Difference(op, layer_operator(model, loss_fn, data, name, kind="ggn"))
+                residual_trace = hutchinson_trace(difference, n_probes=100, seed=seed)
+                split = {
+                    "residual_frobenius": float("nan"),
+                    "residual_trace": residual_trace.value,
+                    "residual_trace_stderr": residual_trace.stderr,
+                    "residual_trace_share": residual_trace.value / exact_trace,
+                }
         seconds_e = time.perf_counter() - start
         e_np, k_np = e_vals.cpu().double().numpy(), k_vals.cpu().double().numpy()
         rel = np.abs(k_np - e_np) / np.maximum(np.abs(e_np), 1e-300)
@@ -163,6 +202,7 @@ def compare(
                 "matvecs_exact": op.n_matvecs,
                 "top_eigenvalues_kronecker": [float(v) for v in k_np],
                 "top_eigenvalues_exact": [float(v) for v in e_np],
+                **split,
             }
         )
         spectra[name] = {"kronecker": k_all, "exact": e_dist_values, "exact_weights": e_dist_weights}

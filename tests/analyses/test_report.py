@@ -48,3 +48,22 @@ def test_report_matches_dense_recomputation(dense_limit, tmp_path):
     path = tmp_path / "r.json"
     report.to_json(path)
     assert json.loads(path.read_text())["layers"][0]["layer"] == "0"
+
+
+@pytest.mark.parametrize("activation, zero", [(nn.ReLU, True), (nn.Tanh, False)])
+@pytest.mark.parametrize("dense_limit", [5000, 0])
+def test_gauss_newton_residual(activation, zero, dense_limit):
+    model = mlp(activation, widths=(5, 6, 3))
+    X, y = classification_data(n=30)
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    report = kh.compare(kfac, model, nn.CrossEntropyLoss(), (X, y), k=3, dense_limit=dense_limit, gauss_newton_residual=True)
+    row = report.rows[0]
+    H = kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "0").to_dense()
+    GGN = kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "0", kind="ggn").to_dense()
+    share = float(torch.trace(H - GGN) / torch.trace(H))
+    if dense_limit:
+        assert row["residual_frobenius"] == pytest.approx(float((H - GGN).norm() / H.norm()), abs=1e-12)
+        assert row["residual_trace_share"] == pytest.approx(share, abs=1e-12)
+    else:  # Hutchinson: within 4 standard errors (exact when the residual vanishes)
+        assert abs(row["residual_trace"] - float(torch.trace(H - GGN))) <= 4 * row["residual_trace_stderr"] + 1e-12
+    assert (abs(row["residual_trace_share"]) < 1e-10) == zero
