@@ -53,6 +53,7 @@ from .spectra import KroneckerEigen, symmetric_eig
 Curvature = Literal["ggn", "mc", "empirical"]
 Approx = Literal["expand", "reduce"]
 DENSE_LIMIT = 20_000  # largest P for which ``to_dense`` builds a P×P matrix
+SAVE_FORMAT = "kfac_hessian.KFAC/1"
 
 
 class KroneckerFactor:
@@ -208,7 +209,7 @@ class KFAC(Mapping[str, KroneckerFactor]):
         """Save as plain tensors and strings (loaded with ``torch.load(weights_only=True)``: no code runs)."""
         torch.save(
             {
-                "format": "kfac_hessian.KFAC/1",
+                "format": SAVE_FORMAT,
                 "meta": {k: getattr(self, k) for k in ("curvature", "approx", "loss", "reduction", "n_samples")},
                 "skipped": dict(self.skipped),
                 "layers": {
@@ -223,8 +224,11 @@ class KFAC(Mapping[str, KroneckerFactor]):
     def load(cls, path, map_location: torch.device | str | None = None) -> "KFAC":
         """Load what ``save`` wrote; never unpickles code (``weights_only=True``)."""
         state = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != "kfac_hessian.KFAC/1":
+        fmt = state.get("format") if isinstance(state, dict) else None
+        if not isinstance(fmt, str) or not fmt.startswith("kfac_hessian.KFAC/"):
             raise ValueError(f"{path} is not a file written by KFAC.save")
+        if fmt != SAVE_FORMAT:
+            raise ValueError(f"{path} has format {fmt!r}; this version of kfac_hessian reads {SAVE_FORMAT!r}")
         factors = {}
         for name, entry in state["layers"].items():
             d_out, d_in, has_bias = entry["layout"]

@@ -80,14 +80,15 @@ class KroneckerEigen:
     """Eigen-structure of one layer's ``G ⊗ A``.
 
     Eigenvalues of both factors are always present; eigenvectors are computed on first use (``eigvalsh``
-    is several times cheaper than ``eigh``) unless they were computed already.
+    is several times cheaper than ``eigh``) from ``A`` and ``G``, unless they were given (``A``/``G`` may then
+    be ``None``).
     """
 
     def __init__(
         self,
         layout: BlockLayout,
-        A: Tensor,
-        G: Tensor,
+        A: Tensor | None,
+        G: Tensor | None,
         a_values: Tensor,
         g_values: Tensor,
         a_vectors: Tensor | None = None,

@@ -57,7 +57,7 @@ def naive_kfac_sequential(model: nn.Sequential, loss_fn: nn.Module, X: Tensor, y
     jac = jacrev(suffix)(z)  # (N, C, N, o)
     lam = hessian(lambda o: loss_fn(o, y))(out)  # (N, C, N, C)
     G = sum(jac[n, :, n, :].T @ lam[n, :, n, :] @ jac[n, :, n, :] for n in range(len(X)))
-    return A, G
+    return A.detach(), G.detach()
 
 
 def public_kron(G: Tensor, A: Tensor, has_bias: bool) -> Tensor:
