@@ -48,7 +48,8 @@ from .losses import (
     sample_output_gradients,
     terms_per_sample,
 )
-from .spectra import KroneckerEigen, symmetric_eig
+from . import distributed as _distributed
+from .spectra import ClampReport, KroneckerEigen, symmetric_eig
 
 Curvature = Literal["ggn", "mc", "empirical"]
 Approx = Literal["expand", "reduce"]
@@ -134,12 +135,8 @@ class KroneckerFactor:
         return KroneckerFactor(self.A.to(device, dtype), self.G.to(device, dtype), self.layout, self.name)
 
 
-def _eig_all(factors: Mapping[str, KroneckerFactor], dtype: torch.dtype | None, vectors: bool) -> dict[str, KroneckerEigen]:
-    """Eigendecompose all factors, one batched call per (size, device, dtype) group."""
-    matrices = {}
-    for name, f in factors.items():
-        matrices[(name, "A")] = f.A if dtype is None else f.A.to(dtype)
-        matrices[(name, "G")] = f.G if dtype is None else f.G.to(dtype)
+def _decompose(matrices: dict, vectors: bool) -> dict:
+    """Eigendecompose ``{key: matrix}``, one batched call per (size, device, dtype) group."""
     groups: dict[tuple, list] = {}
     for key, m in matrices.items():
         groups.setdefault((m.shape[0], m.device, m.dtype), []).append(key)
@@ -148,6 +145,45 @@ def _eig_all(factors: Mapping[str, KroneckerFactor], dtype: torch.dtype | None, 
         values, vecs, reports = symmetric_eig(torch.stack([matrices[k] for k in keys]), vectors)
         for n, key in enumerate(keys):
             results[key] = (values[n], None if vecs is None else vecs[n], reports[n])
+    return results
+
+
+def _decompose_distributed(matrices: dict, vectors: bool) -> dict:
+    """Each rank decomposes the factors assigned to it by cost (≈ d³) and broadcasts them, packed."""
+    import torch.distributed as dist
+
+    _distributed.require_process_group()
+    keys = list(matrices)
+    owners = _distributed.assign_by_cost([float(matrices[k].shape[0]) ** 3 for k in keys], dist.get_world_size())
+    mine = _decompose({k: matrices[k] for k, o in zip(keys, owners) if o == dist.get_rank()}, vectors)
+    results = {}
+    for rank in range(dist.get_world_size()):
+        owned = [k for k, o in zip(keys, owners) if o == rank]
+        shapes, tensors = [], []
+        for k in owned:
+            d = matrices[k].shape[0]
+            shapes += [(d,), (2,)] + ([(d, d)] if vectors else [])
+            if rank == dist.get_rank():
+                values, vecs, report = mine[k]
+                tensors += [values, torch.tensor([report.count, report.most_negative])] + ([vecs] if vectors else [])
+        like = matrices[owned[0]] if owned else next(iter(matrices.values()))
+        received = iter(_distributed.broadcast_packed(rank, shapes, tensors, like))
+        for k in owned:
+            values, report = next(received), next(received)
+            vecs = next(received) if vectors else None
+            results[k] = (values, vecs, ClampReport(int(report[0]), float(report[1])))
+    return results
+
+
+def _eig_all(
+    factors: Mapping[str, KroneckerFactor], dtype: torch.dtype | None, vectors: bool, distributed_eig: bool = False
+) -> dict[str, KroneckerEigen]:
+    """Eigendecompose all factors (batched per size; split over ranks with ``distributed_eig``)."""
+    matrices = {}
+    for name, f in factors.items():
+        matrices[(name, "A")] = f.A if dtype is None else f.A.to(dtype)
+        matrices[(name, "G")] = f.G if dtype is None else f.G.to(dtype)
+    results = _decompose_distributed(matrices, vectors) if distributed_eig else _decompose(matrices, vectors)
     out = {}
     for name, f in factors.items():
         (a_val, a_vec, a_rep), (g_val, g_vec, g_rep) = results[(name, "A")], results[(name, "G")]
@@ -188,9 +224,13 @@ class KFAC(Mapping[str, KroneckerFactor]):
     def __len__(self) -> int:
         return len(self.factors)
 
-    def eig(self, dtype: torch.dtype | None = None, vectors: bool = True) -> dict[str, KroneckerEigen]:
-        """Eigendecompositions of every layer; equal-size factors go through one batched call."""
-        return _eig_all(self.factors, dtype, vectors)
+    def eig(self, dtype: torch.dtype | None = None, vectors: bool = True, distributed: bool = False) -> dict[str, KroneckerEigen]:
+        """Eigendecompositions of every layer; equal-size factors go through one batched call.
+
+        ``distributed=True``: the factors are split over the ranks of the process group by cost (≈ d³),
+        each rank decomposes its share, and all ranks receive every result.
+        """
+        return _eig_all(self.factors, dtype, vectors, distributed)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "KFAC":
         moved = {n: f.to(device, dtype) for n, f in self.factors.items()}
@@ -281,6 +321,24 @@ def _feature_major(rows: Tensor, dtype: torch.dtype) -> Tensor:
     return matrix.to(dtype)
 
 
+def _all_reduce_sums(sums: dict[str, _FactorSums], n_samples: int, tau: int) -> tuple[int, int]:
+    """Combine every rank's factor sums and counts in one collective; returns the global (N, τ)."""
+    import torch.distributed as dist
+
+    _distributed.require_process_group()
+    counts = torch.tensor([n_samples, tau, *[s.a_rows for s in sums.values()]], dtype=torch.float64)
+    device = next(iter(sums.values())).a_sum.device
+    reduced = _distributed.all_reduce_sum([*[s.a_sum for s in sums.values()], *[s.g_sum for s in sums.values()], counts.to(device)])
+    for n, s in enumerate(sums.values()):
+        s.a_sum, s.g_sum = reduced[n], reduced[len(sums) + n]
+    counts = reduced[-1].cpu()
+    if int(counts[1]) != tau * dist.get_world_size():
+        raise ValueError("ranks disagree on the number of loss terms per sample")
+    for n, s in enumerate(sums.values()):
+        s.a_rows = int(counts[2 + n])
+    return int(counts[0]), tau
+
+
 def _output_columns(spec: LossSpec, curvature: Curvature, output: Tensor, target: Tensor, mc_samples: int, generator) -> Tensor:
     """Columns ``(K, *output.shape)`` backpropagated from the output for ``curvature``."""
     if curvature == "ggn":
@@ -308,6 +366,7 @@ def compute_kfac(
     dtype: torch.dtype | None = None,
     progress: bool = False,
     column_chunk: int | None = None,
+    distributed: bool = False,
 ) -> KFAC:
     """Kronecker factors ``G ⊗ A`` of the Hessian blocks of every selected layer (see the module docstring).
 
@@ -328,6 +387,9 @@ def compute_kfac(
             (``is_grads_batched``) pass. ``None``: all of them on CUDA, one per pass on CPU, where the
             vectorized backward of convolutions measured 1.7× slower than separate passes
             (``docs/performance.md``). A chunk of ``K`` holds ``K`` copies of the activations' gradients.
+        distributed: ``data`` is this rank's shard of a data set split over an initialized
+            ``torch.distributed`` process group; the sums of all ranks are combined in one all-reduce and
+            every rank returns the factors of the whole data set.
     """
     if curvature not in ("ggn", "mc", "empirical"):
         raise ValueError(f"curvature must be 'ggn', 'mc' or 'empirical', got {curvature!r}")
@@ -397,6 +459,8 @@ def compute_kfac(
                 # a NaN/Inf anywhere in the rows reaches the sums: checking them costs O(d²), not O(N·T·d)
                 _require_finite(sums[name].g_sum, f"G factor of layer {name!r} after batch {index} (its output gradients)")
             recorder.clear()
+    if distributed:
+        n_samples, tau = _all_reduce_sums(sums, n_samples, tau)
     scale = spec.scale(n_samples, tau)
     if curvature == "mc":
         scale /= mc_samples

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..distributed import require_seed_for
+
 
 @dataclass
 class LanczosResult:
@@ -169,6 +171,7 @@ def lanczos(
         raise ValueError(f"which must be 'largest', 'smallest' or 'both', got {which!r}")
     if block_size < 1:
         raise ValueError(f"block_size must be ≥ 1, got {block_size}")
+    require_seed_for(op, seed)
     dtype, device = op.dtype, op.device
     k_hi = {"largest": k, "smallest": 0, "both": k - k // 2}[which]
     k_lo = k - k_hi

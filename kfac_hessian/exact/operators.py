@@ -20,6 +20,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
+from .. import distributed as _distributed
 from ..capture import preserved_model_state
 from ..data import Data, iterate_batches, require_reiterable
 from ..factors import DENSE_LIMIT
@@ -32,11 +33,15 @@ class CurvatureOperator:
     ``n_matvecs`` and ``n_data_passes`` count the work done so far (one pass serves ``m`` vectors).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module, data: Data, param_names: list[str], kind: str = "hessian"):
+    def __init__(
+        self, model: nn.Module, loss_fn: nn.Module, data: Data, param_names: list[str], kind: str = "hessian", distributed: bool = False
+    ):
         if kind not in ("hessian", "ggn"):
             raise ValueError(f"kind must be 'hessian' or 'ggn', got {kind!r}")
         require_reiterable(data)
-        self.model, self.data, self.kind = model, data, kind
+        self.model, self.data, self.kind, self.distributed = model, data, kind, distributed
+        if distributed:
+            _distributed.require_process_group()
         self.spec = loss_spec(loss_fn)
         params = dict(model.named_parameters())
         self.param_names = list(param_names)
@@ -82,6 +87,10 @@ class CurvatureOperator:
                 tau = terms_per_sample(self.spec, output)
                 n_samples += output.shape[0]
                 result += torch.cat([p.detach().reshape(m, -1) for p in products], dim=1)
+        if self.distributed:  # every rank streamed its shard: sum products and counts in one collective
+            counts = torch.tensor([n_samples, tau], dtype=self.dtype, device=self.device)
+            result, counts = _distributed.all_reduce_sum([result, counts])
+            n_samples = int(counts[0])
         self.n_matvecs += m
         self.n_data_passes += 1
         return (result * self.spec.scale(n_samples, tau)).T
@@ -128,18 +137,20 @@ def layer_operator(
     data: Data,
     layer: str | list[str] | None,
     kind: str = "hessian",
+    distributed: bool = False,
 ) -> CurvatureOperator:
     """Exact curvature block of one layer, of several layers jointly (a list), or of all parameters (``None``).
 
     The order is ``torch.cat([p.flatten() for p in module.parameters()])`` per layer, layers in the order
     given (``None``: ``model.parameters()`` order, trainable parameters only). Any module with parameters
-    works here, supported by the Kronecker path or not.
+    works here, supported by the Kronecker path or not. ``distributed=True``: ``data`` is this rank's shard;
+    every product is summed over the ranks of the process group (one all-reduce per product).
     """
     if layer is None:
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         if not names:
             raise ValueError("the model has no trainable parameter")
-        return CurvatureOperator(model, loss_fn, data, names, kind)
+        return CurvatureOperator(model, loss_fn, data, names, kind, distributed)
     modules = dict(model.named_modules())
     names = []
     for layer_name in [layer] if isinstance(layer, str) else layer:
@@ -152,4 +163,4 @@ def layer_operator(
         names.extend(own)
     if len(set(names)) != len(names):
         raise ValueError(f"layers {layer} share parameters; name each layer once")
-    return CurvatureOperator(model, loss_fn, data, names, kind)
+    return CurvatureOperator(model, loss_fn, data, names, kind, distributed)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..distributed import require_seed_for
+
 
 @dataclass
 class TraceEstimate:
@@ -37,6 +39,7 @@ def _estimate(samples: Tensor) -> TraceEstimate:
 
 
 def _generator(op, seed):
+    require_seed_for(op, seed)
     return torch.Generator(op.device).manual_seed(seed) if seed is not None else None
 
 
