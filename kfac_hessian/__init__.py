@@ -7,6 +7,7 @@ measure it. Conventions: ``docs/conventions.md``.
 """
 
 from . import analyses
+from .analyses import count_outliers, eigenspace_overlap, kronecker_overlap, low_rank_structure, overlap_by_layer
 from .analyses.report import ValidationReport, compare
 from .exact import (
     CurvatureOperator,
@@ -38,6 +39,11 @@ __all__ = [
     "ValidationReport",
     "compare",
     "compute_kfac",
+    "count_outliers",
+    "eigenspace_overlap",
+    "kronecker_overlap",
+    "low_rank_structure",
+    "overlap_by_layer",
     "hutchinson_trace",
     "lanczos",
     "layer_operator",
