@@ -91,6 +91,22 @@ def power_iteration(op, k, tol, max_matvecs=5000, seed=0):
     return np.array(vals), matvecs
 
 
+def peer_cases(model, loss_fn, data) -> dict:
+    """curvlinops' KFACLinearOperator computing the same factors (when curvlinops is installed)."""
+    try:
+        from curvlinops import KFACLinearOperator
+    except ImportError:
+        return {}
+    params = [p for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for p in m.parameters()]
+
+    def run(fisher_type):
+        op = KFACLinearOperator(model, loss_fn, params, data, fisher_type=fisher_type, separate_weight_and_bias=False,
+                                check_deterministic=False)
+        op.compute_kronecker_factors()
+
+    return {f"curvlinops KFAC {t}": (lambda t=t: run(t)) for t in ("type-2", "mc", "empirical")}
+
+
 def fmt(t):
     return f"{t[0]:.3f} ({t[1]:.3f}–{t[2]:.3f})"
 
@@ -123,6 +139,7 @@ def main(argv=None):
             "compute_kfac mc": lambda: kh.compute_kfac(model, loss_fn, data, curvature="mc", seed=0),
             "compute_kfac empirical": lambda: kh.compute_kfac(model, loss_fn, data, curvature="empirical"),
         }
+        cases.update(peer_cases(model, loss_fn, data))
         kfac = kh.compute_kfac(model, loss_fn, data)
         cases["eig, all factors (values)"] = lambda: kfac.eig(vectors=False)
         cases["eig, all factors (vectors)"] = lambda: kfac.eig(vectors=True)

@@ -1,0 +1,62 @@
+"""Cross-check against curvlinops' KFACLinearOperator (optional: skipped when curvlinops is not installed).
+
+Same conventions (shared/design/math.md §4): fisher_type "type-2" = our "ggn", "empirical" = ours except for
+MSELoss(mean), which curvlinops scales by C more (docs/conventions.md). Run with curvlinops-for-pytorch
+installed next to torch 2.13.0, e.g. in a separate virtual environment.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import kfac_hessian as kh
+
+from .conftest import TinyCNN, batches, classification_data, mlp, regression_data
+from .references import rel_err
+
+curvlinops = pytest.importorskip("curvlinops")
+
+
+def curvlinops_dense(model, loss_fn, data, layer, fisher_type, approx):
+    module = dict(model.named_modules())[layer]
+    params = list(module.parameters())
+    op = curvlinops.KFACLinearOperator(
+        model, loss_fn, params, data, fisher_type=fisher_type, kfac_approx=approx, separate_weight_and_bias=False,
+        check_deterministic=False,
+    )
+    n = sum(p.numel() for p in params)
+    return op @ torch.eye(n, dtype=params[0].dtype)
+
+
+@pytest.mark.parametrize("ours, theirs", [("ggn", "type-2"), ("empirical", "empirical")])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mlp_cross_entropy(ours, theirs, reduction):
+    model = mlp(nn.Tanh)
+    X, y = classification_data()
+    data = batches(X, y, [6, 5])
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    kfac = kh.compute_kfac(model, loss_fn, data, curvature=ours)
+    for layer in ("0", "2"):
+        assert rel_err(kfac[layer].to_dense(), curvlinops_dense(model, loss_fn, data, layer, theirs, "expand")) < 1e-10
+
+
+def test_mse_empirical_differs_by_c():
+    model = mlp(nn.Tanh)
+    X, y = regression_data()
+    loss_fn = nn.MSELoss()
+    kfac = kh.compute_kfac(model, loss_fn, (X, y), curvature="empirical")
+    theirs = curvlinops_dense(model, loss_fn, [(X, y)], "2", "empirical", "expand")
+    assert rel_err(3 * kfac["2"].to_dense(), theirs) < 1e-10  # C = 3 outputs
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_cnn_type2(approx):
+    model = TinyCNN().double()
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(5, 2, 4, 4, generator=g), torch.randint(0, 3, (5,), generator=g)
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), [(X, y)], approx=approx)
+    for layer in ("conv1", "conv2", "fc"):
+        theirs = curvlinops_dense(model, nn.CrossEntropyLoss(), [(X, y)], layer, "type-2", approx)
+        assert rel_err(kfac[layer].to_dense(), theirs) < 1e-10
