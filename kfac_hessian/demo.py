@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .models import relu_mlp
+
 
 @dataclass
 class DigitsProblem:
@@ -40,13 +42,7 @@ def load_digits_tensors(n_samples: int | None = None, dtype=torch.float32):
 
 def digits_mlp(hidden: tuple[int, ...] = (64, 32)) -> nn.Sequential:
     """The built-in architecture: ReLU MLP 64 → hidden → 10 (layers named "0", "2", ...)."""
-    widths = (64, *hidden, 10)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+    return relu_mlp((64, *hidden, 10))
 
 
 def train_digits_mlp(

@@ -16,8 +16,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
-
 
 def unsupported_reason(module: nn.Module) -> str | None:
     """``None`` when the layer has Kronecker factors here, else why not."""
