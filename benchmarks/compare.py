@@ -115,17 +115,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=2048, help="samples for the MLP")
     parser.add_argument("--n-cnn", type=int, default=256, help="samples for the CNN (its A factor dominates on CPU)")
+    parser.add_argument("--n-seq", type=int, default=256, help="sequences (of 32 positions) for the sequence model")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--exact-n", type=int, default=512, help="samples for the exact-path comparison")
-    parser.add_argument("--workloads", default="mlp,cnn", help="comma-separated: mlp, cnn (empty for none)")
+    parser.add_argument("--workloads", default="mlp,cnn", help="comma-separated: mlp, cnn, seq (empty for none)")
     parser.add_argument("--skip-exact", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     lines = [f"# kfac_hessian benchmark ({device}, torch {torch.__version__}, {torch.get_num_threads()} threads)", ""]
     lines.append(f"matmul rate (float32, 2048²): {matmul_rate(device):.0f} GFLOP/s")
     for name in [w for w in args.workloads.split(",") if w]:
-        n = args.n if name == "mlp" else args.n_cnn
+        n = {"mlp": args.n, "cnn": args.n_cnn, "seq": args.n_seq}[name]
         model, loss_fn, data = workload(name, n)
         model = model.to(device)
         data = [(X.to(device), y.to(device)) for X, y in data]

@@ -6,8 +6,9 @@ Conventions (stated once here and in ``docs/conventions.md``):
   ``(N, C, *)``, class axis 1); ``MSELoss`` and ``BCEWithLogitsLoss`` have one term per output element.
 * For every loss, axis 1 is the *feature axis* (classes, channels), as in ``CrossEntropyLoss`` and the
   ``(N, C, *)`` outputs of convolutions; the other axes are positions. The Gauss-Newton columns are
-  indexed by the feature axis and applied at all positions at once, which is exact when positions do not
-  interact (per-position networks) and otherwise adds cross-position terms. A sequence model should
+  indexed by the feature axis and applied at all positions at once; where a sum meets several output
+  positions (a layer location feeding several of them, or ``approx="reduce"``) this adds cross-position
+  terms that the block-diagonal loss Hessian does not have (docs/conventions.md §3). A sequence model should
   present its outputs as ``(N, C, T)`` (a 1-D output ``(N,)`` is read as ``(N, 1)``).
 * ``summed_loss`` is the sum over the terms of a batch. The objective over the data set is that sum
   over all batches ("sum") or divided by the total number of terms ``Z = N·τ`` ("mean"), ``τ`` = terms

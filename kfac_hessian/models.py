@@ -41,3 +41,18 @@ class ResNetish(nn.Module):
     def forward(self, x):
         h = self.blocks(torch.relu(self.stem(x)))
         return self.head(h.mean((2, 3)))
+
+
+class SequenceMLP(nn.Module):
+    """A transformer-style stack of position-wise ``nn.Linear`` blocks on ``(N, T, d)`` sequences with
+    residual connections; logits come out as ``(N, C, T)`` for a per-position cross-entropy."""
+
+    def __init__(self, d: int = 256, depth: int = 2, classes: int = 10):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)) for _ in range(depth))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x).transpose(1, 2)

@@ -60,3 +60,17 @@ def test_cnn_type2(approx):
     for layer in ("conv1", "conv2", "fc"):
         theirs = curvlinops_dense(model, nn.CrossEntropyLoss(), [(X, y)], layer, "type-2", approx)
         assert rel_err(kfac[layer].to_dense(), theirs) < 1e-10
+
+
+def test_sequence_model_expand_type2():
+    """Per-position network with (N, C, T) logits: identical factors (conventions §3 on reduce)."""
+    from kfac_hessian.models import SequenceMLP
+
+    torch.manual_seed(0)
+    model = SequenceMLP(d=8, depth=1, classes=3).double()
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(4, 5, 8, generator=g), torch.randint(0, 3, (4, 5), generator=g)
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), [(X, y)])
+    for layer in ("blocks.0.0", "blocks.0.2", "head"):
+        theirs = curvlinops_dense(model, nn.CrossEntropyLoss(), [(X, y)], layer, "type-2", "expand")
+        assert rel_err(kfac[layer].to_dense(), theirs) < 1e-10
