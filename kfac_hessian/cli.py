@@ -68,13 +68,14 @@ def _run_demo(args) -> dict:
     eigs = [k.eig() for k in kfacs]
     names = kfacs[0].layer_names
     overlaps = {name: np.eye(len(seeds)) for name in names}
+    pair_rows = {}
     for i in range(len(seeds)):
         for j in range(i + 1, len(seeds)):
-            for row in overlap_by_layer(eigs[i], eigs[j], args.k):
+            pair_rows[i, j] = overlap_by_layer(eigs[i], eigs[j], args.k)
+            for row in pair_rows[i, j]:
                 overlaps[row["layer"]][i, j] = overlaps[row["layer"]][j, i] = row["overlap"]
-    seed_rows = overlap_by_layer(eigs[0], eigs[1], args.k)
     _log(args, f"\nTop-{args.k} Kronecker eigenspace overlap between seeds 0 and 1 (random baseline k/P):")
-    for row in seed_rows:
+    for row in pair_rows[0, 1]:
         _log(args, f"  layer {row['layer']}: {row['overlap']:.3f} (random {row['random_baseline']:.4f})")
     result = report.to_dict()
     result["models"] = [

@@ -426,14 +426,15 @@ def compute_kfac(
             if tau is not None and batch_tau != tau:
                 raise ValueError(f"batch {index} has {batch_tau} loss terms per sample, earlier batches {tau}")
             tau = batch_tau
-            calls: list[tuple[str, LayerCall]] = [(n, c) for n in selected for c in recorder.calls[n]]
             n_samples += output.shape[0]
-            if not calls:
+            called = [name for name in selected if recorder.calls[name]]
+            if not called:
                 continue
-            for name in selected:
-                if recorder.calls[name]:
-                    sums[name].add_inputs(_concat_locations([input_rows(selected[name], c.inputs) for c in recorder.calls[name]]))
-                    _require_finite(sums[name].a_sum, f"A factor of layer {name!r} after batch {index} (its inputs)")
+            calls: list[tuple[str, LayerCall]] = [(n, c) for n in called for c in recorder.calls[n]]
+            for name in called:
+                sums[name].add_inputs(_concat_locations([input_rows(selected[name], c.inputs) for c in recorder.calls[name]]))
+                # a NaN/Inf anywhere in the rows reaches the sums: checking them costs O(d²), not O(N·T·d)
+                _require_finite(sums[name].a_sum, f"A factor of layer {name!r} after batch {index} (its inputs)")
             columns = _output_columns(spec, curvature, output, target, mc_samples, generator)
             chunks = columns.split(column_chunk or (len(columns) if output.is_cuda else 1))
             for chunk_index, chunk in enumerate(chunks):
@@ -455,8 +456,7 @@ def compute_kfac(
                     per_layer.setdefault(name, []).append(output_rows(selected[name], grad))
                 for name, rows in per_layer.items():
                     sums[name].add_gradients(_concat_locations(rows, axis=2))
-            for name in per_layer:
-                # a NaN/Inf anywhere in the rows reaches the sums: checking them costs O(d²), not O(N·T·d)
+            for name in called:
                 _require_finite(sums[name].g_sum, f"G factor of layer {name!r} after batch {index} (its output gradients)")
             recorder.clear()
     if distributed:

@@ -74,11 +74,11 @@ class CurvatureOperator:
         tangents = [t.reshape(m, *shape) for t, shape in zip(columns.T.split(self._sizes, dim=1), self._shapes)]
         result = torch.zeros(m, self.num_params, dtype=self.dtype, device=self.device)
         n_samples, tau = 0, None
-        all_params = dict(self.model.named_parameters())
+        # detached views (no copies): the model's own flags and .grad are never involved
+        fixed = {name: p.detach() for name, p in self.model.named_parameters()}
+        theta = tuple(fixed[name].detach().requires_grad_() for name in self.param_names)
         with preserved_model_state(self.model), torch.enable_grad():
-            for index, inputs, target in iterate_batches(self.data, self.device):
-                fixed = {name: p.detach() for name, p in all_params.items()}
-                theta = tuple(all_params[name].detach().requires_grad_() for name in self.param_names)
+            for _, inputs, target in iterate_batches(self.data, self.device):
 
                 def forward(*values: Tensor) -> Tensor:
                     return functional_call(self.model, {**fixed, **dict(zip(self.param_names, values))}, (inputs,))
