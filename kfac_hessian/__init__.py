@@ -3,11 +3,21 @@
 Kronecker path: ``compute_kfac`` gathers ``A`` and ``G`` per layer (``G ⊗ A`` ≈ the layer's Hessian block);
 ``KroneckerFactor.eig`` gives every eigenvalue and top eigenvectors without forming the product.
 Exact path: ``layer_operator`` applies the true block; ``lanczos``, ``slq_density`` and ``hutchinson_trace``
-measure it. Conventions: ``docs/conventions.md``.
+measure it. Built on them: ``analyses`` (overlap, low rank, outliers, ``SpectrumTracker``, back-matching local
+Hessians), ``bounds`` (PAC-Bayes in the Kronecker eigenbasis), ``optim`` (``ScaleAmendedSGD``).
+Conventions: ``docs/conventions.md``.
 """
 
-from . import analyses
-from .analyses import count_outliers, eigenspace_overlap, kronecker_overlap, low_rank_structure, overlap_by_layer
+from . import analyses, bounds, optim
+from .analyses import (
+    SpectrumTracker,
+    back_matching_hessians,
+    count_outliers,
+    eigenspace_overlap,
+    kronecker_overlap,
+    low_rank_structure,
+    overlap_by_layer,
+)
 from .analyses.report import ValidationReport, compare
 from .exact import (
     CurvatureOperator,
@@ -19,7 +29,8 @@ from .exact import (
     layer_operator,
     slq_density,
 )
-from .factors import KFAC, KroneckerFactor, compute_kfac
+from .bounds import pac_bayes_bound
+from .factors import KFAC, KroneckerFactor, compute_kfac, input_second_moments
 from .layout import BlockLayout
 from .spectra import KroneckerEigen, SpectralDensity
 
@@ -28,6 +39,12 @@ __version__ = "0.1.0"
 __all__ = [
     "KFAC",
     "analyses",
+    "bounds",
+    "optim",
+    "SpectrumTracker",
+    "back_matching_hessians",
+    "input_second_moments",
+    "pac_bayes_bound",
     "BlockLayout",
     "CurvatureOperator",
     "KroneckerEigen",

@@ -45,6 +45,38 @@ def digits_mlp(hidden: tuple[int, ...] = (64, 32)) -> nn.Sequential:
     return relu_mlp((64, *hidden, 10))
 
 
+def train_classifier(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int,
+    lr: float = 3e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+    optimizer: str = "adam",
+) -> float:
+    """Minibatch training in place (Adam, or SGD with momentum 0.9); returns the seconds it took.
+
+    Shuffles with a private generator seeded by ``seed``; leaves every ``.grad`` unset afterwards.
+    """
+    if optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    else:
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(X), generator=generator).split(batch_size):
+            opt.zero_grad()
+            loss_fn(model(X[idx]), y[idx]).backward()
+            opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
 def train_digits_mlp(
     hidden: tuple[int, ...] = (64, 32),
     epochs: int = 60,
@@ -62,17 +94,8 @@ def train_digits_mlp(
     model = digits_mlp(hidden).to(device, dtype)
     init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     loss_fn = nn.CrossEntropyLoss()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     Xtr, ytr = X[:n_train], y[:n_train]
-    generator = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    for _ in range(epochs):
-        for idx in torch.randperm(n_train, generator=generator).split(batch_size):
-            optimizer.zero_grad()
-            loss_fn(model(Xtr[idx]), ytr[idx]).backward()
-            optimizer.step()
-    seconds = time.perf_counter() - start
-    optimizer.zero_grad(set_to_none=True)
+    seconds = train_classifier(model, loss_fn, Xtr, ytr, epochs, batch_size=batch_size, seed=seed)
     with torch.no_grad():
         train_acc = float((model(Xtr).argmax(1) == ytr).float().mean())
         test_acc = float((model(X[n_train:]).argmax(1) == y[n_train:]).float().mean())

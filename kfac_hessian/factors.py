@@ -479,3 +479,37 @@ def compute_kfac(
     if not factors:
         raise ValueError(f"no selected layer was called in the forward pass; skipped: {skipped}")
     return KFAC(factors, curvature, approx, spec.kind, spec.reduction, n_samples, skipped)
+
+
+def input_second_moments(
+    model: nn.Module,
+    data: Data,
+    layers: list[str] | None = None,
+    approx: Approx = "expand",
+    dtype: torch.dtype | None = None,
+) -> dict[str, Tensor]:
+    """The ``A`` factors alone, ``A = mean over rows of ā āᵀ`` (as in ``compute_kfac``), from forward passes only.
+
+    No loss is evaluated (targets in ``data`` are ignored) and nothing is backpropagated: this is the local
+    Hessian ``∇²_W ℓ = I ⊗ A`` of a block's back-matching loss (``analyses.local_hessian``) and costs one
+    forward pass over the data.
+    """
+    selected, _ = select_layers(model, layers)
+    first_param = next(iter(selected.values())).weight
+    dtype = dtype or first_param.dtype
+    sums = {
+        name: _FactorSums(BlockLayout(*weight_matrix_shape(m), m.bias is not None), approx, dtype, first_param.device)
+        for name, m in selected.items()
+    }
+    with preserved_model_state(model), LayerRecorder(selected) as recorder, torch.no_grad():
+        for index, inputs, _ in iterate_batches(data, first_param.device):
+            recorder.clear()
+            model(inputs)
+            for name, calls in recorder.calls.items():
+                if calls:
+                    sums[name].add_inputs(_concat_locations([input_rows(selected[name], c.inputs) for c in calls]))
+                    _require_finite(sums[name].a_sum, f"A factor of layer {name!r} after batch {index} (its inputs)")
+    missing = [name for name, s in sums.items() if s.a_rows == 0]
+    if missing:
+        raise ValueError(f"layers {missing} were never called in the model's forward pass")
+    return {name: s.a_sum / s.a_rows for name, s in sums.items()}

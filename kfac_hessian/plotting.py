@@ -78,3 +78,25 @@ def plot_overlap_matrices(matrices: dict[str, np.ndarray], labels: list[str], pa
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_tracked_metrics(records: list[dict], metrics: tuple[str, ...], path: Path) -> Path:
+    """``SpectrumTracker`` records: one panel per metric (log scale where positive), one line per layer."""
+    if not records:
+        raise ValueError("nothing recorded yet")
+    plt = _pyplot()
+    layers = list(dict.fromkeys(r["layer"] for r in records))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.0), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for layer in layers:
+            rows = [r for r in records if r["layer"] == layer and metric in r]
+            ax.plot([r["step"] for r in rows], [r[metric] for r in rows], marker=".", label=layer)
+        if all(r.get(metric, 0) > 0 for r in records):
+            ax.set_yscale("log")
+        ax.set_title(metric)
+        ax.set_xlabel("step")
+    axes[0][0].legend(title="layer", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

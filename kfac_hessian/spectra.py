@@ -146,6 +146,10 @@ class KroneckerEigen:
         top = top[order]
         return products[top], j_idx[top], i_idx[top]
 
+    def top_eigenvalues(self, k: int) -> Tensor:
+        """The ``k`` largest eigenvalues, descending, from the ``i·j ≤ k`` candidate products (no eigenvectors)."""
+        return self._top_index_pairs(k)[0]
+
     def top_pairs(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
         """Top-k eigenpairs as rank-one factors: ``(values (k,), g_vecs (k, d_out), a_vecs (k, width))``.
 

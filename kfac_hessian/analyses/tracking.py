@@ -1,0 +1,143 @@
+"""Per-layer spectral metrics of the Kronecker blocks, tracked through training.
+
+For one layer with eigenvalues ``λ_1 ≥ … ≥ λ_P ≥ 0`` of ``G ⊗ A`` (products ``μ_j λ_i``):
+
+* ``top_eigenvalue`` ``λ_1``; ``trace`` ``Σλ = tr(A)·tr(G)``;
+* ``effective_rank`` ``exp(−Σ p log p)`` with ``p = λ/Σλ`` (spectral entropy). The products' distribution is
+  the product of the factors', so the entropy adds and ``erank(G ⊗ A) = erank(A)·erank(G)`` exactly;
+* ``stable_rank`` ``trace / λ_1``; ``top_k_condition`` ``λ_1 / λ_k``;
+* ``outliers``: eigenvalues above the widest log-gap among the top 50 (``count_outliers``);
+* optionally ``exact_trace`` (± ``exact_trace_stderr``): a Hutchinson estimate of the *exact* block's trace.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import preserved_model_state
+from ..data import Data, require_reiterable
+from ..spectra import KroneckerEigen
+from .outliers import count_outliers
+
+METRICS = ("top_eigenvalue", "trace", "effective_rank", "stable_rank", "top_k_condition", "outliers")
+
+
+def _entropy(values: Tensor) -> float:
+    p = values[values > 0].double()
+    p = p / p.sum()
+    return float(-(p * p.log()).sum())
+
+
+def spectral_metrics(eig: KroneckerEigen, top_k: int = 10) -> dict[str, float]:
+    """The metrics of the module docstring for one layer's ``KroneckerEigen`` (no eigenvectors needed)."""
+    k = min(top_k, eig.num_params)
+    top = eig.top_eigenvalues(min(51, eig.num_params))
+    lam1, trace = float(top[0]), float(eig.trace())
+    return {
+        "top_eigenvalue": lam1,
+        "trace": trace,
+        "effective_rank": math.exp(_entropy(eig.a_values) + _entropy(eig.g_values)) if trace > 0 else 0.0,
+        "stable_rank": trace / lam1 if lam1 > 0 else 0.0,
+        "top_k_condition": lam1 / float(top[k - 1]) if float(top[k - 1]) > 0 else math.inf,
+        "outliers": count_outliers(top),
+    }
+
+
+class SpectrumTracker:
+    """A training-loop callback recording per-layer spectral metrics every ``every`` steps.
+
+    ``tracker(step)`` computes Kronecker factors of ``model`` on ``data`` (``compute_kfac`` with
+    ``curvature``, in eval mode: dropout off, BatchNorm on running statistics), eigenvalues of every factor,
+    and the metrics of ``spectral_metrics``; it appends one row per layer to ``records`` (a tidy list of
+    dicts with ``step``, ``layer``, the metrics, ``seconds`` and any keyword given, e.g. ``train_loss``).
+    Steps that are not multiples of ``every`` return ``None`` at no cost. The model (mode, flags, ``.grad``,
+    weights), the optimizer and the global random state are left as they were.
+
+    Args:
+        hutchinson_probes: if > 0, also estimate the exact block's trace (``kind`` "hessian" or "ggn") with
+            that many Rademacher probes — a check of the Kronecker trace, at the cost of
+            ``probes`` Hessian-vector products per layer.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        data: Data,
+        every: int = 100,
+        curvature: str = "mc",
+        layers: list[str] | None = None,
+        top_k: int = 10,
+        hutchinson_probes: int = 0,
+        exact_kind: str = "ggn",
+        seed: int = 0,
+    ):
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        if hutchinson_probes < 0:
+            raise ValueError(f"hutchinson_probes must be ≥ 0, got {hutchinson_probes!r}")
+        require_reiterable(data)
+        self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.every, self.curvature, self.layers, self.top_k = every, curvature, layers, top_k
+        self.hutchinson_probes, self.exact_kind, self.seed = hutchinson_probes, exact_kind, seed
+        self.records: list[dict] = []
+
+    def __call__(self, step: int, **extra) -> list[dict] | None:
+        if step % self.every:
+            return None
+        return self.record(step, **extra)
+
+    def record(self, step: int, **extra) -> list[dict]:
+        """Measure now, whatever the step; returns the rows added."""
+        from ..exact import hutchinson_trace, layer_operator
+        from ..factors import compute_kfac
+
+        start = time.perf_counter()
+        with preserved_model_state(self.model):
+            self.model.eval()
+            kfac = compute_kfac(self.model, self.loss_fn, self.data, curvature=self.curvature, layers=self.layers,
+                                seed=self.seed, dtype=torch.float64)
+            factor_seconds = time.perf_counter() - start
+            eigs = kfac.eig(vectors=False)
+            rows = []
+            for name, eig in eigs.items():
+                row = {"step": step, "layer": name, "num_params": eig.num_params, **spectral_metrics(eig, self.top_k)}
+                if self.hutchinson_probes:
+                    op = layer_operator(self.model, self.loss_fn, self.data, name, kind=self.exact_kind)
+                    estimate = hutchinson_trace(op, self.hutchinson_probes, seed=self.seed)
+                    row["exact_trace"], row["exact_trace_stderr"] = float(estimate.value), float(estimate.stderr)
+                rows.append(row)
+        seconds = time.perf_counter() - start
+        for row in rows:
+            row.update({"seconds": seconds, "factor_seconds": factor_seconds, **extra})
+        self.records.extend(rows)
+        return rows
+
+    def to_csv(self, path: str | Path) -> Path:
+        path = Path(path)
+        columns = list(dict.fromkeys(k for r in self.records for k in r))
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.records)
+        return path
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.records, indent=1))
+        return path
+
+    def plot(self, path: str | Path, metrics: tuple[str, ...] = METRICS) -> Path:
+        """One panel per metric, one line per layer, over the recorded steps (needs matplotlib)."""
+        from ..plotting import plot_tracked_metrics
+
+        return plot_tracked_metrics(self.records, metrics, Path(path))

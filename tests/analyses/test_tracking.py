@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import kfac_hessian as kh
+from kfac_hessian.analyses import SpectrumTracker, count_outliers, spectral_metrics
+
+from ..conftest import batches, classification_data, mlp
+from ..references import dense_ggn
+
+
+def _dense_metrics(H: torch.Tensor, k: int) -> dict:
+    values = torch.linalg.eigvalsh(H).flip(0).clamp_min(0)
+    p = values[values > 0] / values.sum()
+    return {
+        "top_eigenvalue": float(values[0]),
+        "trace": float(values.sum()),
+        "effective_rank": math.exp(float(-(p * p.log()).sum())),
+        "stable_rank": float(values.sum() / values[0]),
+        "top_k_condition": float(values[0] / values[k - 1]),
+        "outliers": count_outliers(values),
+    }
+
+
+def test_metrics_equal_the_dense_spectrum():
+    model = mlp(nn.Tanh, widths=(5, 6, 4))
+    X, y = classification_data(n=20, d=5, classes=4)
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    for name, factor in kfac.items():
+        ours = spectral_metrics(factor.eig(vectors=False), top_k=7)
+        reference = _dense_metrics(factor.to_dense(), 7)
+        for key, value in reference.items():
+            assert ours[key] == pytest.approx(value, rel=1e-9), (name, key)
+
+
+def _train(tracker_every: int | None, steps: int = 6):
+    model = mlp(nn.ReLU, widths=(5, 4, 3), seed=1)
+    X, y = classification_data(n=12, d=5, classes=3)
+    data = batches(X, y, [6, 6])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    tracker = SpectrumTracker(model, nn.CrossEntropyLoss(), data, every=tracker_every or 1, curvature="mc")
+    torch.manual_seed(0)
+    for step in range(steps):
+        xb, yb = data[step % 2]
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(xb + 0.01 * torch.randn_like(xb)), yb)
+        loss.backward()
+        if tracker_every:
+            tracker(step, train_loss=loss.item())
+        opt.step()
+    return model, opt, tracker
+
+
+def test_tracker_leaves_training_untouched_and_records_rows(tmp_path):
+    plain_model, plain_opt, _ = _train(None)
+    model, opt, tracker = _train(2)
+    for p, q in zip(plain_model.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+    assert str(plain_opt.state_dict()) == str(opt.state_dict())
+    assert model.training
+    assert [r["step"] for r in tracker.records] == [0, 0, 2, 2, 4, 4]
+    assert {r["layer"] for r in tracker.records} == {"0", "2"}
+    assert all(r["seconds"] >= r["factor_seconds"] > 0 and "train_loss" in r for r in tracker.records)
+    with (tracker.to_csv(tmp_path / "t.csv")).open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and float(rows[0]["trace"]) == pytest.approx(tracker.records[0]["trace"], rel=1e-12)
+    assert json.loads(tracker.to_json(tmp_path / "t.json").read_text())[3]["layer"] == tracker.records[3]["layer"]
+    pytest.importorskip("matplotlib")
+    assert tracker.plot(tmp_path / "t.png").stat().st_size > 0
+
+
+def test_hutchinson_check_matches_the_exact_trace():
+    model = mlp(nn.Tanh, widths=(4, 3, 2))
+    X, y = classification_data(n=10, d=4, classes=2)
+    tracker = SpectrumTracker(model, nn.CrossEntropyLoss(), (X, y), curvature="ggn", hutchinson_probes=400)
+    rows = tracker.record(0)
+    for row in rows:
+        exact = torch.trace(dense_ggn(model, nn.CrossEntropyLoss(), X, y, [row["layer"]])).item()
+        assert abs(row["exact_trace"] - exact) <= 5 * row["exact_trace_stderr"] + 1e-12
+    assert tracker(3) is None and len(tracker.records) == 2
+
+
+def test_tracker_errors():
+    model = mlp(nn.Tanh, widths=(4, 3, 2))
+    X, y = classification_data(n=10, d=4, classes=2)
+    for kwargs, match in (({"every": 0}, "every"), ({"top_k": 0}, "top_k"), ({"hutchinson_probes": -1}, "hutchinson")):
+        with pytest.raises(ValueError, match=match):
+            SpectrumTracker(model, nn.CrossEntropyLoss(), (X, y), **kwargs)
+    with pytest.raises(ValueError, match="one-shot"):
+        SpectrumTracker(model, nn.CrossEntropyLoss(), iter([(X, y)]))
+    with pytest.raises(ValueError, match="nothing recorded"):
+        SpectrumTracker(model, nn.CrossEntropyLoss(), (X, y)).plot("x.png")
