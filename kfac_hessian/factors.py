@@ -307,6 +307,25 @@ class _FactorSums:
         self.g_sum.addmm_(grad_rows, grad_rows.T)
 
 
+UNFOLD_BUDGET = 2**24  # elements of unfolded convolution patches materialized at once (64 MiB in float32)
+
+
+def _add_layer_inputs(sums: _FactorSums, module: nn.Module, inputs: list[Tensor]) -> None:
+    """Accumulate ``A`` from the inputs of every call of ``module`` in one batch.
+
+    Convolution patches are unfolded a few samples at a time, at most about ``UNFOLD_BUDGET`` elements at once:
+    a 3×3 convolution's patches are 9× its input, and unfolding a whole batch of a wide layer would dominate
+    the peak memory. Linear rows are views and go in one piece.
+    """
+    n = inputs[0].shape[0]
+    chunk = n
+    if not isinstance(module, nn.Linear):
+        per_sample = sum(input_rows(module, x[:1]).numel() for x in inputs)
+        chunk = max(1, UNFOLD_BUDGET // per_sample)
+    for start in range(0, n, chunk):
+        sums.add_inputs(_concat_locations([input_rows(module, x[start : start + chunk]) for x in inputs]))
+
+
 def _concat_locations(rows: list[Tensor], axis: int = 1) -> Tensor:
     """Several calls of one layer are further locations (no copy for the usual single call)."""
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=axis)
@@ -349,7 +368,9 @@ def _output_columns(spec: LossSpec, curvature: Curvature, output: Tensor, target
 
 
 def _require_finite(tensor: Tensor, what: str) -> None:
-    if not torch.isfinite(tensor).all():
+    # One reduction first: a NaN or ±Inf entry makes the sum non-finite, and it needs no O(numel) temporary
+    # mask; only a non-finite sum (which an overflow of finite entries could also give) is checked entry-wise.
+    if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
         raise FloatingPointError(f"{what} contains NaN or Inf; no spectrum is computed from non-finite values")
 
 
@@ -432,7 +453,7 @@ def compute_kfac(
                 continue
             calls: list[tuple[str, LayerCall]] = [(n, c) for n in called for c in recorder.calls[n]]
             for name in called:
-                sums[name].add_inputs(_concat_locations([input_rows(selected[name], c.inputs) for c in recorder.calls[name]]))
+                _add_layer_inputs(sums[name], selected[name], [c.inputs for c in recorder.calls[name]])
                 # a NaN/Inf anywhere in the rows reaches the sums: checking them costs O(d²), not O(N·T·d)
                 _require_finite(sums[name].a_sum, f"A factor of layer {name!r} after batch {index} (its inputs)")
             columns = _output_columns(spec, curvature, output, target, mc_samples, generator)
@@ -473,8 +494,8 @@ def compute_kfac(
                 raise ValueError(f"layer {name!r} was never called in the model's forward pass")
             skipped[name] = "never called in the forward pass"
             continue
-        A = (s.a_sum / s.a_rows).to(device)
-        G = (s.g_sum * scale).to(device)
+        A = s.a_sum.div_(s.a_rows).to(device)  # in place: the sums are not needed again
+        G = s.g_sum.mul_(scale).to(device)
         factors[name] = KroneckerFactor(A, G, s.layout, name)
     if not factors:
         raise ValueError(f"no selected layer was called in the forward pass; skipped: {skipped}")
@@ -507,9 +528,9 @@ def input_second_moments(
             model(inputs)
             for name, calls in recorder.calls.items():
                 if calls:
-                    sums[name].add_inputs(_concat_locations([input_rows(selected[name], c.inputs) for c in calls]))
+                    _add_layer_inputs(sums[name], selected[name], [c.inputs for c in calls])
                     _require_finite(sums[name].a_sum, f"A factor of layer {name!r} after batch {index} (its inputs)")
     missing = [name for name, s in sums.items() if s.a_rows == 0]
     if missing:
         raise ValueError(f"layers {missing} were never called in the model's forward pass")
-    return {name: s.a_sum / s.a_rows for name, s in sums.items()}
+    return {name: s.a_sum.div_(s.a_rows) for name, s in sums.items()}

@@ -357,3 +357,17 @@ def test_column_chunking_does_not_change_factors(curvature):
     for name in runs[0]:
         for other in runs[1:]:
             assert rel_err(other[name].G, runs[0][name].G) < EXACT
+
+
+def test_convolution_patches_unfolded_in_chunks_give_the_same_factors(monkeypatch):
+    import kfac_hessian.factors as factors
+
+    model = TinyCNN()
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.randn(7, 2, 4, 4, generator=g), torch.randint(0, 3, (7,), generator=g)
+    whole = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    monkeypatch.setattr(factors, "UNFOLD_BUDGET", 40)  # a few samples' patches per chunk (one conv1 sample: 288)
+    chunked = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    for name in whole:
+        assert torch.allclose(whole[name].A, chunked[name].A, atol=1e-14)
+        assert torch.allclose(whole[name].G, chunked[name].G, atol=1e-14)
