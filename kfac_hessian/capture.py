@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 
@@ -62,8 +63,11 @@ class LayerRecorder:
 
 @contextlib.contextmanager
 def preserved_model_state(model: nn.Module) -> Iterator[None]:
-    """Restore train/eval flags, ``requires_grad`` and ``.grad`` of every parameter on exit (even on error)."""
+    """Restore train/eval flags, ``requires_grad`` and ``.grad`` of every parameter, and the running statistics
+    of every BatchNorm (a train-mode forward pass updates them), on exit — even on error."""
     modes = [(m, m.training) for m in model.modules()]
+    statistics = [(b, b.detach().clone()) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                  for b in m.buffers(recurse=False)]
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
@@ -75,3 +79,6 @@ def preserved_model_state(model: nn.Module) -> Iterator[None]:
         for p, flag, grad in zip(params, flags, grads):
             p.requires_grad_(flag)
             p.grad = grad
+        with torch.no_grad():
+            for buffer, value in statistics:
+                buffer.copy_(value)

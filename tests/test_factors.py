@@ -288,7 +288,8 @@ def test_to_dtype_and_summary():
     kfac = kh.compute_kfac(mlp(nn.Tanh), nn.CrossEntropyLoss(), classification_data(), dtype=torch.float32)
     assert kfac["0"].A.dtype == torch.float32
     assert kfac.to(dtype=torch.float64)["0"].G.dtype == torch.float64
-    assert "0: A (6, 6)" in kfac.summary()
+    assert "0: Kronecker G ⊗ A, A (6, 6), G (4, 4), P=24" in kfac.summary()
+    assert "covered 39 of 39 parameters" in kfac.summary()
 
 
 # ---- layer selection -------------------------------------------------------------------------------------
@@ -296,10 +297,11 @@ def test_to_dtype_and_summary():
 
 def test_unsupported_layers_are_skipped_and_listed():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    model = nn.Sequential(nn.Linear(4, 4), nn.PReLU(), nn.Linear(4, 3))
     X, y = classification_data(d=4)
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
-    assert kfac.layer_names == ["0", "2"] and "1" in kfac.skipped and "LayerNorm" in kfac.skipped["1"]
+    assert kfac.layer_names == ["0", "2"] and "1" in kfac.skipped and "PReLU" in kfac.skipped["1"]
+    assert "1: skipped (1 parameters)" in kfac.summary() and "covered 35 of 36 parameters" in kfac.summary()
 
 
 def test_frozen_layers_skipped_by_default_but_computable_by_name():

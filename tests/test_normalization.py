@@ -1,0 +1,108 @@
+"""Normalization layers: exact per-feature 2×2 (γ, β) blocks against the dense float64 GGN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import kfac_hessian as kh
+
+from .conftest import batches, classification_data
+from .references import dense_ggn
+
+
+class _Norms(nn.Module):
+    """conv → BatchNorm2d → GroupNorm → pooled linear → LayerNorm → linear, every norm affine."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.gn = nn.GroupNorm(2, 4)
+        self.fc = nn.Linear(4, 5)
+        self.ln = nn.LayerNorm(5)
+        self.head = nn.Linear(5, 3)
+        with torch.no_grad():  # non-trivial running statistics and affine parameters
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+            for norm in (self.bn, self.gn, self.ln):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        h = torch.tanh(self.gn(self.bn(self.conv(x))))
+        return self.head(torch.tanh(self.ln(self.fc(h.mean((2, 3))))))
+
+
+def _data(n=7):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 2, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.mark.parametrize("name", ["bn", "gn", "ln"])
+def test_blocks_equal_the_dense_ggn_diagonal_blocks(name):
+    model = _Norms().double().train()  # BatchNorm is evaluated in eval mode by default
+    X, y = _data()
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), batches(X, y, [4, 3]))
+    assert model.training and model.bn.training
+    factor = kfac.norm_factors[name]
+    model.eval()
+    dense = dense_ggn(model, nn.CrossEntropyLoss(), X, y, [name])  # public order: γ's then β's
+    f = factor.n_features
+    mask = torch.zeros(2 * f, 2 * f, dtype=torch.bool)
+    index = torch.arange(f)
+    for a in range(2):
+        for b in range(2):
+            mask[a * f + index, b * f + index] = True
+    ours = factor.to_dense()
+    assert torch.allclose(ours[mask], dense[mask], rtol=1e-10, atol=1e-14)
+    assert ours[~mask].abs().max() == 0
+    assert dense[~mask].abs().max() > 1e-6  # the dropped cross-feature blocks are really there
+    # spectra in the same API as the Kronecker factors
+    eig = factor.eig()
+    reference = torch.linalg.eigvalsh(ours).flip(0).clamp_min(0)
+    assert torch.allclose(eig.eigenvalues(), reference, atol=1e-12)
+    values, vectors = eig.topk(3)
+    assert torch.allclose(values, reference[:3], atol=1e-12)
+    assert torch.allclose(vectors @ ours @ vectors.T, torch.diag(values), atol=1e-12)
+    v = torch.randn(2 * f, dtype=torch.float64)
+    assert torch.allclose(factor @ v, ours @ v, atol=1e-14)
+    assert float(factor.trace()) == pytest.approx(float(torch.trace(ours)), rel=1e-12)
+
+
+def test_train_mode_batch_norm_on_request_and_summary(tmp_path):
+    model = _Norms().double().train()
+    X, y = _data()
+    buffers = {k: v.clone() for k, v in model.bn.named_buffers()}
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), batch_norm_eval=False)
+    for k, v in model.bn.named_buffers():  # the train-mode pass leaves the running statistics alone
+        assert torch.equal(v, buffers[k])
+    # train mode: the output's Jacobian in γ is still x̂ (batch statistics), so the blocks are the
+    # dense GGN's of the train-mode function (reference without running statistics: torch.func cannot
+    # update buffers)
+    model.bn.track_running_stats = False
+    model.bn.running_mean = model.bn.running_var = model.bn.num_batches_tracked = None
+    dense = dense_ggn(model, nn.CrossEntropyLoss(), X, y, ["bn"])
+    f = 4
+    diag = torch.stack([dense[:f, :f].diagonal(), dense[f:, f:].diagonal(), dense[:f, f:].diagonal()], 1)
+    ours = kfac.norm_factors["bn"].blocks
+    assert torch.allclose(torch.stack([ours[:, 0, 0], ours[:, 1, 1], ours[:, 0, 1]], 1), diag, rtol=1e-10, atol=1e-14)
+    text = kfac.summary()
+    assert "bn: normalization, 4 exact 2×2 (γ, β) blocks, P=8" in text
+    assert "covered 145 of 145 parameters" in text
+    kfac.save(tmp_path / "k.pt")
+    loaded = kh.KFAC.load(tmp_path / "k.pt")
+    assert torch.equal(loaded.norm_factors["ln"].blocks, kfac.norm_factors["ln"].blocks)
+    assert loaded.summary() == text
+
+
+def test_norm_layers_by_name_and_frozen():
+    model = _Norms().double()
+    X, y = _data()
+    only = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), layers=["ln"])
+    assert list(only.norm_factors) == ["ln"] and len(only) == 0
+    model.gn.requires_grad_(False)
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    assert "gn" not in kfac.norm_factors and "gn" in kfac.skipped
