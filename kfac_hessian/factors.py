@@ -39,7 +39,8 @@ from .capture import LayerCall, LayerRecorder, preserved_model_state
 from .data import Data, iterate_batches
 from .layers import input_rows, output_rows, select_layers, weight_matrix_shape
 from .layout import BlockLayout
-from .normalization import NormBlockSums, NormFactor, gradient_rows, is_normalization, normalized_rows
+from .embedding import EmbeddingFactor, EmbeddingSums, embedding_reason
+from .normalization import NormBlockSums, NormFactor, is_normalization
 from .losses import (
     LossSpec,
     check_batch,
@@ -198,9 +199,11 @@ def _eig_all(
 class KFAC(Mapping[str, KroneckerFactor]):
     """Kronecker factors of every selected layer, with how they were computed.
 
-    A read-only mapping ``layer name → KroneckerFactor``; ``norm_factors`` holds the per-feature 2×2 blocks of
-    normalization layers (``normalization.NormFactor``); ``skipped`` names the parameterized modules that
-    were not covered and why; ``module_params`` counts the parameters of every parameterized module.
+    A read-only mapping ``layer name → KroneckerFactor``; ``other_factors`` holds the layers whose block has
+    another structure — normalization layers (``normalization.NormFactor``: per-feature 2×2 blocks) and
+    embeddings (``embedding.EmbeddingFactor``: ``diag(A) ⊗ G``), each with ``num_params``, ``@``, ``trace``,
+    ``to_dense`` and ``eig``; ``skipped`` names the parameterized modules that were not covered and why;
+    ``module_params`` counts the parameters of every parameterized module.
     """
 
     factors: dict[str, KroneckerFactor]
@@ -210,7 +213,7 @@ class KFAC(Mapping[str, KroneckerFactor]):
     reduction: str
     n_samples: int
     skipped: dict[str, str] = field(default_factory=dict)
-    norm_factors: dict[str, NormFactor] = field(default_factory=dict)
+    other_factors: dict[str, NormFactor | EmbeddingFactor] = field(default_factory=dict)
     module_params: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -238,21 +241,21 @@ class KFAC(Mapping[str, KroneckerFactor]):
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "KFAC":
         moved = {n: f.to(device, dtype) for n, f in self.factors.items()}
-        norms = {n: f.to(device, dtype) for n, f in self.norm_factors.items()}
+        others = {n: f.to(device, dtype) for n, f in self.other_factors.items()}
         return KFAC(moved, self.curvature, self.approx, self.loss, self.reduction, self.n_samples, dict(self.skipped),
-                    norms, dict(self.module_params))
+                    others, dict(self.module_params))
 
     def summary(self) -> str:
         """One line per parameterized module: covered (structure, parameter count) or skipped (why), and totals."""
         lines = [f"KFAC curvature={self.curvature} approx={self.approx} loss={self.loss}({self.reduction}) N={self.n_samples}"]
         for name, f in self.factors.items():
             lines.append(f"  {name}: Kronecker G ⊗ A, A {tuple(f.A.shape)}, G {tuple(f.G.shape)}, P={f.num_params}")
-        for name, f in self.norm_factors.items():
-            lines.append(f"  {name}: normalization, {f.n_features} exact 2×2 (γ, β) blocks, P={f.num_params}")
+        for name, f in self.other_factors.items():
+            lines.append(f"  {name}: {f.describe()}, P={f.num_params}")
         for name, reason in self.skipped.items():
             count = self.module_params.get(name)
             lines.append(f"  {name}: skipped{f' ({count} parameters)' if count is not None else ''} — {reason}")
-        covered = sum(f.num_params for f in self.factors.values()) + sum(f.num_params for f in self.norm_factors.values())
+        covered = sum(f.num_params for f in self.factors.values()) + sum(f.num_params for f in self.other_factors.values())
         if self.module_params:
             total = sum(self.module_params.values())
             lines.append(f"  covered {covered} of {total} parameters ({100 * covered / max(total, 1):.1f} %)")
@@ -266,7 +269,7 @@ class KFAC(Mapping[str, KroneckerFactor]):
                 "meta": {k: getattr(self, k) for k in ("curvature", "approx", "loss", "reduction", "n_samples")},
                 "skipped": dict(self.skipped),
                 "module_params": dict(self.module_params),
-                "norm_layers": {name: f.blocks for name, f in self.norm_factors.items()},
+                "other_layers": {name: _other_state(f) for name, f in self.other_factors.items()},
                 "layers": {
                     name: {"A": f.A, "G": f.G, "layout": [f.layout.d_out, f.layout.d_in, int(f.layout.has_bias)]}
                     for name, f in self.factors.items()
@@ -288,9 +291,21 @@ class KFAC(Mapping[str, KroneckerFactor]):
         for name, entry in state["layers"].items():
             d_out, d_in, has_bias = entry["layout"]
             factors[name] = KroneckerFactor(entry["A"], entry["G"], BlockLayout(d_out, d_in, bool(has_bias)), name)
-        norms = {name: NormFactor(blocks, name) for name, blocks in state.get("norm_layers", {}).items()}
-        return cls(factors, skipped=state["skipped"], norm_factors=norms, module_params=state.get("module_params", {}),
+        others = {name: _other_from_state(entry, name) for name, entry in state.get("other_layers", {}).items()}
+        return cls(factors, skipped=state["skipped"], other_factors=others, module_params=state.get("module_params", {}),
                    **state["meta"])
+
+
+def _other_state(factor: NormFactor | EmbeddingFactor) -> dict:
+    if isinstance(factor, NormFactor):
+        return {"kind": "normalization", "blocks": factor.blocks}
+    return {"kind": "embedding", "A": factor.a_diagonal, "G": factor.G}
+
+
+def _other_from_state(entry: dict, name: str) -> NormFactor | EmbeddingFactor:
+    if entry["kind"] == "normalization":
+        return NormFactor(entry["blocks"], name)
+    return EmbeddingFactor(entry["A"], entry["G"], name)
 
 
 class _FactorSums:
@@ -384,19 +399,34 @@ def _output_columns(spec: LossSpec, curvature: Curvature, output: Tensor, target
     return output_gradient(spec, output.detach(), target).unsqueeze(0)
 
 
+def _other_kind(module: nn.Module) -> type | None:
+    """The sums class of a layer with a non-Kronecker structure, or ``None``."""
+    if is_normalization(module):
+        return NormBlockSums
+    if isinstance(module, nn.Embedding) and embedding_reason(module) is None:
+        return EmbeddingSums
+    return None
+
+
 def _select(model: nn.Module, layers: list[str] | None) -> tuple[dict, dict, dict]:
-    """``(Kronecker layers, normalization layers, skipped)``: ``select_layers`` plus affine norm layers."""
+    """``(Kronecker layers, other layers, skipped)``: ``select_layers`` plus normalization layers and embeddings."""
     modules = dict(model.named_modules())
     if layers is None:
-        selected, skipped = select_layers(model, None)
-        norms = {n: modules[n] for n in list(skipped) if is_normalization(modules[n])
-                 and any(p.requires_grad for p in modules[n].parameters(recurse=False))}
-        return selected, norms, {n: r for n, r in skipped.items() if n not in norms}
+        selected, skipped = select_layers(model, None, allow_none=True)
+        others = {n: modules[n] for n in list(skipped) if _other_kind(modules[n])
+                  and any(p.requires_grad for p in modules[n].parameters(recurse=False))}
+        skipped = {n: r for n, r in skipped.items() if n not in others}
+        for n, m in modules.items():
+            if isinstance(m, nn.Embedding) and n in skipped:
+                skipped[n] = embedding_reason(m) or skipped[n]
+        if not selected and not others:
+            raise ValueError(f"{type(model).__name__} has no supported layer; skipped: {skipped}")
+        return selected, others, skipped
     names = [layers] if isinstance(layers, str) else list(layers)
-    norms = {n: modules[n] for n in names if n in modules and is_normalization(modules[n])}
-    rest = [n for n in names if n not in norms]
-    selected = select_layers(model, rest)[0] if rest or not norms else {}
-    return selected, norms, {}
+    others = {n: modules[n] for n in names if n in modules and n and _other_kind(modules[n])}
+    rest = [n for n in names if n not in others]
+    selected = select_layers(model, rest)[0] if rest or not others else {}
+    return selected, others, {}
 
 
 def _require_finite(tensor: Tensor, what: str) -> None:
@@ -427,7 +457,8 @@ def compute_kfac(
     Args:
         model: any ``nn.Module``; it runs as it is (except BatchNorm, see ``batch_norm_eval``) and is left as it
             was (modes, flags, ``.grad``). Normalization layers (affine BatchNorm/LayerNorm/GroupNorm) get exact
-            per-feature 2×2 blocks in ``KFAC.norm_factors`` (``kfac_hessian.normalization``).
+            per-feature 2×2 blocks and embeddings ``diag(A) ⊗ G`` in ``KFAC.other_factors``
+            (``kfac_hessian.normalization``, ``kfac_hessian.embedding``).
         loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` (reduction mean/sum).
         data: an ``(inputs, targets)`` pair or an iterable of pairs, streamed batch by batch.
         curvature: ``"ggn"`` (exact Gauss-Newton output Hessian), ``"mc"`` (Monte-Carlo Fisher),
@@ -458,8 +489,8 @@ def compute_kfac(
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
     spec = loss_spec(loss_fn)
-    selected, norms, skipped = _select(model, layers)
-    first_param = next(iter({**selected, **norms}.values())).weight
+    selected, others, skipped = _select(model, layers)
+    first_param = next(iter({**selected, **others}.values())).weight
     model_device = first_param.device
     dtype = dtype or first_param.dtype
     generator = torch.Generator(model_device).manual_seed(seed) if (seed is not None and curvature == "mc") else None
@@ -467,7 +498,7 @@ def compute_kfac(
         name: _FactorSums(BlockLayout(*weight_matrix_shape(m), m.bias is not None), approx, dtype, model_device)
         for name, m in selected.items()
     }
-    norm_sums = {name: NormBlockSums(m.weight.numel(), dtype, model_device) for name, m in norms.items()}
+    other_sums = {name: _other_kind(m)(m, dtype, model_device) for name, m in others.items()}
     n_samples, tau = 0, None
     batches = iterate_batches(data, model_device)
     if progress:
@@ -475,7 +506,7 @@ def compute_kfac(
 
         total = len(data) if hasattr(data, "__len__") and not (isinstance(data, tuple) and len(data) == 2) else None
         batches = tqdm(batches, desc=f"KFAC ({curvature})", unit="batch", total=total)
-    with preserved_model_state(model), LayerRecorder({**selected, **norms}) as recorder, torch.enable_grad():
+    with preserved_model_state(model), LayerRecorder({**selected, **others}) as recorder, torch.enable_grad():
         if batch_norm_eval:
             for module in model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -493,12 +524,12 @@ def compute_kfac(
             tau = batch_tau
             n_samples += output.shape[0]
             called = [name for name in selected if recorder.calls[name]]
-            called_norms = [name for name in norms if recorder.calls[name]]
-            if not called and not called_norms:
+            called_others = [name for name in others if recorder.calls[name]]
+            if not called and not called_others:
                 continue
-            calls: list[tuple[str, LayerCall]] = [(n, c) for n in called + called_norms for c in recorder.calls[n]]
-            x_hat = {name: _concat_locations([normalized_rows(norms[name], c.inputs) for c in recorder.calls[name]])
-                     for name in called_norms}
+            calls: list[tuple[str, LayerCall]] = [(n, c) for n in called + called_others for c in recorder.calls[n]]
+            for name in called_others:
+                other_sums[name].add_inputs([c.inputs for c in recorder.calls[name]])
             for name in called:
                 _add_layer_inputs(sums[name], selected[name], [c.inputs for c in recorder.calls[name]])
                 # a NaN/Inf anywhere in the rows reaches the sums: checking them costs O(d²), not O(N·T·d)
@@ -521,47 +552,47 @@ def compute_kfac(
                 for (name, call), grad in zip(calls, grads):
                     if grad is None:  # the call did not influence the output
                         grad = torch.zeros((len(chunk), *call.output.shape), dtype=output.dtype, device=output.device)
-                    rows = gradient_rows(norms[name], grad) if name in norms else output_rows(selected[name], grad)
+                    rows = other_sums[name].gradient_rows(grad) if name in others else output_rows(selected[name], grad)
                     per_layer.setdefault(name, []).append(rows)
                 for name, rows in per_layer.items():
-                    if name in norms:
-                        norm_sums[name].add(x_hat[name], _concat_locations(rows, axis=2))
-                    else:
-                        sums[name].add_gradients(_concat_locations(rows, axis=2))
+                    (other_sums if name in others else sums)[name].add_gradients(_concat_locations(rows, axis=2))
             for name in called:
                 _require_finite(sums[name].g_sum, f"G factor of layer {name!r} after batch {index} (its output gradients)")
-            for name in called_norms:
-                _require_finite(norm_sums[name].sums, f"curvature blocks of normalization layer {name!r} after batch {index}")
+            for name in called_others:
+                for tensor in other_sums[name].state():
+                    _require_finite(tensor, f"curvature sums of layer {name!r} after batch {index}")
             recorder.clear()
     if distributed:
         n_samples, tau = _all_reduce_sums(sums, n_samples, tau)
-        if norm_sums:
-            for s_, reduced in zip(norm_sums.values(), _distributed.all_reduce_sum([s_.sums for s_ in norm_sums.values()])):
-                s_.sums = reduced
+        if other_sums:
+            states = [s_.state() for s_ in other_sums.values()]
+            reduced = iter(_distributed.all_reduce_sum([t for state in states for t in state]))
+            for s_, state in zip(other_sums.values(), states):
+                s_.set_state([next(reduced).to(t.dtype) for t in state])
     scale = spec.scale(n_samples, tau)
     if curvature == "mc":
         scale /= mc_samples
     elif curvature == "empirical" and spec.reduction == "mean":
         scale /= tau
-    factors, norm_factors = {}, {}
-    for name, s in {**sums, **norm_sums}.items():
-        never_called = (s.calls if name in norm_sums else s.a_rows) == 0
+    factors, other_factors = {}, {}
+    for name, s in {**sums, **other_sums}.items():
+        never_called = not s.called if name in other_sums else s.a_rows == 0
         if never_called:
             if layers is not None:
                 raise ValueError(f"layer {name!r} was never called in the model's forward pass")
             skipped[name] = "never called in the forward pass"
             continue
-        if name in norm_sums:
-            norm_factors[name] = NormFactor(s.sums.mul_(scale).to(device), name)
+        if name in other_sums:
+            other_factors[name] = s.finalize(scale, device, name)
             continue
         A = s.a_sum.div_(s.a_rows).to(device)  # in place: the sums are not needed again
         G = s.g_sum.mul_(scale).to(device)
         factors[name] = KroneckerFactor(A, G, s.layout, name)
-    if not factors and not norm_factors:
+    if not factors and not other_factors:
         raise ValueError(f"no selected layer was called in the forward pass; skipped: {skipped}")
     module_params = {name: sum(p.numel() for p in m.parameters(recurse=False))
                      for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
-    return KFAC(factors, curvature, approx, spec.kind, spec.reduction, n_samples, skipped, norm_factors, module_params)
+    return KFAC(factors, curvature, approx, spec.kind, spec.reduction, n_samples, skipped, other_factors, module_params)
 
 
 def input_second_moments(

@@ -25,6 +25,9 @@ def unsupported_reason(module: nn.Module) -> str | None:
         if module.groups != 1:
             return f"{type(module).__name__} with groups={module.groups} is not supported (only groups=1)"
         return None
+    if isinstance(module, nn.MultiheadAttention):
+        return ("MultiheadAttention applies its fused q/k/v projection (in_proj_weight) and out_proj as functional "
+                "calls, which no hook sees; write attention with nn.Linear projections to have them factored")
     return f"{type(module).__name__} is not a supported layer (supported: Linear, Conv1d, Conv2d)"
 
 
@@ -80,7 +83,9 @@ def output_rows(module: nn.Module, grads: Tensor) -> Tensor:
     return grads.reshape(k, n, grads.shape[2], -1).transpose(2, 3)
 
 
-def select_layers(model: nn.Module, layers: list[str] | tuple[str, ...] | None) -> tuple[dict[str, nn.Module], dict[str, str]]:
+def select_layers(
+    model: nn.Module, layers: list[str] | tuple[str, ...] | None, allow_none: bool = False
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Pick the layers to factor: ``(selected, skipped)`` with a reason for every skipped module.
 
     ``layers=None`` takes every supported layer with at least one trainable parameter and lists the other
@@ -100,7 +105,7 @@ def select_layers(model: nn.Module, layers: list[str] | tuple[str, ...] | None) 
                 selected[name] = module
             else:
                 skipped[name] = reason
-        if not selected:
+        if not selected and not allow_none:
             raise ValueError(f"{type(model).__name__} has no supported layer (Linear, Conv1d, Conv2d); skipped: {skipped}")
         return selected, skipped
     if isinstance(layers, str):

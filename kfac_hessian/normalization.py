@@ -55,17 +55,45 @@ def _channel_rows(x: Tensor) -> Tensor:
 
 
 class NormBlockSums:
-    """Running ``Σ u uᵀ`` per feature, ``(F, 2, 2)``."""
+    """Running ``Σ u uᵀ`` per feature, ``(F, 2, 2)``, of one normalization layer.
 
-    def __init__(self, n_features: int, dtype: torch.dtype, device: torch.device):
-        self.sums = torch.zeros(n_features, 2, 2, dtype=dtype, device=device)
+    Protocol shared with ``embedding.EmbeddingSums`` (used by ``compute_kfac``): ``add_inputs`` with the
+    inputs of every call of a batch, ``gradient_rows`` and ``add_gradients`` per backpropagated chunk,
+    ``state``/``set_state`` for the distributed sum, ``finalize``.
+    """
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype, device: torch.device):
+        self.module = module
+        self.sums = torch.zeros(module.weight.numel(), 2, 2, dtype=dtype, device=device)
         self.calls = 0
+        self._x_hat: Tensor | None = None
 
-    def add(self, x_hat_rows: Tensor, grad_rows: Tensor) -> None:
-        """``x̂`` rows ``(N, T, F)`` of one call and its gradient rows ``(K, N, T, F)``."""
-        u = torch.stack([(grad_rows * x_hat_rows).sum(2), grad_rows.sum(2)], dim=-1).to(self.sums.dtype)  # (K, N, F, 2)
+    @property
+    def called(self) -> bool:
+        return self.calls > 0
+
+    def add_inputs(self, inputs: list[Tensor]) -> None:
+        rows = [normalized_rows(self.module, x) for x in inputs]
+        self._x_hat = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+        self.calls += len(inputs)
+
+    def gradient_rows(self, grads: Tensor) -> Tensor:
+        return gradient_rows(self.module, grads)
+
+    def add_gradients(self, grad_rows: Tensor) -> None:
+        """Gradient rows ``(K, N, T, F)`` of this batch's calls (matching ``add_inputs``)."""
+        x_hat = self._x_hat
+        u = torch.stack([(grad_rows * x_hat).sum(2), grad_rows.sum(2)], dim=-1).to(self.sums.dtype)  # (K, N, F, 2)
         self.sums += torch.einsum("knfa,knfb->fab", u, u)
-        self.calls += 1
+
+    def state(self) -> list[Tensor]:
+        return [self.sums]
+
+    def set_state(self, tensors: list[Tensor]) -> None:
+        (self.sums,) = tensors
+
+    def finalize(self, scale: float, device, name: str) -> "NormFactor":
+        return NormFactor(self.sums.mul_(scale).to(device), name)
 
 
 class NormFactor:
@@ -82,6 +110,9 @@ class NormFactor:
 
     def __repr__(self) -> str:
         return f"NormFactor({self.name!r}, features={self.n_features}, P={self.num_params})"
+
+    def describe(self) -> str:
+        return f"normalization, {self.n_features} exact 2×2 (γ, β) blocks"
 
     @property
     def n_features(self) -> int:

@@ -373,3 +373,45 @@ def test_convolution_patches_unfolded_in_chunks_give_the_same_factors(monkeypatc
     for name in whole:
         assert torch.allclose(whole[name].A, chunked[name].A, atol=1e-14)
         assert torch.allclose(whole[name].G, chunked[name].G, atol=1e-14)
+
+
+class _Tied(nn.Module):
+    """One square Linear applied twice (shared weights), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.shared, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x, perturb=(0.0, 0.0)):
+        h = torch.tanh(self.shared(x) + perturb[0])
+        return self.head(torch.tanh(self.shared(h) + perturb[1]))
+
+
+def test_module_called_twice_contributes_both_calls_as_locations():
+    from torch.func import functional_call, hessian, jacrev
+
+    model = _Tied().double()
+    X, y = classification_data(n=6, d=4, classes=3)
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), batches(X, y, [4, 2]))
+    # Reference, written out: rows are (sample, call); A = mean ā āᵀ over the 2N rows,
+    # G = (1/N) Σ_{n, call} J_{n,call}ᵀ Λ_n J_{n,call}, J = ∂logits_n/∂z_{n,call} (torch.func).
+    params = dict(model.named_parameters())
+    A_ref, G_ref = torch.zeros(5, 5), torch.zeros(4, 4)
+    for n in range(6):
+        x = X[n : n + 1]
+        h = torch.tanh(model.shared(x)).detach()
+        for a in (x, h):
+            a_bar = torch.cat([a[0], torch.ones(1)])
+            A_ref += torch.outer(a_bar, a_bar) / 12
+        logits = model(x).detach()
+        lam = hessian(lambda f: nn.functional.cross_entropy(f, y[n : n + 1]))(logits).reshape(3, 3)
+        for call in range(2):
+            def f(e, call=call):
+                perturb = [torch.zeros(1, 4), torch.zeros(1, 4)]
+                perturb[call] = e
+                return functional_call(model, params, (x,), {"perturb": tuple(perturb)}).reshape(3)
+            J = jacrev(f)(torch.zeros(1, 4)).reshape(3, 4)
+            G_ref += J.T @ lam @ J / 6
+    assert rel_err(kfac["shared"].A, A_ref) < EXACT
+    assert rel_err(kfac["shared"].G, G_ref) < EXACT

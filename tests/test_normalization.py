@@ -47,7 +47,7 @@ def test_blocks_equal_the_dense_ggn_diagonal_blocks(name):
     X, y = _data()
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), batches(X, y, [4, 3]))
     assert model.training and model.bn.training
-    factor = kfac.norm_factors[name]
+    factor = kfac.other_factors[name]
     model.eval()
     dense = dense_ggn(model, nn.CrossEntropyLoss(), X, y, [name])  # public order: γ's then β's
     f = factor.n_features
@@ -87,14 +87,14 @@ def test_train_mode_batch_norm_on_request_and_summary(tmp_path):
     dense = dense_ggn(model, nn.CrossEntropyLoss(), X, y, ["bn"])
     f = 4
     diag = torch.stack([dense[:f, :f].diagonal(), dense[f:, f:].diagonal(), dense[:f, f:].diagonal()], 1)
-    ours = kfac.norm_factors["bn"].blocks
+    ours = kfac.other_factors["bn"].blocks
     assert torch.allclose(torch.stack([ours[:, 0, 0], ours[:, 1, 1], ours[:, 0, 1]], 1), diag, rtol=1e-10, atol=1e-14)
     text = kfac.summary()
     assert "bn: normalization, 4 exact 2×2 (γ, β) blocks, P=8" in text
     assert "covered 145 of 145 parameters" in text
     kfac.save(tmp_path / "k.pt")
     loaded = kh.KFAC.load(tmp_path / "k.pt")
-    assert torch.equal(loaded.norm_factors["ln"].blocks, kfac.norm_factors["ln"].blocks)
+    assert torch.equal(loaded.other_factors["ln"].blocks, kfac.other_factors["ln"].blocks)
     assert loaded.summary() == text
 
 
@@ -102,7 +102,7 @@ def test_norm_layers_by_name_and_frozen():
     model = _Norms().double()
     X, y = _data()
     only = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), layers=["ln"])
-    assert list(only.norm_factors) == ["ln"] and len(only) == 0
+    assert list(only.other_factors) == ["ln"] and len(only) == 0
     model.gn.requires_grad_(False)
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
-    assert "gn" not in kfac.norm_factors and "gn" in kfac.skipped
+    assert "gn" not in kfac.other_factors and "gn" in kfac.skipped

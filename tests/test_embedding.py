@@ -1,0 +1,88 @@
+"""Embeddings: diag(A) ⊗ G with A the token frequencies, against dense float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import kfac_hessian as kh
+
+from .conftest import batches
+from .references import dense_hessian, rel_err
+
+
+class _PerToken(nn.Module):
+    """Embedding → linear head at every position, logits as (N, C, T)."""
+
+    def __init__(self, vocab=6, dim=3, classes=2, padding_idx=None, max_norm=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, dim, padding_idx=padding_idx, max_norm=max_norm)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens)).transpose(1, 2)
+
+
+def _tokens(n=5, t=4, vocab=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, t), generator=g), torch.randn(n, 2, t, generator=g)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_per_token_mse_block_is_exact(padding_idx):
+    """Each position's output depends on its own token through a linear map: the block is exactly diag(A) ⊗ G."""
+    model = _PerToken(padding_idx=padding_idx).double()
+    tokens, target = _tokens()
+    tokens[0, 0] = 0  # make sure the padding token occurs
+    kfac = kh.compute_kfac(model, nn.MSELoss(), batches(tokens, target, [3, 2]))
+    factor = kfac.other_factors["embed"]
+    H = dense_hessian(model, nn.MSELoss(), tokens, target, ["embed"])
+    assert rel_err(factor.to_dense(), H) < 1e-10
+    if padding_idx is not None:
+        assert factor.a_diagonal[padding_idx] == 0 and H[:3].abs().max() == 0
+    counts = torch.bincount(tokens.flatten(), minlength=6).double() / tokens.numel()
+    if padding_idx is not None:
+        counts[padding_idx] = 0
+    assert torch.allclose(factor.a_diagonal, counts, atol=1e-15)
+
+
+def test_spectra_matvec_and_round_trip(tmp_path):
+    model = _PerToken(vocab=7, dim=4).double()
+    tokens, _ = _tokens(n=6, t=5, vocab=7)
+    labels = torch.randint(0, 2, (6, 5), generator=torch.Generator().manual_seed(2))
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (tokens, labels))
+    factor = kfac.other_factors["embed"]
+    dense = factor.to_dense()
+    eig = factor.eig()
+    reference = torch.linalg.eigvalsh(dense).flip(0).clamp_min(0)
+    assert torch.allclose(eig.eigenvalues(), reference, atol=1e-13)
+    values, vectors = eig.topk(5)
+    assert torch.allclose(values, reference[:5], atol=1e-13)
+    assert torch.allclose(vectors @ dense @ vectors.T, torch.diag(values), atol=1e-13)
+    assert torch.allclose(vectors @ vectors.T, torch.eye(5), atol=1e-13)
+    v = torch.randn(28, 3, dtype=torch.float64)
+    assert torch.allclose(factor @ v, dense @ v, atol=1e-14)
+    assert float(factor.trace()) == pytest.approx(float(torch.trace(dense)), rel=1e-12)
+    with pytest.raises(AttributeError, match="diagonal"):
+        eig.a_vectors
+    # the Kronecker layer's spectrum metrics work on it too
+    from kfac_hessian.analyses import spectral_metrics
+
+    assert spectral_metrics(eig)["top_eigenvalue"] == pytest.approx(float(reference[0]), rel=1e-12)
+    kfac.save(tmp_path / "k.pt")
+    loaded = kh.KFAC.load(tmp_path / "k.pt")
+    assert torch.equal(loaded.other_factors["embed"].G, factor.G)
+    assert "embed: embedding diag(A) ⊗ G, vocabulary 7" in kfac.summary()
+    # "reduce" keeps embeddings on expand: their factors are identical
+    reduced = kh.compute_kfac(model, nn.CrossEntropyLoss(), (tokens, labels), approx="reduce")
+    assert torch.equal(reduced.other_factors["embed"].a_diagonal, factor.a_diagonal)
+
+
+def test_max_norm_embedding_is_skipped_with_reason():
+    model = _PerToken(max_norm=1.0).double()
+    tokens, target = _tokens()
+    kfac = kh.compute_kfac(model, nn.MSELoss(), (tokens, target))
+    assert "embed" in kfac.skipped and "max_norm" in kfac.skipped["embed"]
+    assert "embed" not in kfac.other_factors
