@@ -14,6 +14,9 @@ Both take ``m`` vectors in one pass over the data. Parameters are passed to the 
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
@@ -51,6 +54,7 @@ class CurvatureOperator:
         self.dtype, self.device = first.dtype, first.device
         self.n_matvecs = 0
         self.n_data_passes = 0
+        self.math_attention = False  # set once a fused attention kernel refused double backward
 
     @property
     def num_params(self) -> int:
@@ -67,7 +71,28 @@ class CurvatureOperator:
         if v.dim() not in (1, 2) or v.shape[0] != self.num_params:
             raise ValueError(f"expected a vector (P,) or matrix (P, m) with P={self.num_params}, got {tuple(v.shape)}")
         columns = v.reshape(self.num_params, -1).to(self.device, self.dtype)
+        if not self.math_attention:
+            try:
+                return self._apply(columns).reshape(v.shape)
+            except (RuntimeError, NotImplementedError) as error:
+                # fused scaled_dot_product_attention kernels (flash, memory-efficient) have no double backward
+                if "attention" not in str(error) or self.kind != "hessian":
+                    raise
+                self.math_attention = True
+                warnings.warn(
+                    "a fused scaled_dot_product_attention kernel does not support double backward; the exact "
+                    "Hessian products of this operator run with the math attention kernel (same values, slower)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         return self._apply(columns).reshape(v.shape)
+
+    def _attention_backend(self):
+        if not self.math_attention:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
 
     def _apply(self, columns: Tensor) -> Tensor:
         m = columns.shape[1]
@@ -77,7 +102,7 @@ class CurvatureOperator:
         # detached views (no copies): the model's own flags and .grad are never involved
         fixed = {name: p.detach() for name, p in self.model.named_parameters()}
         theta = tuple(fixed[name].detach().requires_grad_() for name in self.param_names)
-        with preserved_model_state(self.model), torch.enable_grad():
+        with preserved_model_state(self.model), torch.enable_grad(), self._attention_backend():
             for _, inputs, target in iterate_batches(self.data, self.device):
 
                 def forward(*values: Tensor) -> Tensor:
