@@ -203,7 +203,10 @@ class KFAC(Mapping[str, KroneckerFactor]):
     another structure — normalization layers (``normalization.NormFactor``: per-feature 2×2 blocks) and
     embeddings (``embedding.EmbeddingFactor``: ``diag(A) ⊗ G``), each with ``num_params``, ``@``, ``trace``,
     ``to_dense`` and ``eig``; ``skipped`` names the parameterized modules that were not covered and why;
-    ``module_params`` counts the parameters of every parameterized module.
+    ``module_params`` counts the parameters of every parameterized module, a parameter shared by several
+    modules (weight tying) counted once, at its first owner; ``tied`` lists, per later module, which of its
+    parameters are shared and with whom. Each module's block is the curvature of its own use of the
+    parameters; for a tied parameter the exact block is the sum of its users' blocks plus cross terms.
     """
 
     factors: dict[str, KroneckerFactor]
@@ -215,6 +218,7 @@ class KFAC(Mapping[str, KroneckerFactor]):
     skipped: dict[str, str] = field(default_factory=dict)
     other_factors: dict[str, NormFactor | EmbeddingFactor] = field(default_factory=dict)
     module_params: dict[str, int] = field(default_factory=dict)
+    tied: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def layer_names(self) -> list[str]:
@@ -243,22 +247,24 @@ class KFAC(Mapping[str, KroneckerFactor]):
         moved = {n: f.to(device, dtype) for n, f in self.factors.items()}
         others = {n: f.to(device, dtype) for n, f in self.other_factors.items()}
         return KFAC(moved, self.curvature, self.approx, self.loss, self.reduction, self.n_samples, dict(self.skipped),
-                    others, dict(self.module_params))
+                    others, dict(self.module_params), dict(self.tied))
 
     def summary(self) -> str:
         """One line per parameterized module: covered (structure, parameter count) or skipped (why), and totals."""
         lines = [f"KFAC curvature={self.curvature} approx={self.approx} loss={self.loss}({self.reduction}) N={self.n_samples}"]
-        for name, f in self.factors.items():
-            lines.append(f"  {name}: Kronecker G ⊗ A, A {tuple(f.A.shape)}, G {tuple(f.G.shape)}, P={f.num_params}")
-        for name, f in self.other_factors.items():
-            lines.append(f"  {name}: {f.describe()}, P={f.num_params}")
+        covered = 0
+        for name, f in {**self.factors, **self.other_factors}.items():
+            what = f"Kronecker G ⊗ A, A {tuple(f.A.shape)}, G {tuple(f.G.shape)}" if name in self.factors else f.describe()
+            tied = f" (tied: {', '.join(self.tied[name])})" if name in self.tied else ""
+            lines.append(f"  {name}: {what}, P={f.num_params}{tied}")
+            covered += self.module_params.get(name, f.num_params)
         for name, reason in self.skipped.items():
             count = self.module_params.get(name)
             lines.append(f"  {name}: skipped{f' ({count} parameters)' if count is not None else ''} — {reason}")
-        covered = sum(f.num_params for f in self.factors.values()) + sum(f.num_params for f in self.other_factors.values())
         if self.module_params:
             total = sum(self.module_params.values())
-            lines.append(f"  covered {covered} of {total} parameters ({100 * covered / max(total, 1):.1f} %)")
+            lines.append(f"  covered {covered} of {total} parameters ({100 * covered / max(total, 1):.1f} %)"
+                         + (", tied parameters counted once" if self.tied else ""))
         return "\n".join(lines)
 
     def save(self, path) -> None:
@@ -269,6 +275,7 @@ class KFAC(Mapping[str, KroneckerFactor]):
                 "meta": {k: getattr(self, k) for k in ("curvature", "approx", "loss", "reduction", "n_samples")},
                 "skipped": dict(self.skipped),
                 "module_params": dict(self.module_params),
+                "tied": dict(self.tied),
                 "other_layers": {name: _other_state(f) for name, f in self.other_factors.items()},
                 "layers": {
                     name: {"A": f.A, "G": f.G, "layout": [f.layout.d_out, f.layout.d_in, int(f.layout.has_bias)]}
@@ -293,18 +300,19 @@ class KFAC(Mapping[str, KroneckerFactor]):
             factors[name] = KroneckerFactor(entry["A"], entry["G"], BlockLayout(d_out, d_in, bool(has_bias)), name)
         others = {name: _other_from_state(entry, name) for name, entry in state.get("other_layers", {}).items()}
         return cls(factors, skipped=state["skipped"], other_factors=others, module_params=state.get("module_params", {}),
+                   tied=state.get("tied", {}),
                    **state["meta"])
 
 
 def _other_state(factor: NormFactor | EmbeddingFactor) -> dict:
     if isinstance(factor, NormFactor):
-        return {"kind": "normalization", "blocks": factor.blocks}
+        return {"kind": "normalization", "matrix": factor.matrix}
     return {"kind": "embedding", "A": factor.a_diagonal, "G": factor.G}
 
 
 def _other_from_state(entry: dict, name: str) -> NormFactor | EmbeddingFactor:
     if entry["kind"] == "normalization":
-        return NormFactor(entry["blocks"], name)
+        return NormFactor(entry["matrix"], name)
     return EmbeddingFactor(entry["A"], entry["G"], name)
 
 
@@ -590,9 +598,28 @@ def compute_kfac(
         factors[name] = KroneckerFactor(A, G, s.layout, name)
     if not factors and not other_factors:
         raise ValueError(f"no selected layer was called in the forward pass; skipped: {skipped}")
-    module_params = {name: sum(p.numel() for p in m.parameters(recurse=False))
-                     for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
-    return KFAC(factors, curvature, approx, spec.kind, spec.reduction, n_samples, skipped, other_factors, module_params)
+    module_params, tied = _parameter_owners(model)
+    return KFAC(factors, curvature, approx, spec.kind, spec.reduction, n_samples, skipped, other_factors, module_params, tied)
+
+
+def _parameter_owners(model: nn.Module) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Parameters per module, each shared parameter counted at its first owner only; and the shares."""
+    owner: dict[int, str] = {}
+    counts: dict[str, int] = {}
+    tied: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        counts[name] = 0
+        for pname, p in own:
+            full = f"{name}.{pname}" if name else pname
+            if id(p) in owner:
+                tied.setdefault(name, []).append(f"{pname} is {owner[id(p)]}")
+            else:
+                owner[id(p)] = full
+                counts[name] += p.numel()
+    return counts, tied
 
 
 def input_second_moments(

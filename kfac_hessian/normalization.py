@@ -3,15 +3,15 @@
 Such a layer computes ``z = γ_f x̂ + β_f`` per feature ``f`` (channel for BatchNorm/GroupNorm, element of
 ``normalized_shape`` for LayerNorm) at ``T`` positions per sample, ``x̂`` the normalized input. ``γ`` and ``β``
 do not enter the normalization statistics, so the Jacobian of the output in ``(γ_f, β_f)`` is exactly
-``(x̂, 1)`` at every position — in train mode too. The library keeps, per feature, the **exact 2×2 block** of
-the curvature in ``(γ_f, β_f)``:
+``(x̂, 1)`` at every position — in train mode too. With the per-sample, per-column vectors
 
-    B_f = scale · Σ_{n, columns k} u_{nkf} u_{nkf}ᵀ,   u_{nkf} = (Σ_t g_{nkft} x̂_{nft}, Σ_t g_{nkft})
+    u_{nk} = (Σ_t g_{nkft} x̂_{nft})_f  ⊕  (Σ_t g_{nkft})_f        (length 2F, public order: γ's then β's)
 
-with ``g`` the output gradients of the same columns and the same ``scale`` as the Kronecker ``G`` factors
-(so ``curvature="ggn"`` gives the exact GGN's 2×2 diagonal blocks). Blocks between different features are
-dropped: the approximation is block-diagonal over features, exact within each block. Public order, as for
-every layer: ``torch.cat([γ.flatten(), β.flatten()])``.
+(``g`` the output gradients of ``compute_kfac``'s columns) the layer's block is ``scale · Σ_{n,k} u u ᵀ`` — for
+``curvature="ggn"`` the **exact GGN block**, no approximation. It is kept dense while ``2F ≤ DENSE_NORM_LIMIT``
+(4096: 16.8M entries); wider layers keep only the per-feature 2×2 diagonal blocks (exact within each block,
+cross-feature terms dropped). Normalization layers feeding a pooled head couple their channels strongly, so
+the dense block matters (docs/results/architectures.md measures both).
 """
 
 from __future__ import annotations
@@ -54,8 +54,11 @@ def _channel_rows(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)
 
 
+DENSE_NORM_LIMIT = 4096  # largest 2F kept as a dense block; wider layers keep per-feature 2×2 blocks
+
+
 class NormBlockSums:
-    """Running ``Σ u uᵀ`` per feature, ``(F, 2, 2)``, of one normalization layer.
+    """Running ``Σ u uᵀ`` of one normalization layer: ``(2F, 2F)``, or ``(F, 2, 2)`` above ``DENSE_NORM_LIMIT``.
 
     Protocol shared with ``embedding.EmbeddingSums`` (used by ``compute_kfac``): ``add_inputs`` with the
     inputs of every call of a batch, ``gradient_rows`` and ``add_gradients`` per backpropagated chunk,
@@ -64,7 +67,10 @@ class NormBlockSums:
 
     def __init__(self, module: nn.Module, dtype: torch.dtype, device: torch.device):
         self.module = module
-        self.sums = torch.zeros(module.weight.numel(), 2, 2, dtype=dtype, device=device)
+        n_features = module.weight.numel()
+        self.dense = 2 * n_features <= DENSE_NORM_LIMIT
+        shape = (2 * n_features, 2 * n_features) if self.dense else (n_features, 2, 2)
+        self.sums = torch.zeros(shape, dtype=dtype, device=device)
         self.calls = 0
         self._x_hat: Tensor | None = None
 
@@ -82,9 +88,14 @@ class NormBlockSums:
 
     def add_gradients(self, grad_rows: Tensor) -> None:
         """Gradient rows ``(K, N, T, F)`` of this batch's calls (matching ``add_inputs``)."""
-        x_hat = self._x_hat
-        u = torch.stack([(grad_rows * x_hat).sum(2), grad_rows.sum(2)], dim=-1).to(self.sums.dtype)  # (K, N, F, 2)
-        self.sums += torch.einsum("knfa,knfb->fab", u, u)
+        u_gamma = (grad_rows * self._x_hat).sum(2).to(self.sums.dtype)  # (K, N, F)
+        u_beta = grad_rows.sum(2).to(self.sums.dtype)
+        if self.dense:
+            u = torch.cat([u_gamma, u_beta], dim=-1).reshape(-1, self.sums.shape[0])
+            self.sums.addmm_(u.T, u)
+        else:
+            u = torch.stack([u_gamma, u_beta], dim=-1)  # (K, N, F, 2)
+            self.sums += torch.einsum("knfa,knfb->fab", u, u)
 
     def state(self) -> list[Tensor]:
         return [self.sums]
@@ -97,73 +108,94 @@ class NormBlockSums:
 
 
 class NormFactor:
-    """Block-diagonal curvature of a normalization layer: one exact 2×2 block per feature (module docstring).
+    """Curvature block of a normalization layer (module docstring): ``matrix`` is the dense ``(2F, 2F)`` block,
+    or ``(F, 2, 2)`` per-feature blocks for layers above ``DENSE_NORM_LIMIT``.
 
     Same interface as ``KroneckerFactor`` where it applies: ``num_params``, ``to_dense``, ``@``, ``trace``,
     ``eig`` (→ ``NormEigen`` with ``eigenvalues``, ``top_eigenvalues``, ``topk``, ``trace``).
     """
 
-    def __init__(self, blocks: Tensor, name: str = ""):
-        if blocks.dim() != 3 or blocks.shape[1:] != (2, 2):
-            raise ValueError(f"expected blocks of shape (F, 2, 2), got {tuple(blocks.shape)}")
-        self.blocks, self.name = blocks, name
+    def __init__(self, matrix: Tensor, name: str = ""):
+        dense = matrix.dim() == 2 and matrix.shape[0] == matrix.shape[1] and matrix.shape[0] % 2 == 0
+        if not dense and not (matrix.dim() == 3 and matrix.shape[1:] == (2, 2)):
+            raise ValueError(f"expected a (2F, 2F) matrix or (F, 2, 2) blocks, got {tuple(matrix.shape)}")
+        self.matrix, self.name, self.dense = matrix, name, dense
 
     def __repr__(self) -> str:
-        return f"NormFactor({self.name!r}, features={self.n_features}, P={self.num_params})"
+        return f"NormFactor({self.name!r}, features={self.n_features}, dense={self.dense}, P={self.num_params})"
 
     def describe(self) -> str:
-        return f"normalization, {self.n_features} exact 2×2 (γ, β) blocks"
+        if self.dense:
+            return f"normalization, exact dense (γ, β) block of {self.n_features} features"
+        return f"normalization, {self.n_features} exact 2×2 (γ, β) blocks (cross-feature terms dropped)"
 
     @property
     def n_features(self) -> int:
-        return self.blocks.shape[0]
+        return self.matrix.shape[0] // 2 if self.dense else self.matrix.shape[0]
 
     @property
     def num_params(self) -> int:
         return 2 * self.n_features
 
     def to_dense(self) -> Tensor:
-        """The ``(2F, 2F)`` matrix in public order (γ's, then β's): 2F² entries, fine for any norm layer."""
+        """The ``(2F, 2F)`` matrix in public order (γ's, then β's)."""
+        if self.dense:
+            return self.matrix
         f = self.n_features
-        dense = self.blocks.new_zeros(2 * f, 2 * f)
-        index = torch.arange(f, device=self.blocks.device)
+        dense = self.matrix.new_zeros(2 * f, 2 * f)
+        index = torch.arange(f, device=self.matrix.device)
         for a in range(2):
             for b in range(2):
-                dense[a * f + index, b * f + index] = self.blocks[:, a, b]
+                dense[a * f + index, b * f + index] = self.matrix[:, a, b]
         return dense
 
     def __matmul__(self, v: Tensor) -> Tensor:
         if v.dim() not in (1, 2) or v.shape[0] != self.num_params:
             raise ValueError(f"expected a vector (P,) or matrix (P, m) with P={self.num_params}, got {tuple(v.shape)}")
-        pairs = v.reshape(2, self.n_features, -1).transpose(0, 1).to(self.blocks.dtype)  # (F, 2, m)
-        return (self.blocks @ pairs).transpose(0, 1).reshape(v.shape)
+        if self.dense:
+            return (self.matrix @ v.to(self.matrix.dtype).reshape(self.num_params, -1)).reshape(v.shape)
+        pairs = v.reshape(2, self.n_features, -1).transpose(0, 1).to(self.matrix.dtype)  # (F, 2, m)
+        return (self.matrix @ pairs).transpose(0, 1).reshape(v.shape)
 
     def trace(self) -> Tensor:
-        return self.blocks.diagonal(dim1=1, dim2=2).sum()
+        return self.matrix.diagonal().sum() if self.dense else self.matrix.diagonal(dim1=1, dim2=2).sum()
 
     def eig(self, dtype: torch.dtype | None = None, vectors: bool = True) -> "NormEigen":
-        values, vecs = torch.linalg.eigh(self.blocks.to(dtype or self.blocks.dtype))
-        return NormEigen(values.clamp_min(0), vecs)
+        matrix = self.matrix.to(dtype or self.matrix.dtype)
+        values, vecs = torch.linalg.eigh(matrix)
+        if self.dense:
+            return NormEigen(values.flip(0).clamp_min(0), vecs.flip(1))
+        # per-feature 2×2 eigenpairs scattered into public-order columns, sorted together
+        f = self.n_features
+        full = matrix.new_zeros(2 * f, 2 * f)
+        index = torch.arange(f, device=matrix.device)
+        for which in range(2):
+            full[index, which * f + index] = vecs[:, 0, which]
+            full[f + index, which * f + index] = vecs[:, 1, which]
+        flat = torch.cat([values[:, 0], values[:, 1]])
+        order = flat.argsort(descending=True)
+        return NormEigen(flat[order].clamp_min(0), full[:, order])
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "NormFactor":
-        return NormFactor(self.blocks.to(device, dtype), self.name)
+        return NormFactor(self.matrix.to(device, dtype), self.name)
 
 
 class NormEigen:
-    """Eigen-structure of a block-diagonal ``NormFactor``: two eigenpairs per feature."""
+    """Eigenvalues (descending) and eigenvectors (columns, public order) of a ``NormFactor`` (``P = 2F`` ≤ a few
+    thousand, so they are stored whole)."""
 
     def __init__(self, values: Tensor, vectors: Tensor):
-        self.values, self.vectors = values, vectors  # (F, 2), (F, 2, 2) columns
+        self.values, self.vectors = values, vectors
 
     @property
     def num_params(self) -> int:
         return self.values.numel()
 
     def eigenvalues(self) -> Tensor:
-        return self.values.flatten().sort(descending=True).values
+        return self.values
 
     def top_eigenvalues(self, k: int) -> Tensor:
-        return self.eigenvalues()[:k]
+        return self.values[:k]
 
     def trace(self) -> Tensor:
         return self.values.sum()
@@ -172,11 +204,4 @@ class NormEigen:
         """Top-k eigenvalues and eigenvectors ``(k, 2F)`` in public order (γ's, then β's)."""
         if not 1 <= k <= self.num_params:
             raise ValueError(f"k={k} must lie in [1, {self.num_params}]")
-        f = self.values.shape[0]
-        order = self.values.flatten().argsort(descending=True)[:k]
-        feature, which = order // 2, order % 2
-        vecs = self.values.new_zeros(k, 2 * f)
-        rows = torch.arange(k, device=vecs.device)
-        vecs[rows, feature] = self.vectors[feature, 0, which]
-        vecs[rows, f + feature] = self.vectors[feature, 1, which]
-        return self.values.flatten()[order], vecs
+        return self.values[:k], self.vectors[:, :k].T

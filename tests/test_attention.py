@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kfac_hessian as kh
 
-from .references import dense_hessian
+from .references import dense_ggn, dense_hessian
 
 
 class _Attention(nn.Module):
@@ -56,16 +58,18 @@ def test_projections_are_factored_and_multihead_attention_is_skipped_with_reason
     assert "inner.1.out_proj" in kfac.skipped  # applied functionally: never called as a module
 
 
-def test_exact_hessian_through_scaled_dot_product_attention():
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_exact_products_through_scaled_dot_product_attention(kind):
     model = _Attention().float()
     X, y = _data(torch.float32)
-    op = kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "q", kind="hessian")
+    op = kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "q", kind=kind)
     v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(2))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         product = op @ v
     if op.math_attention:  # a fused kernel refused double backward: we were told
         assert any("math attention kernel" in str(w.message) for w in caught)
+    reference = dense_hessian if kind == "hessian" else dense_ggn
     with sdpa_kernel([SDPBackend.MATH]):
-        H = dense_hessian(model.double(), nn.CrossEntropyLoss(), X.double(), y, ["q"])
+        H = reference(model.double(), nn.CrossEntropyLoss(), X.double(), y, ["q"])
     assert torch.allclose(product.double(), H @ v.double(), rtol=1e-4, atol=1e-6)

@@ -1,4 +1,5 @@
-"""Normalization layers: exact per-feature 2×2 (γ, β) blocks against the dense float64 GGN."""
+"""Normalization layers: the exact dense (γ, β) GGN block, and per-feature 2×2 blocks above the size limit,
+against the dense float64 GGN."""
 
 from __future__ import annotations
 
@@ -41,15 +42,43 @@ def _data(n=7):
     return torch.randn(n, 2, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
+def _check_spectra(factor, reference_matrix):
+    eig = factor.eig()
+    reference = torch.linalg.eigvalsh(reference_matrix).flip(0).clamp_min(0)
+    assert torch.allclose(eig.eigenvalues(), reference, atol=1e-12)
+    values, vectors = eig.topk(3)
+    assert torch.allclose(values, reference[:3], atol=1e-12)
+    assert torch.allclose(vectors @ reference_matrix @ vectors.T, torch.diag(values), atol=1e-12)
+    v = torch.randn(factor.num_params, 2, dtype=torch.float64)
+    assert torch.allclose(factor @ v, reference_matrix @ v, atol=1e-14)
+    assert float(factor.trace()) == pytest.approx(float(torch.trace(reference_matrix)), rel=1e-12)
+
+
 @pytest.mark.parametrize("name", ["bn", "gn", "ln"])
-def test_blocks_equal_the_dense_ggn_diagonal_blocks(name):
+def test_dense_block_equals_the_exact_ggn_block(name):
     model = _Norms().double().train()  # BatchNorm is evaluated in eval mode by default
     X, y = _data()
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), batches(X, y, [4, 3]))
     assert model.training and model.bn.training
     factor = kfac.other_factors[name]
+    assert factor.dense
     model.eval()
     dense = dense_ggn(model, nn.CrossEntropyLoss(), X, y, [name])  # public order: γ's then β's
+    assert torch.allclose(factor.to_dense(), dense, rtol=1e-10, atol=1e-14)
+    _check_spectra(factor, dense)
+
+
+@pytest.mark.parametrize("name", ["bn", "ln"])
+def test_wide_layers_keep_the_exact_per_feature_blocks(name, monkeypatch):
+    import kfac_hessian.normalization as normalization
+
+    monkeypatch.setattr(normalization, "DENSE_NORM_LIMIT", 4)
+    model = _Norms().double()
+    X, y = _data()
+    factor = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y)).other_factors[name]
+    assert not factor.dense and "2×2" in factor.describe()
+    model.eval()
+    dense = dense_ggn(model, nn.CrossEntropyLoss(), X, y, [name])
     f = factor.n_features
     mask = torch.zeros(2 * f, 2 * f, dtype=torch.bool)
     index = torch.arange(f)
@@ -60,16 +89,7 @@ def test_blocks_equal_the_dense_ggn_diagonal_blocks(name):
     assert torch.allclose(ours[mask], dense[mask], rtol=1e-10, atol=1e-14)
     assert ours[~mask].abs().max() == 0
     assert dense[~mask].abs().max() > 1e-6  # the dropped cross-feature blocks are really there
-    # spectra in the same API as the Kronecker factors
-    eig = factor.eig()
-    reference = torch.linalg.eigvalsh(ours).flip(0).clamp_min(0)
-    assert torch.allclose(eig.eigenvalues(), reference, atol=1e-12)
-    values, vectors = eig.topk(3)
-    assert torch.allclose(values, reference[:3], atol=1e-12)
-    assert torch.allclose(vectors @ ours @ vectors.T, torch.diag(values), atol=1e-12)
-    v = torch.randn(2 * f, dtype=torch.float64)
-    assert torch.allclose(factor @ v, ours @ v, atol=1e-14)
-    assert float(factor.trace()) == pytest.approx(float(torch.trace(ours)), rel=1e-12)
+    _check_spectra(factor, ours)
 
 
 def test_train_mode_batch_norm_on_request_and_summary(tmp_path):
@@ -85,16 +105,13 @@ def test_train_mode_batch_norm_on_request_and_summary(tmp_path):
     model.bn.track_running_stats = False
     model.bn.running_mean = model.bn.running_var = model.bn.num_batches_tracked = None
     dense = dense_ggn(model, nn.CrossEntropyLoss(), X, y, ["bn"])
-    f = 4
-    diag = torch.stack([dense[:f, :f].diagonal(), dense[f:, f:].diagonal(), dense[:f, f:].diagonal()], 1)
-    ours = kfac.other_factors["bn"].blocks
-    assert torch.allclose(torch.stack([ours[:, 0, 0], ours[:, 1, 1], ours[:, 0, 1]], 1), diag, rtol=1e-10, atol=1e-14)
+    assert torch.allclose(kfac.other_factors["bn"].to_dense(), dense, rtol=1e-10, atol=1e-14)
     text = kfac.summary()
-    assert "bn: normalization, 4 exact 2×2 (γ, β) blocks, P=8" in text
+    assert "bn: normalization, exact dense (γ, β) block of 4 features, P=8" in text
     assert "covered 145 of 145 parameters" in text
     kfac.save(tmp_path / "k.pt")
     loaded = kh.KFAC.load(tmp_path / "k.pt")
-    assert torch.equal(loaded.other_factors["ln"].blocks, kfac.other_factors["ln"].blocks)
+    assert torch.equal(loaded.other_factors["ln"].matrix, kfac.other_factors["ln"].matrix)
     assert loaded.summary() == text
 
 
@@ -106,3 +123,16 @@ def test_norm_layers_by_name_and_frozen():
     model.gn.requires_grad_(False)
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
     assert "gn" not in kfac.other_factors and "gn" in kfac.skipped
+
+
+def test_exact_path_runs_batch_norm_in_eval_mode_like_the_factors():
+    model = _Norms().double().train()
+    X, y = _data()
+    op = kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "bn", kind="ggn")
+    dense = op.to_dense()
+    assert model.training and model.bn.training
+    model.eval()
+    assert torch.allclose(dense, dense_ggn(model, nn.CrossEntropyLoss(), X, y, ["bn"]), rtol=1e-10, atol=1e-14)
+    model.train()
+    with pytest.raises(ValueError, match="batch_norm_eval"):
+        kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "bn", kind="ggn", batch_norm_eval=False) @ torch.ones(8)

@@ -37,12 +37,20 @@ class CurvatureOperator:
     """
 
     def __init__(
-        self, model: nn.Module, loss_fn: nn.Module, data: Data, param_names: list[str], kind: str = "hessian", distributed: bool = False
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        data: Data,
+        param_names: list[str],
+        kind: str = "hessian",
+        distributed: bool = False,
+        batch_norm_eval: bool = True,
     ):
         if kind not in ("hessian", "ggn"):
             raise ValueError(f"kind must be 'hessian' or 'ggn', got {kind!r}")
         require_reiterable(data)
         self.model, self.data, self.kind, self.distributed = model, data, kind, distributed
+        self.batch_norm_eval = batch_norm_eval
         if distributed:
             _distributed.require_process_group()
         self.spec = loss_spec(loss_fn)
@@ -75,13 +83,14 @@ class CurvatureOperator:
             try:
                 return self._apply(columns).reshape(v.shape)
             except (RuntimeError, NotImplementedError) as error:
-                # fused scaled_dot_product_attention kernels (flash, memory-efficient) have no double backward
-                if "attention" not in str(error) or self.kind != "hessian":
+                # fused scaled_dot_product_attention kernels (flash, memory-efficient) have neither double backward
+                # (kind="hessian") nor forward-mode AD (kind="ggn")
+                if "attention" not in str(error):
                     raise
                 self.math_attention = True
                 warnings.warn(
-                    "a fused scaled_dot_product_attention kernel does not support double backward; the exact "
-                    "Hessian products of this operator run with the math attention kernel (same values, slower)",
+                    "a fused scaled_dot_product_attention kernel supports neither double backward nor forward-mode "
+                    "AD; this operator's exact products run with the math attention kernel (same values, slower)",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -103,6 +112,13 @@ class CurvatureOperator:
         fixed = {name: p.detach() for name, p in self.model.named_parameters()}
         theta = tuple(fixed[name].detach().requires_grad_() for name in self.param_names)
         with preserved_model_state(self.model), torch.enable_grad(), self._attention_backend():
+            batch_norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            if self.batch_norm_eval:  # as compute_kfac: the function the trained network computes at test time
+                for module in batch_norms:
+                    module.eval()
+            elif self.kind == "ggn" and any(m.training and m.track_running_stats for m in batch_norms):
+                raise ValueError("kind='ggn' runs the model under torch.func, where a train-mode BatchNorm cannot "
+                                 "update its running statistics; use batch_norm_eval=True or kind='hessian'")
             for _, inputs, target in iterate_batches(self.data, self.device):
 
                 def forward(*values: Tensor) -> Tensor:
@@ -163,6 +179,7 @@ def layer_operator(
     layer: str | list[str] | None,
     kind: str = "hessian",
     distributed: bool = False,
+    batch_norm_eval: bool = True,
 ) -> CurvatureOperator:
     """Exact curvature block of one layer, of several layers jointly (a list), or of all parameters (``None``).
 
@@ -170,12 +187,13 @@ def layer_operator(
     given (``None``: ``model.parameters()`` order, trainable parameters only). Any module with parameters
     works here, supported by the Kronecker path or not. ``distributed=True``: ``data`` is this rank's shard;
     every product is summed over the ranks of the process group (one all-reduce per product).
+    ``batch_norm_eval``: BatchNorm modules run in eval mode during the products, as in ``compute_kfac``.
     """
     if layer is None:
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         if not names:
             raise ValueError("the model has no trainable parameter")
-        return CurvatureOperator(model, loss_fn, data, names, kind, distributed)
+        return CurvatureOperator(model, loss_fn, data, names, kind, distributed, batch_norm_eval)
     modules = dict(model.named_modules())
     names = []
     for layer_name in [layer] if isinstance(layer, str) else layer:
@@ -188,4 +206,4 @@ def layer_operator(
         names.extend(own)
     if len(set(names)) != len(names):
         raise ValueError(f"layers {layer} share parameters; name each layer once")
-    return CurvatureOperator(model, loss_fn, data, names, kind, distributed)
+    return CurvatureOperator(model, loss_fn, data, names, kind, distributed, batch_norm_eval)
