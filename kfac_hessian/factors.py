@@ -437,6 +437,27 @@ def _select(model: nn.Module, layers: list[str] | None) -> tuple[dict, dict, dic
     return selected, others, {}
 
 
+def _column_chunks(columns: Tensor, size: int, per_position: bool) -> tuple[int, Iterator[Tensor]]:
+    """``(count, chunks of ≤ size columns)``. ``per_position``: every column is split into one column per output
+    position (zero elsewhere), built lazily chunk by chunk — ``K·T`` columns instead of ``K``."""
+    if not per_position or columns.dim() <= 3:  # (K, N) or (K, N, C): one position per sample
+        chunks = columns.split(size)
+        return len(chunks), iter(chunks)
+    k, n, c = columns.shape[:3]
+    flat = columns.reshape(k, n, c, -1)
+    positions = flat.shape[-1]
+    pairs = torch.cartesian_prod(torch.arange(k), torch.arange(positions)).to(columns.device)
+
+    def generate() -> Iterator[Tensor]:
+        for start in range(0, len(pairs), size):
+            col, pos = pairs[start : start + size].unbind(1)
+            chunk = flat.new_zeros(len(col), n, c, positions)
+            chunk[torch.arange(len(col), device=columns.device), :, :, pos] = flat[col, :, :, pos]
+            yield chunk.reshape(len(col), *columns.shape[1:])
+
+    return -(-len(pairs) // size), generate()
+
+
 def _require_finite(tensor: Tensor, what: str) -> None:
     # One reduction first: a NaN or ±Inf entry makes the sum non-finite, and it needs no O(numel) temporary
     # mask; only a non-finite sum (which an overflow of finite entries could also give) is checked entry-wise.
@@ -459,6 +480,7 @@ def compute_kfac(
     column_chunk: int | None = None,
     distributed: bool = False,
     batch_norm_eval: bool = True,
+    per_position: bool = False,
 ) -> KFAC:
     """Kronecker factors ``G ⊗ A`` of the Hessian blocks of every selected layer (see the module docstring).
 
@@ -489,7 +511,16 @@ def compute_kfac(
             the model's mode: the curvature is then that of the function the trained network computes at
             test time. ``False`` keeps the model's modes (train-mode BatchNorm couples the samples of a
             batch, which no per-sample factorization represents). Modes are restored afterwards.
+        per_position: ``"ggn"`` only. Backpropagate every loss-Hessian square-root column at one output
+            position at a time (``K·T`` columns instead of ``K``, ``T`` output positions per sample). Joint
+            columns (the default) add cross-position terms wherever a layer location influences several
+            output positions (attention, ``approx="reduce"``, normalization and embedding parameters shared
+            over positions; docs/conventions.md §3); per-position columns give the exact GGN outer products,
+            at ``T`` times the backward passes. No effect with one output position per sample.
     """
+    if per_position and curvature != "ggn":
+        raise ValueError("per_position=True applies to curvature='ggn' (Monte-Carlo labels are drawn per position, "
+                         "and the empirical Fisher is defined with the per-sample gradient)")
     if curvature not in ("ggn", "mc", "empirical"):
         raise ValueError(f"curvature must be 'ggn', 'mc' or 'empirical', got {curvature!r}")
     if approx not in ("expand", "reduce"):
@@ -543,7 +574,7 @@ def compute_kfac(
                 # a NaN/Inf anywhere in the rows reaches the sums: checking them costs O(d²), not O(N·T·d)
                 _require_finite(sums[name].a_sum, f"A factor of layer {name!r} after batch {index} (its inputs)")
             columns = _output_columns(spec, curvature, output, target, mc_samples, generator)
-            chunks = columns.split(column_chunk or (len(columns) if output.is_cuda else 1))
+            n_chunks, chunks = _column_chunks(columns, column_chunk or (len(columns) if output.is_cuda else 1), per_position)
             for chunk_index, chunk in enumerate(chunks):
                 batched = len(chunk) > 1  # a single column skips vmap's batching rules
                 grads = torch.autograd.grad(
@@ -552,7 +583,7 @@ def compute_kfac(
                     grad_outputs=chunk if batched else chunk[0],
                     is_grads_batched=batched,
                     allow_unused=True,
-                    retain_graph=chunk_index < len(chunks) - 1,
+                    retain_graph=chunk_index < n_chunks - 1,
                 )
                 if not batched:
                     grads = [None if g is None else g.unsqueeze(0) for g in grads]

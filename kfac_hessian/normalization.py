@@ -8,7 +8,8 @@ do not enter the normalization statistics, so the Jacobian of the output in ``(�
     u_{nk} = (Σ_t g_{nkft} x̂_{nft})_f  ⊕  (Σ_t g_{nkft})_f        (length 2F, public order: γ's then β's)
 
 (``g`` the output gradients of ``compute_kfac``'s columns) the layer's block is ``scale · Σ_{n,k} u u ᵀ`` — for
-``curvature="ggn"`` the **exact GGN block**, no approximation. It is kept dense while ``2F ≤ DENSE_NORM_LIMIT``
+``curvature="ggn"`` the **exact GGN block**, no approximation, when the model has one output position per
+sample or ``per_position=True`` (otherwise joint columns add cross-position terms, docs/conventions.md §3). It is kept dense while ``2F ≤ DENSE_NORM_LIMIT``
 (4096: 16.8M entries); wider layers keep only the per-feature 2×2 diagonal blocks (exact within each block,
 cross-feature terms dropped). Normalization layers feeding a pooled head couple their channels strongly, so
 the dense block matters (docs/results/architectures.md measures both).

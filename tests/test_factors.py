@@ -415,3 +415,37 @@ def test_module_called_twice_contributes_both_calls_as_locations():
             G_ref += J.T @ lam @ J / 6
     assert rel_err(kfac["shared"].A, A_ref) < EXACT
     assert rel_err(kfac["shared"].G, G_ref) < EXACT
+
+
+def test_per_position_columns_remove_cross_position_terms():
+    import warnings
+
+    from kfac_hessian.models import TinyGPT
+
+    from .references import dense_ggn
+
+    torch.manual_seed(0)
+    model = TinyGPT(9, dim=8, depth=1, heads=2, context=5).double()
+    tokens = torch.randint(0, 9, (3, 6), generator=torch.Generator().manual_seed(1))
+    data = (tokens[:, :-1], tokens[:, 1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exact reference may switch attention kernels
+        joint = kh.compute_kfac(model, nn.CrossEntropyLoss(), data)
+        exact = kh.compute_kfac(model, nn.CrossEntropyLoss(), batches(*data, [2, 1]), per_position=True)
+        for name in ("ln", "blocks.0.ln1", "blocks.0.ln2"):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel([SDPBackend.MATH]):
+                reference = dense_ggn(model, nn.CrossEntropyLoss(), *data, [name])
+            assert rel_err(exact.other_factors[name].to_dense(), reference) < EXACT
+            assert rel_err(joint.other_factors[name].to_dense(), reference) > 0.1  # joint columns: cross terms
+    # a per-position network has no cross terms: both ways agree
+    model = PerPosition()
+    X = torch.randn(4, 3, 4, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 3, (4, 3), generator=torch.Generator().manual_seed(3))
+    a = kh.compute_kfac(model.double(), nn.CrossEntropyLoss(), (X.double(), y))
+    b = kh.compute_kfac(model.double(), nn.CrossEntropyLoss(), (X.double(), y), per_position=True, column_chunk=4)
+    for name in a:
+        assert rel_err(a[name].G, b[name].G) < EXACT and rel_err(a[name].A, b[name].A) < EXACT
+    with pytest.raises(ValueError, match="per_position"):
+        kh.compute_kfac(model, nn.CrossEntropyLoss(), (X.double(), y), curvature="mc", per_position=True)

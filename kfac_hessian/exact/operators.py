@@ -200,7 +200,9 @@ def layer_operator(
         if layer_name not in modules or layer_name == "":
             with_params = [n for n, m in modules.items() if n and list(m.parameters(recurse=False))]
             raise ValueError(f"no layer named {layer_name!r}; modules with parameters: {with_params}")
-        own = [f"{layer_name}.{n}" for n, _ in modules[layer_name].named_parameters()]
+        # a tied parameter is listed once by named_parameters, under its first owner's name
+        canonical = {id(p): n for n, p in model.named_parameters()}
+        own = [canonical[id(p)] for p in modules[layer_name].parameters() if id(p) in canonical]
         if not own:
             raise ValueError(f"layer {layer_name!r} has no parameters")
         names.extend(own)
