@@ -39,6 +39,7 @@ from .capture import LayerCall, LayerRecorder, preserved_model_state
 from .data import Data, iterate_batches
 from .layers import input_rows, output_rows, select_layers, weight_matrix_shape
 from .layout import BlockLayout
+from .attention import attention_reason, decomposed_attention, projection_layers
 from .embedding import EmbeddingFactor, EmbeddingSums, embedding_reason
 from .normalization import NormBlockSums, NormFactor, is_normalization
 from .losses import (
@@ -416,25 +417,36 @@ def _other_kind(module: nn.Module) -> type | None:
     return None
 
 
-def _select(model: nn.Module, layers: list[str] | None) -> tuple[dict, dict, dict]:
-    """``(Kronecker layers, other layers, skipped)``: ``select_layers`` plus normalization layers and embeddings."""
+def _select(model: nn.Module, layers: list[str] | None) -> tuple[dict, dict, dict, dict]:
+    """``(Kronecker layers, other layers, self-attention modules, skipped)``: ``select_layers`` plus normalization
+    layers, embeddings and decomposable ``nn.MultiheadAttention`` modules."""
     modules = dict(model.named_modules())
+
+    def trainable(m: nn.Module) -> bool:
+        return any(p.requires_grad for p in m.parameters(recurse=False))
+
+    def is_attention(m: nn.Module) -> bool:
+        return isinstance(m, nn.MultiheadAttention) and attention_reason(m) is None
+
     if layers is None:
         selected, skipped = select_layers(model, None, allow_none=True)
-        others = {n: modules[n] for n in list(skipped) if _other_kind(modules[n])
-                  and any(p.requires_grad for p in modules[n].parameters(recurse=False))}
-        skipped = {n: r for n, r in skipped.items() if n not in others}
+        others = {n: modules[n] for n in list(skipped) if _other_kind(modules[n]) and trainable(modules[n])}
+        attention = {n: modules[n] for n in list(skipped) if is_attention(modules[n]) and trainable(modules[n])}
+        skipped = {n: r for n, r in skipped.items() if n not in others and n not in attention}
         for n, m in modules.items():
-            if isinstance(m, nn.Embedding) and n in skipped:
+            if n in skipped and isinstance(m, nn.Embedding):
                 skipped[n] = embedding_reason(m) or skipped[n]
-        if not selected and not others:
+            if n in skipped and isinstance(m, nn.MultiheadAttention):
+                skipped[n] = attention_reason(m) or skipped[n]
+        if not selected and not others and not attention:
             raise ValueError(f"{type(model).__name__} has no supported layer; skipped: {skipped}")
-        return selected, others, skipped
+        return selected, others, attention, skipped
     names = [layers] if isinstance(layers, str) else list(layers)
     others = {n: modules[n] for n in names if n in modules and n and _other_kind(modules[n])}
-    rest = [n for n in names if n not in others]
-    selected = select_layers(model, rest)[0] if rest or not others else {}
-    return selected, others, {}
+    attention = {n: modules[n] for n in names if n in modules and n and is_attention(modules[n])}
+    rest = [n for n in names if n not in others and n not in attention]
+    selected = select_layers(model, rest)[0] if rest or not (others or attention) else {}
+    return selected, others, attention, {}
 
 
 def _column_chunks(columns: Tensor, size: int, per_position: bool) -> tuple[int, Iterator[Tensor]]:
@@ -528,7 +540,8 @@ def compute_kfac(
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
     spec = loss_spec(loss_fn)
-    selected, others, skipped = _select(model, layers)
+    selected, others, attention, skipped = _select(model, layers)
+    selected = {**selected, **projection_layers(attention)}  # attention in-projections as Linear layers
     first_param = next(iter({**selected, **others}.values())).weight
     model_device = first_param.device
     dtype = dtype or first_param.dtype
@@ -545,7 +558,12 @@ def compute_kfac(
 
         total = len(data) if hasattr(data, "__len__") and not (isinstance(data, tuple) and len(data) == 2) else None
         batches = tqdm(batches, desc=f"KFAC ({curvature})", unit="batch", total=total)
-    with preserved_model_state(model), LayerRecorder({**selected, **others}) as recorder, torch.enable_grad():
+    with (
+        decomposed_attention(attention, {n: selected[n] for n in attention}) as cross_attention,
+        preserved_model_state(model),
+        LayerRecorder({**selected, **others}) as recorder,
+        torch.enable_grad(),
+    ):
         if batch_norm_eval:
             for module in model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -614,6 +632,10 @@ def compute_kfac(
     elif curvature == "empirical" and spec.reduction == "mean":
         scale /= tau
     factors, other_factors = {}, {}
+    for name in cross_attention:
+        sums.pop(name)
+        skipped[name] = ("called as cross-attention (query, key, value differ): its q/k/v projections have "
+                         "different inputs and no single Kronecker block")
     for name, s in {**sums, **other_sums}.items():
         never_called = not s.called if name in other_sums else s.a_rows == 0
         if never_called:

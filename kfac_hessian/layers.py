@@ -25,9 +25,6 @@ def unsupported_reason(module: nn.Module) -> str | None:
         if module.groups != 1:
             return f"{type(module).__name__} with groups={module.groups} is not supported (only groups=1)"
         return None
-    if isinstance(module, nn.MultiheadAttention):
-        return ("MultiheadAttention applies its fused q/k/v projection (in_proj_weight) and out_proj as functional "
-                "calls, which no hook sees; write attention with nn.Linear projections to have them factored")
     return f"{type(module).__name__} is not a supported layer (supported: Linear, Conv1d, Conv2d)"
 
 

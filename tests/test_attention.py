@@ -37,25 +37,89 @@ def _data(dtype=torch.float64):
     return torch.randn(3, 4, 8, generator=g, dtype=dtype), torch.randint(0, 3, (3, 4), generator=g)
 
 
-def test_projections_are_factored_and_multihead_attention_is_skipped_with_reason():
+def test_hand_written_projections_are_factored():
     model = _Attention().double()
     X, y = _data()
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
     assert kfac.layer_names == ["q", "k", "v", "o", "head"]
-    mha = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2, batch_first=True))
 
-    class Wrapped(nn.Module):
+
+class _MHA(nn.Module):
+    def __init__(self, batch_first=True, cross=False, **options):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=batch_first, **options)
+        self.head = nn.Linear(8, 3)
+        self.batch_first, self.cross = batch_first, cross
+
+    def forward(self, x):
+        h = x if self.batch_first else x.transpose(0, 1)
+        out = self.mha(h, h + 1.0 if self.cross else h, h, need_weights=False)[0]
+        return self.head(out if self.batch_first else out.transpose(0, 1)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_decomposed_multihead_attention_computes_the_same_function(batch_first):
+    from kfac_hessian.attention import decomposed_attention, projection_layers
+
+    mha = nn.MultiheadAttention(8, 2, batch_first=batch_first).double().eval()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, 8, generator=g, dtype=torch.float64)
+    x = x if batch_first else x.transpose(0, 1)
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    padding = torch.zeros(3, 5, dtype=torch.bool)
+    padding[0, -2:] = True
+    float_mask = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    cases = [dict(), dict(attn_mask=causal), dict(key_padding_mask=padding), dict(attn_mask=float_mask),
+             dict(attn_mask=causal, key_padding_mask=padding, average_attn_weights=False)]
+    for kwargs in cases:
+        expected = mha(x, x, x, **kwargs)
+        with decomposed_attention({"m": mha}, projection_layers({"m": mha})):
+            got = mha(x, x, x, **kwargs)
+        assert torch.allclose(got[0], expected[0], atol=1e-12)
+        assert torch.allclose(got[1], expected[1], atol=1e-12)
+    assert "forward" not in mha.__dict__
+
+
+def test_multihead_attention_in_projection_equals_a_linear_layer():
+    model = _MHA().double()
+    X, y = _data()
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    assert {"mha", "mha.out_proj", "head"} == set(kfac.layer_names)
+    assert "covered 315 of 315 parameters" in kfac.summary()
+
+    class Hand(nn.Module):  # the same attention written with nn.Linear in/out projections
         def __init__(self):
             super().__init__()
-            self.inner, self.head = mha, nn.Linear(8, 3)
+            self.in_proj, self.out_proj, self.head = nn.Linear(8, 24), nn.Linear(8, 8), nn.Linear(8, 3)
 
         def forward(self, x):
-            h = self.inner[0](x)
-            return self.head(self.inner[1](h, h, h, need_weights=False)[0]).transpose(1, 2)
+            n, t, e = x.shape
+            q, k, v = (z.reshape(n, t, 2, 4).transpose(1, 2) for z in self.in_proj(x).chunk(3, -1))
+            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, e)
+            return self.head(self.out_proj(a)).transpose(1, 2)
 
-    kfac = kh.compute_kfac(Wrapped().double(), nn.CrossEntropyLoss(), (X, y))
-    assert "in_proj_weight" in kfac.skipped["inner.1"]
-    assert "inner.1.out_proj" in kfac.skipped  # applied functionally: never called as a module
+    hand = Hand().double()
+    with torch.no_grad():
+        hand.in_proj.weight.copy_(model.mha.in_proj_weight)
+        hand.in_proj.bias.copy_(model.mha.in_proj_bias)
+        hand.out_proj.load_state_dict(model.mha.out_proj.state_dict())
+        hand.head.load_state_dict(model.head.state_dict())
+    reference = kh.compute_kfac(hand, nn.CrossEntropyLoss(), (X, y))
+    for ours, theirs in (("mha", "in_proj"), ("mha.out_proj", "out_proj"), ("head", "head")):
+        assert torch.allclose(kfac[ours].A, reference[theirs].A, atol=1e-12)
+        assert torch.allclose(kfac[ours].G, reference[theirs].G, atol=1e-12)
+    # the block is in the module's own order [in_proj_weight, in_proj_bias], as the exact path sees it
+    op = kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "mha", kind="ggn")
+    assert op.param_names == ["mha.in_proj_weight", "mha.in_proj_bias"] and op.num_params == kfac["mha"].num_params
+
+
+def test_cross_attention_and_unsupported_variants_are_skipped_with_reasons():
+    X, y = _data()
+    kfac = kh.compute_kfac(_MHA(cross=True).double(), nn.CrossEntropyLoss(), (X, y))
+    assert "mha" not in kfac and "cross-attention" in kfac.skipped["mha"]
+    kfac = kh.compute_kfac(_MHA(add_bias_kv=True).double(), nn.CrossEntropyLoss(), (X, y))
+    assert "add_bias_kv" in kfac.skipped["mha"]
 
 
 @pytest.mark.parametrize("kind", ["hessian", "ggn"])

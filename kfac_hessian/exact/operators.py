@@ -183,7 +183,9 @@ def layer_operator(
 ) -> CurvatureOperator:
     """Exact curvature block of one layer, of several layers jointly (a list), or of all parameters (``None``).
 
-    The order is ``torch.cat([p.flatten() for p in module.parameters()])`` per layer, layers in the order
+    A layer stands for its own parameters (``parameters(recurse=False)``), or for all parameters inside it when
+    it has none of its own (a container block). The order is ``torch.cat([p.flatten() for p in …])`` per layer,
+    layers in the order
     given (``None``: ``model.parameters()`` order, trainable parameters only). Any module with parameters
     works here, supported by the Kronecker path or not. ``distributed=True``: ``data`` is this rank's shard;
     every product is summed over the ranks of the process group (one all-reduce per product).
@@ -202,7 +204,11 @@ def layer_operator(
             raise ValueError(f"no layer named {layer_name!r}; modules with parameters: {with_params}")
         # a tied parameter is listed once by named_parameters, under its first owner's name
         canonical = {id(p): n for n, p in model.named_parameters()}
-        own = [canonical[id(p)] for p in modules[layer_name].parameters() if id(p) in canonical]
+        # a module's own parameters (as its factor covers them: MultiheadAttention's in-projection without
+        # out_proj); a container without parameters of its own stands for everything inside it
+        module = modules[layer_name]
+        params = list(module.parameters(recurse=False)) or list(module.parameters())
+        own = [canonical[id(p)] for p in params if id(p) in canonical]
         if not own:
             raise ValueError(f"layer {layer_name!r} has no parameters")
         names.extend(own)
