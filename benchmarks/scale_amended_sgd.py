@@ -91,9 +91,9 @@ def main() -> None:
 
 
 def plot(runs, lrs, path: Path) -> None:
-    from kfac_hessian.plotting import _pyplot
+    from kfac_hessian.plotting import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(lrs), figsize=(4.5 * len(lrs), 3.3), squeeze=False)
     for ax, lr in zip(axes[0], lrs):
         for name, color in (("sgd", "C0"), ("scale-amended", "C1")):

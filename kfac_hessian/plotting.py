@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
 
@@ -20,7 +20,7 @@ def _pyplot():
 
 def plot_spectra(report, path: Path) -> Path:
     """Per layer: histograms of log10 eigenvalues, Kronecker vs exact (dense spectrum or SLQ nodes)."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(report.spectra)
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -46,7 +46,7 @@ def plot_spectra(report, path: Path) -> Path:
 
 def plot_top_eigenvalues(report, path: Path) -> Path:
     """Per layer: the top-k eigenvalues of both sides against their rank."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = report.rows
     fig, axes = plt.subplots(1, len(rows), figsize=(4.5 * len(rows), 3.4), squeeze=False)
     for ax, row in zip(axes[0], rows):
@@ -64,7 +64,7 @@ def plot_top_eigenvalues(report, path: Path) -> Path:
 
 def plot_overlap_matrices(matrices: dict[str, np.ndarray], labels: list[str], path: Path) -> Path:
     """Per layer: heatmap of the top-k eigenspace overlap between every pair of models."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(matrices), figsize=(3.6 * len(matrices), 3.2), squeeze=False)
     for ax, (name, matrix) in zip(axes[0], matrices.items()):
         image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
@@ -84,7 +84,7 @@ def plot_tracked_metrics(records: list[dict], metrics: tuple[str, ...], path: Pa
     """``SpectrumTracker`` records: one panel per metric (log scale where positive), one line per layer."""
     if not records:
         raise ValueError("nothing recorded yet")
-    plt = _pyplot()
+    plt = pyplot()
     layers = list(dict.fromkeys(r["layer"] for r in records))
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.0), squeeze=False)
     for ax, metric in zip(axes[0], metrics):

@@ -74,3 +74,17 @@ def public_kron(G: Tensor, A: Tensor, has_bias: bool) -> Tensor:
 def rel_err(a: Tensor, b: Tensor) -> float:
     a, b = a.detach(), b.detach()
     return float((a - b).norm() / b.norm())
+
+
+def check_factor_spectra(factor, dense: Tensor, k: int = 3, atol: float = 1e-12) -> None:
+    """A structured factor's ``eig`` (eigenvalues, top-k pairs), ``@`` and ``trace`` against its dense matrix."""
+    eig = factor.eig()
+    reference = torch.linalg.eigvalsh(dense).flip(0).clamp_min(0)
+    assert torch.allclose(eig.eigenvalues(), reference, atol=atol)
+    values, vectors = eig.topk(k)
+    assert torch.allclose(values, reference[:k], atol=atol)
+    assert torch.allclose(vectors @ dense @ vectors.T, torch.diag(values), atol=atol)
+    assert torch.allclose(vectors @ vectors.T, torch.eye(k, dtype=dense.dtype), atol=atol)
+    v = torch.randn(factor.num_params, 2, dtype=dense.dtype, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(factor @ v, dense @ v, atol=1e-14)
+    assert abs(float(factor.trace()) - float(torch.trace(dense))) <= 1e-12 * abs(float(torch.trace(dense)))

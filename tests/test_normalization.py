@@ -10,7 +10,7 @@ from torch import nn
 import kfac_hessian as kh
 
 from .conftest import batches, classification_data
-from .references import dense_ggn
+from .references import check_factor_spectra, dense_ggn
 
 
 class _Norms(nn.Module):
@@ -42,18 +42,6 @@ def _data(n=7):
     return torch.randn(n, 2, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
-def _check_spectra(factor, reference_matrix):
-    eig = factor.eig()
-    reference = torch.linalg.eigvalsh(reference_matrix).flip(0).clamp_min(0)
-    assert torch.allclose(eig.eigenvalues(), reference, atol=1e-12)
-    values, vectors = eig.topk(3)
-    assert torch.allclose(values, reference[:3], atol=1e-12)
-    assert torch.allclose(vectors @ reference_matrix @ vectors.T, torch.diag(values), atol=1e-12)
-    v = torch.randn(factor.num_params, 2, dtype=torch.float64)
-    assert torch.allclose(factor @ v, reference_matrix @ v, atol=1e-14)
-    assert float(factor.trace()) == pytest.approx(float(torch.trace(reference_matrix)), rel=1e-12)
-
-
 @pytest.mark.parametrize("name", ["bn", "gn", "ln"])
 def test_dense_block_equals_the_exact_ggn_block(name):
     model = _Norms().double().train()  # BatchNorm is evaluated in eval mode by default
@@ -65,7 +53,7 @@ def test_dense_block_equals_the_exact_ggn_block(name):
     model.eval()
     dense = dense_ggn(model, nn.CrossEntropyLoss(), X, y, [name])  # public order: γ's then β's
     assert torch.allclose(factor.to_dense(), dense, rtol=1e-10, atol=1e-14)
-    _check_spectra(factor, dense)
+    check_factor_spectra(factor, dense)
 
 
 @pytest.mark.parametrize("name", ["bn", "ln"])
@@ -89,7 +77,7 @@ def test_wide_layers_keep_the_exact_per_feature_blocks(name, monkeypatch):
     assert torch.allclose(ours[mask], dense[mask], rtol=1e-10, atol=1e-14)
     assert ours[~mask].abs().max() == 0
     assert dense[~mask].abs().max() > 1e-6  # the dropped cross-feature blocks are really there
-    _check_spectra(factor, ours)
+    check_factor_spectra(factor, ours)
 
 
 def test_train_mode_batch_norm_on_request_and_summary(tmp_path):
