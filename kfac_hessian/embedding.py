@@ -24,10 +24,6 @@ from .layout import BlockLayout
 from .spectra import KroneckerEigen, _eig_one
 
 
-def is_embedding(module: nn.Module) -> bool:
-    return isinstance(module, nn.Embedding)
-
-
 def embedding_reason(module: nn.Embedding) -> str | None:
     """Why an embedding cannot be factored (``None`` when it can)."""
     if module.max_norm is not None:

@@ -9,7 +9,7 @@ from torch import nn
 
 import kfac_hessian as kh
 
-from .conftest import batches, classification_data
+from .conftest import batches
 from .references import check_factor_spectra, dense_ggn
 
 

@@ -8,7 +8,6 @@ expected count is about ``C − 1`` (the loss Hessian has rank ``C − 1``); rep
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 
