@@ -42,7 +42,7 @@ def test_kronecker_basis_is_v_kron_u_on_each_layer():
         P = reference.shape[0]
         block = Q[offset : offset + P, offset : offset + P]
         assert torch.allclose(block, reference, atol=1e-13)
-        assert Q[offset : offset + P].abs().sum() == pytest.approx(block.abs().sum(), rel=1e-14)  # block-diagonal
+        assert float(Q[offset : offset + P].abs().sum()) == pytest.approx(float(block.abs().sum()), rel=1e-14)  # block-diagonal
         offset += P
     assert offset == Q.shape[0]
 
