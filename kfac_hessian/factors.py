@@ -318,7 +318,8 @@ def _other_from_state(entry: dict, name: str) -> NormFactor | EmbeddingFactor:
 
 
 class _FactorSums:
-    """Running sums ``Σ ā āᵀ`` and ``Σ g gᵀ`` of one layer (bias column handled without copying ``ā``)."""
+    """Running sums ``Σ ā āᵀ`` and ``Σ g gᵀ`` of one layer, upper block triangle only (``_add_gram_upper``; bias
+    column handled without copying ``ā``)."""
 
     def __init__(self, layout: BlockLayout, approx: Approx, dtype: torch.dtype, device: torch.device):
         self.layout, self.approx = layout, approx
@@ -332,7 +333,7 @@ class _FactorSums:
             inputs = inputs.mean(1, keepdim=True)
         rows = _feature_major(inputs, self.a_sum.dtype)
         d = self.layout.d_in
-        self.a_sum[:d, :d].addmm_(rows, rows.T)
+        _add_gram_upper(self.a_sum[:d, :d], rows)
         if self.layout.has_bias:
             column_sums = rows.sum(1)
             self.a_sum[:d, d] += column_sums
@@ -345,7 +346,7 @@ class _FactorSums:
         if self.approx == "reduce":
             grads = grads.sum(2, keepdim=True)
         grad_rows = _feature_major(grads, self.g_sum.dtype)
-        self.g_sum.addmm_(grad_rows, grad_rows.T)
+        _add_gram_upper(self.g_sum, grad_rows)
 
 
 UNFOLD_BUDGET = 2**24  # elements of unfolded convolution patches materialized at once (64 MiB in float32)
@@ -365,6 +366,26 @@ def _add_layer_inputs(sums: _FactorSums, module: nn.Module, inputs: list[Tensor]
         chunk = max(1, UNFOLD_BUDGET // per_sample)
     for start in range(0, n, chunk):
         sums.add_inputs(_concat_locations([input_rows(module, x[start : start + chunk]) for x in inputs]))
+
+
+def _add_gram_upper(target: Tensor, rows: Tensor) -> None:
+    """``target += rows rowsᵀ`` on the upper block triangle only (``_symmetrize`` completes it once at the end).
+
+    torch has no symmetric rank-k update (``syrk``); strips of rows against the columns from their diagonal on
+    do ``(b + 1)/(2b)`` of a full product's work with ``b`` strips (4 strips: 62.5 %, measured 0.57× the
+    time of one ``addmm_`` for a 1025 × 512 update on 2 CPU cores), at no loss of GEMM efficiency for
+    ``d ≥ 256`` per strip.
+    """
+    d = rows.shape[0]
+    strips = max(1, min(4, d // 256))
+    edges = [round(i * d / strips) for i in range(strips + 1)]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        target[lo:hi, lo:].addmm_(rows[lo:hi], rows[lo:].T)
+
+
+def _symmetrize(matrix: Tensor) -> Tensor:
+    """The symmetric matrix whose upper block triangle ``matrix`` holds (the lower part is ignored)."""
+    return matrix.triu() + matrix.triu(1).mT
 
 
 def _concat_locations(rows: list[Tensor], axis: int = 1) -> Tensor:
@@ -646,8 +667,8 @@ def compute_kfac(
         if name in other_sums:
             other_factors[name] = s.finalize(scale, device, name)
             continue
-        A = s.a_sum.div_(s.a_rows).to(device)  # in place: the sums are not needed again
-        G = s.g_sum.mul_(scale).to(device)
+        A = _symmetrize(s.a_sum).div_(s.a_rows).to(device)
+        G = _symmetrize(s.g_sum).mul_(scale).to(device)
         factors[name] = KroneckerFactor(A, G, s.layout, name)
     if not factors and not other_factors:
         raise ValueError(f"no selected layer was called in the forward pass; skipped: {skipped}")
@@ -706,4 +727,4 @@ def input_second_moments(
     missing = [name for name, s in sums.items() if s.a_rows == 0]
     if missing:
         raise ValueError(f"layers {missing} were never called in the model's forward pass")
-    return {name: s.a_sum.div_(s.a_rows) for name, s in sums.items()}
+    return {name: _symmetrize(s.a_sum).div_(s.a_rows) for name, s in sums.items()}
