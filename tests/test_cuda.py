@@ -39,3 +39,29 @@ def test_cnn_factors_moved_with_device_argument():
     X, y = torch.randn(3, 2, 4, 4, device="cuda"), torch.tensor([0, 1, 2], device="cuda")
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), curvature="mc", seed=0, device="cpu")
     assert not kfac["conv1"].A.is_cuda
+
+
+def test_structured_factors_and_attention_on_cuda():
+    import warnings
+
+    from kfac_hessian.models import ResNet18, TinyGPT
+
+    torch.manual_seed(0)
+    gpt = TinyGPT(11, dim=8, depth=1, heads=2, context=6).double()
+    tokens = torch.randint(0, 11, (3, 6))
+    data = (tokens[:, :-1], tokens[:, 1:])
+    cpu = kh.compute_kfac(gpt, nn.CrossEntropyLoss(), data)
+    gpu = kh.compute_kfac(gpt.cuda(), nn.CrossEntropyLoss(), (data[0].cuda(), data[1].cuda()))
+    for name, factor in cpu.other_factors.items():
+        other = gpu.other_factors[name]
+        assert other.to_dense().is_cuda and other.eig().topk(2)[1].is_cuda
+        assert torch.allclose(other.to_dense().cpu(), factor.to_dense(), atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a fused attention kernel may be replaced by the math one
+        op = kh.layer_operator(gpt, nn.CrossEntropyLoss(), (data[0].cuda(), data[1].cuda()), "ln", kind="ggn")
+        assert (op @ torch.ones(op.shape[0], device="cuda", dtype=torch.float64)).is_cuda
+    resnet = ResNet18(width=4).cuda()
+    kfac = kh.compute_kfac(resnet, nn.CrossEntropyLoss(), (torch.randn(2, 3, 32, 32, device="cuda"),
+                                                          torch.tensor([0, 1], device="cuda")))
+    assert all(f.A.is_cuda for f in kfac.values()) and all(f.matrix.is_cuda for f in kfac.other_factors.values())
+    assert all(e.a_values.is_cuda for e in kfac.eig(vectors=False).values())
