@@ -402,16 +402,22 @@ def _feature_major(rows: Tensor, dtype: torch.dtype) -> Tensor:
     return matrix.to(dtype)
 
 
-def _all_reduce_sums(sums: dict[str, _FactorSums], n_samples: int, tau: int) -> tuple[int, int]:
-    """Combine every rank's factor sums and counts in one collective; returns the global (N, τ)."""
+def _all_reduce_sums(sums: dict[str, _FactorSums], others: dict, n_samples: int, tau: int, device: torch.device) -> tuple[int, int]:
+    """Combine every rank's factor sums, the other layers' sums and the counts in one collective; returns the
+    global ``(N, τ)``."""
     import torch.distributed as dist
 
     _distributed.require_process_group()
     counts = torch.tensor([n_samples, tau, *[s.a_rows for s in sums.values()]], dtype=torch.float64)
-    device = next(iter(sums.values())).a_sum.device
-    reduced = _distributed.all_reduce_sum([*[s.a_sum for s in sums.values()], *[s.g_sum for s in sums.values()], counts.to(device)])
+    states = [o.state() for o in others.values()]
+    tensors = [*[s.a_sum for s in sums.values()], *[s.g_sum for s in sums.values()], *[t for st in states for t in st]]
+    reduced = _distributed.all_reduce_sum([*tensors, counts.to(device)])
     for n, s in enumerate(sums.values()):
         s.a_sum, s.g_sum = reduced[n], reduced[len(sums) + n]
+    position = 2 * len(sums)
+    for other, state in zip(others.values(), states):
+        other.set_state([reduced[position + i].to(t.dtype) for i, t in enumerate(state)])
+        position += len(state)
     counts = reduced[-1].cpu()
     if int(counts[1]) != tau * dist.get_world_size():
         raise ValueError("ranks disagree on the number of loss terms per sample")
@@ -641,12 +647,7 @@ def compute_kfac(
                     _require_finite(tensor, f"curvature sums of layer {name!r} after batch {index}")
             recorder.clear()
     if distributed:
-        n_samples, tau = _all_reduce_sums(sums, n_samples, tau)
-        if other_sums:
-            states = [s_.state() for s_ in other_sums.values()]
-            reduced = iter(_distributed.all_reduce_sum([t for state in states for t in state]))
-            for s_, state in zip(other_sums.values(), states):
-                s_.set_state([next(reduced).to(t.dtype) for t in state])
+        n_samples, tau = _all_reduce_sums(sums, other_sums, n_samples, tau, model_device)
     scale = spec.scale(n_samples, tau)
     if curvature == "mc":
         scale /= mc_samples

@@ -66,6 +66,20 @@ class TinyCNN(nn.Module):
         return self.fc(h.flatten(1))
 
 
+class NormCNN(TinyCNN):
+    """TinyCNN with a GroupNorm after the first convolution (a normalization block; no vmap rule for its
+    double backward)."""
+
+    def __init__(self, seed=0, classes=3):
+        super().__init__(seed, classes)
+        self.norm = nn.GroupNorm(1, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.norm(self.conv1(x)))
+        h = torch.relu(self.conv2(h))
+        return self.fc(h.flatten(1))
+
+
 @pytest.fixture
 def relu_mlp():
     return mlp(nn.ReLU)

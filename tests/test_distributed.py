@@ -15,7 +15,7 @@ from torch import nn
 
 import kfac_hessian as kh
 
-from .conftest import TinyCNN
+from .conftest import NormCNN
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -24,7 +24,7 @@ SPLIT = [(0, 7), (7, 11)]  # rank 0 holds 7 samples, rank 1 holds 4
 
 def problem():
     torch.manual_seed(0)
-    model = TinyCNN().double()
+    model = NormCNN().double()
     g = torch.Generator().manual_seed(1)
     X, y = torch.randn(11, 2, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (11,), generator=g)
     return model, nn.CrossEntropyLoss(), X, y
@@ -36,6 +36,7 @@ def results(model, loss_fn, data, distributed):
     op = kh.layer_operator(model, loss_fn, data, "conv1", distributed=distributed)
     vals = kh.lanczos(op, 4, tol=1e-12, seed=0, dense_limit=0).eigenvalues
     out = {f"{n}.A": f.A for n, f in kfac.items()} | {f"{n}.G": f.G for n, f in kfac.items()}
+    out |= {f"{n}.block": f.to_dense() for n, f in kfac.other_factors.items()}
     out |= {f"{n}.eigenvalues": e.eigenvalues() for n, e in eigs.items()}
     out |= {f"{n}.topvec": e.topk(2)[1].abs() for n, e in eigs.items()}  # eigenvectors up to sign
     out["lanczos"] = vals

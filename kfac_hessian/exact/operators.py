@@ -145,7 +145,14 @@ class CurvatureOperator:
             if not flat.requires_grad:  # the loss is linear in these parameters
                 return [torch.zeros_like(t) for t in tangents], output
             stacked = torch.cat([t.reshape(t.shape[0], -1) for t in tangents], dim=1)
-            products = torch.autograd.grad(flat, theta, grad_outputs=stacked, is_grads_batched=True, allow_unused=True)
+            try:
+                products = torch.autograd.grad(
+                    flat, theta, grad_outputs=stacked, is_grads_batched=True, allow_unused=True, retain_graph=True
+                )
+            except RuntimeError:
+                # some double-backward formulas (GroupNorm's) have no vmap batching rule: one vector at a time
+                rows = [torch.autograd.grad(flat, theta, grad_outputs=row, allow_unused=True, retain_graph=True) for row in stacked]
+                products = [None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(theta))]
             return [torch.zeros_like(t) if p is None else p for p, t in zip(products, tangents)], output
         output, pullback = vjp(forward, *theta)
         check_batch(self.spec, output, target)

@@ -9,7 +9,7 @@ from torch import nn
 
 import kfac_hessian as kh
 
-from ..conftest import TinyCNN, batches, binary_data, classification_data, mlp, regression_data
+from ..conftest import NormCNN, TinyCNN, batches, binary_data, classification_data, mlp, regression_data
 from ..references import dense_ggn, dense_hessian, rel_err
 
 EXACT = 1e-10
@@ -105,3 +105,13 @@ def test_layer_norm_block_on_exact_path():
     X, y = classification_data()
     op = kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "1")
     assert rel_err(op.to_dense(), dense_hessian(model, nn.CrossEntropyLoss(), X, y, ["1"])) < EXACT
+
+
+def test_group_norm_double_backward_without_batching_rule_falls_back_to_one_vector_at_a_time():
+    model, loss_fn = NormCNN().double(), nn.CrossEntropyLoss()  # GroupNorm: no vmap rule for its double backward
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(6, 2, 4, 4, generator=g), torch.randint(0, 3, (6,), generator=g)
+    data = list(zip(X.split(4), y.split(4)))
+    for kind, reference in (("hessian", dense_hessian), ("ggn", dense_ggn)):
+        op = kh.layer_operator(model, loss_fn, data, "norm", kind=kind)
+        assert rel_err(op.to_dense(), reference(model, loss_fn, X, y, ["norm"])) < 1e-10
