@@ -461,10 +461,14 @@ def _select(model: nn.Module, layers: list[str] | None) -> tuple[dict, dict, dic
         attention = {n: modules[n] for n in list(skipped) if is_attention(modules[n]) and trainable(modules[n])}
         skipped = {n: r for n, r in skipped.items() if n not in others and n not in attention}
         for n, m in modules.items():
-            if n in skipped and isinstance(m, nn.Embedding):
+            if n not in skipped:
+                continue
+            if isinstance(m, nn.Embedding):
                 skipped[n] = embedding_reason(m) or skipped[n]
-            if n in skipped and isinstance(m, nn.MultiheadAttention):
+            if isinstance(m, nn.MultiheadAttention):
                 skipped[n] = attention_reason(m) or skipped[n]
+            if (_other_kind(m) or is_attention(m)) and not trainable(m):
+                skipped[n] = "all its parameters are frozen (requires_grad=False); name it in layers= to include it"
         if not selected and not others and not attention:
             raise ValueError(f"{type(model).__name__} has no supported layer; skipped: {skipped}")
         return selected, others, attention, skipped

@@ -25,7 +25,8 @@ def unsupported_reason(module: nn.Module) -> str | None:
         if module.groups != 1:
             return f"{type(module).__name__} with groups={module.groups} is not supported (only groups=1)"
         return None
-    return f"{type(module).__name__} is not a supported layer (supported: Linear, Conv1d, Conv2d)"
+    return (f"{type(module).__name__} is not a supported layer (supported: Linear, Conv1d, Conv2d; affine "
+            "BatchNorm/LayerNorm/GroupNorm, Embedding and self-attention MultiheadAttention have their own blocks)")
 
 
 def weight_matrix_shape(module: nn.Module) -> tuple[int, int]:

@@ -30,7 +30,7 @@ class _Block(nn.Module):
 
 class ResNetish(nn.Module):
     """A small ResNet-style CNN for 32×32×3 inputs: stem, three residual blocks, average pooling, head
-    (no BatchNorm: normalization layers are not factored yet)."""
+    without normalization layers (the benchmarks' fixed workload; ResNet18 below has BatchNorm)."""
 
     def __init__(self, width: int = 32, classes: int = 10):
         super().__init__()
