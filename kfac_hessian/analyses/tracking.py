@@ -8,6 +8,8 @@ For one layer with eigenvalues ``λ_1 ≥ … ≥ λ_P ≥ 0`` of ``G ⊗ A`` (p
 * ``stable_rank`` ``trace / λ_1``; ``top_k_condition`` ``λ_1 / λ_k``;
 * ``outliers``: eigenvalues above the widest log-gap among the top 50 (``count_outliers``);
 * optionally ``exact_trace`` (± ``exact_trace_stderr``): a Hutchinson estimate of the *exact* block's trace.
+
+Normalization layers and embeddings (``KFAC.other_factors``) are tracked with the same metrics.
 """
 
 from __future__ import annotations
@@ -35,18 +37,27 @@ def _entropy(values: Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
-def spectral_metrics(eig: KroneckerEigen, top_k: int = 10) -> dict[str, float]:
-    """The metrics of the module docstring for one layer's ``KroneckerEigen`` (no eigenvectors needed)."""
+def spectral_metrics(eig, top_k: int = 10) -> dict[str, float]:
+    """The metrics of the module docstring for one layer's eigen-structure: a ``KroneckerEigen`` (no eigenvectors
+    needed; effective rank from the factors' entropies) or any object with ``eigenvalues()`` and ``trace()``
+    (the normalization layers' ``NormEigen``)."""
     k = min(top_k, eig.num_params)
-    top = eig.top_eigenvalues(min(51, eig.num_params))
-    lam1, trace = float(top[0]), float(eig.trace())
+    kronecker = isinstance(eig, KroneckerEigen)
+    values = eig.top_eigenvalues(min(51, eig.num_params)) if kronecker else eig.eigenvalues()
+    lam1, trace = float(values[0]), float(eig.trace())
+    if trace <= 0:
+        effective_rank = 0.0
+    elif kronecker:
+        effective_rank = math.exp(_entropy(eig.a_values) + _entropy(eig.g_values))
+    else:
+        effective_rank = math.exp(_entropy(values))
     return {
         "top_eigenvalue": lam1,
         "trace": trace,
-        "effective_rank": math.exp(_entropy(eig.a_values) + _entropy(eig.g_values)) if trace > 0 else 0.0,
+        "effective_rank": effective_rank,
         "stable_rank": trace / lam1 if lam1 > 0 else 0.0,
-        "top_k_condition": lam1 / float(top[k - 1]) if float(top[k - 1]) > 0 else math.inf,
-        "outliers": count_outliers(top),
+        "top_k_condition": lam1 / float(values[k - 1]) if float(values[k - 1]) > 0 else math.inf,
+        "outliers": count_outliers(values),
     }
 
 
@@ -107,7 +118,7 @@ class SpectrumTracker:
             kfac = compute_kfac(self.model, self.loss_fn, self.data, curvature=self.curvature, layers=self.layers,
                                 seed=self.seed, dtype=torch.float64)
             factor_seconds = time.perf_counter() - start
-            eigs = kfac.eig(vectors=False)
+            eigs = {**kfac.eig(vectors=False), **{n: f.eig(vectors=False) for n, f in kfac.other_factors.items()}}
             rows = []
             for name, eig in eigs.items():
                 row = {"step": step, "layer": name, "num_params": eig.num_params, **spectral_metrics(eig, self.top_k)}

@@ -96,3 +96,27 @@ def test_tracker_errors():
         SpectrumTracker(model, nn.CrossEntropyLoss(), iter([(X, y)]))
     with pytest.raises(ValueError, match="nothing recorded"):
         SpectrumTracker(model, nn.CrossEntropyLoss(), (X, y)).plot("x.png")
+
+
+def test_normalization_and_embedding_layers_are_tracked_too():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed, self.norm, self.head = nn.Embedding(7, 4), nn.LayerNorm(4), nn.Linear(4, 3)
+
+        def forward(self, tokens):
+            return self.head(self.norm(self.embed(tokens))).transpose(1, 2)
+
+    model = Net().double()
+    tokens = torch.randint(0, 7, (5, 3), generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 3, (5, 3), generator=torch.Generator().manual_seed(2))
+    tracker = SpectrumTracker(model, nn.CrossEntropyLoss(), (tokens, labels), curvature="ggn")
+    rows = {r["layer"]: r for r in tracker.record(0)}
+    assert set(rows) == {"embed", "norm", "head"}
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (tokens, labels))
+    for name in ("embed", "norm"):
+        factor = kfac.other_factors[name]
+        reference = _dense_metrics(factor.to_dense(), min(10, factor.num_params))
+        for key, value in reference.items():
+            assert rows[name][key] == pytest.approx(value, rel=1e-9), (name, key)
