@@ -62,12 +62,18 @@ class LayerRecorder:
 
 
 @contextlib.contextmanager
-def preserved_model_state(model: nn.Module) -> Iterator[None]:
+def preserved_model_state(model: nn.Module, batch_norm_eval: bool = False) -> Iterator[None]:
     """Restore train/eval flags, ``requires_grad`` and ``.grad`` of every parameter, and the running statistics
-    of every BatchNorm (a train-mode forward pass updates them), on exit — even on error."""
+    of every BatchNorm (a train-mode forward pass updates them), on exit — even on error.
+
+    ``batch_norm_eval``: put every BatchNorm in eval mode inside (the curvature passes' default).
+    """
     modes = [(m, m.training) for m in model.modules()]
-    statistics = [(b, b.detach().clone()) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                  for b in m.buffers(recurse=False)]
+    batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    statistics = [(b, b.detach().clone()) for m in batch_norms for b in m.buffers(recurse=False)]
+    if batch_norm_eval:
+        for module in batch_norms:
+            module.eval()
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .layout import BlockLayout
-from .spectra import KroneckerEigen, _eig_one
+from .spectra import KroneckerEigen, eig_descending
 
 
 def embedding_reason(module: nn.Embedding) -> str | None:
@@ -108,7 +108,7 @@ class EmbeddingFactor:
 
     def eig(self, dtype: torch.dtype | None = None, vectors: bool = True) -> "EmbeddingEigen":
         G = self.G.to(dtype or self.G.dtype)
-        g_values, g_vectors, report = _eig_one(G)
+        g_values, g_vectors, report = eig_descending(G)
         eigen = EmbeddingEigen(self.a_diagonal.to(G.dtype), G, g_values, g_vectors)
         eigen.clamped["G"] = report
         return eigen

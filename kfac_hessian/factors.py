@@ -591,14 +591,10 @@ def compute_kfac(
         batches = tqdm(batches, desc=f"KFAC ({curvature})", unit="batch", total=total)
     with (
         decomposed_attention(attention, {n: selected[n] for n in attention}) as cross_attention,
-        preserved_model_state(model),
+        preserved_model_state(model, batch_norm_eval),
         LayerRecorder({**selected, **others}) as recorder,
         torch.enable_grad(),
     ):
-        if batch_norm_eval:
-            for module in model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
         for index, inputs, target in batches:
             recorder.clear()
             output = model(inputs)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .spectra import eig_descending, symmetric_eig
+
 NORMALIZATION = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -163,30 +165,28 @@ class NormFactor:
 
     def eig(self, dtype: torch.dtype | None = None, vectors: bool = True) -> "NormEigen":
         matrix = self.matrix.to(dtype or self.matrix.dtype)
-        values, vecs = torch.linalg.eigh(matrix)
         if self.dense:
-            return NormEigen(values.flip(0).clamp_min(0), vecs.flip(1))
-        # per-feature 2×2 eigenpairs scattered into public-order columns, sorted together
-        f = self.n_features
-        full = matrix.new_zeros(2 * f, 2 * f)
-        index = torch.arange(f, device=matrix.device)
-        for which in range(2):
-            full[index, which * f + index] = vecs[:, 0, which]
-            full[f + index, which * f + index] = vecs[:, 1, which]
-        flat = torch.cat([values[:, 0], values[:, 1]])
-        order = flat.argsort(descending=True)
-        return NormEigen(flat[order].clamp_min(0), full[:, order])
+            values, vecs, _ = eig_descending(matrix)
+            return NormEigen(values, vecs)
+        # per-feature 2×2 eigenpairs, kept per feature: a (2F, 2F) eigenvector matrix is what wide layers avoid
+        values, vecs, _ = symmetric_eig(matrix, vectors=True)  # (F, 2), (F, 2, 2)
+        return NormEigen(values, vecs, per_feature=True)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "NormFactor":
         return NormFactor(self.matrix.to(device, dtype), self.name)
 
 
 class NormEigen:
-    """Eigenvalues (descending) and eigenvectors (columns, public order) of a ``NormFactor`` (``P = 2F`` ≤ a few
-    thousand, so they are stored whole)."""
+    """Eigenvalues (descending) and eigenvectors (public order) of a ``NormFactor``: the dense block's ``(2F, 2F)``
+    eigenvector columns, or, for per-feature blocks (``per_feature=True``), each feature's 2×2 eigenpairs
+    ``values (F, 2)``, ``vectors (F, 2, 2)`` — top-k vectors are scattered from them on demand."""
 
-    def __init__(self, values: Tensor, vectors: Tensor):
-        self.values, self.vectors = values, vectors
+    def __init__(self, values: Tensor, vectors: Tensor, per_feature: bool = False):
+        self.per_feature = per_feature
+        self._feature_values, self.vectors = values, vectors
+        flat = values.T.reshape(-1) if per_feature else values  # per feature: index which·F + f
+        self._order = flat.argsort(descending=True) if per_feature else None
+        self.values = flat[self._order] if per_feature else flat
 
     @property
     def num_params(self) -> int:
@@ -205,4 +205,12 @@ class NormEigen:
         """Top-k eigenvalues and eigenvectors ``(k, 2F)`` in public order (γ's, then β's)."""
         if not 1 <= k <= self.num_params:
             raise ValueError(f"k={k} must lie in [1, {self.num_params}]")
-        return self.values[:k], self.vectors[:, :k].T
+        if not self.per_feature:
+            return self.values[:k], self.vectors[:, :k].T
+        f = self._feature_values.shape[0]
+        which, feature = self._order[:k] // f, self._order[:k] % f
+        vecs = self.values.new_zeros(k, 2 * f)
+        rows = torch.arange(k, device=vecs.device)
+        vecs[rows, feature] = self.vectors[feature, 0, which]
+        vecs[rows, f + feature] = self.vectors[feature, 1, which]
+        return self.values[:k], vecs

@@ -48,7 +48,8 @@ def symmetric_eig(matrices: Tensor, vectors: bool) -> tuple[Tensor, Tensor | Non
     return values.clamp_min(0), vecs, reports
 
 
-def _eig_one(matrix: Tensor) -> tuple[Tensor, Tensor, ClampReport]:
+def eig_descending(matrix: Tensor) -> tuple[Tensor, Tensor, ClampReport]:
+    """``symmetric_eig`` of one PSD matrix: eigenvalues descending (clamped at 0), eigenvectors as columns."""
     values, vectors, (report,) = symmetric_eig(matrix.unsqueeze(0), vectors=True)
     return values[0], vectors[0], report
 
@@ -109,14 +110,14 @@ class KroneckerEigen:
     def a_vectors(self) -> Tensor:
         """Eigenvectors of ``A`` as columns, matching ``a_values`` (descending)."""
         if self._a_vectors is None:
-            self.a_values, self._a_vectors, self.clamped["A"] = _eig_one(self._A)
+            self.a_values, self._a_vectors, self.clamped["A"] = eig_descending(self._A)
         return self._a_vectors
 
     @property
     def g_vectors(self) -> Tensor:
         """Eigenvectors of ``G`` as columns, matching ``g_values`` (descending)."""
         if self._g_vectors is None:
-            self.g_values, self._g_vectors, self.clamped["G"] = _eig_one(self._G)
+            self.g_values, self._g_vectors, self.clamped["G"] = eig_descending(self._G)
         return self._g_vectors
 
     def eigenvalues(self) -> Tensor:

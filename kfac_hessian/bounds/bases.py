@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..factors import KFAC
 from ..layers import select_layers
+from ..spectra import eig_descending
 
 
 @dataclass
@@ -166,7 +167,8 @@ class PosteriorBasis:
                     A = A[:-1, :-1]
             dtype = module.weight.dtype
             layer_blocks[names[0]] = _KroneckerBlock(
-                names, module.weight.shape, _eigenvectors(factor.G).to(dtype), _eigenvectors(A).to(dtype)
+                names, module.weight.shape, eig_descending(factor.G.double())[1].to(dtype),
+                eig_descending(A.double())[1].to(dtype)
             )
         return cls("kronecker", _with_identity_rest(model, layer_blocks), _trainable_shapes(model))
 
@@ -192,17 +194,12 @@ class PosteriorBasis:
                     f"layer {name!r} has {op.num_params} parameters, more than max_params={max_params}; "
                     "use the Kronecker basis"
                 )
-            vectors = _eigenvectors(op.to_dense(max_params))
+            vectors = eig_descending(op.to_dense(max_params).double())[1]
             own = [(f"{name}.{n}", p) for n, p in module.named_parameters()]
             layer_blocks[own[0][0]] = _DenseBlock(
                 tuple(n for n, _ in own), tuple(p.shape for _, p in own), vectors.to(module.weight.dtype)
             )
         return cls("exact-layerwise", _with_identity_rest(model, layer_blocks), _trainable_shapes(model))
-
-
-def _eigenvectors(matrix: Tensor) -> Tensor:
-    """Eigenvectors (columns, descending eigenvalues) of a symmetric factor, computed in float64."""
-    return torch.linalg.eigh(matrix.double()).eigenvectors.flip(-1)
 
 
 def _trainable_shapes(model: nn.Module) -> dict[str, torch.Size]:

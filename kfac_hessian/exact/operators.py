@@ -111,12 +111,10 @@ class CurvatureOperator:
         # detached views (no copies): the model's own flags and .grad are never involved
         fixed = {name: p.detach() for name, p in self.model.named_parameters()}
         theta = tuple(fixed[name].detach().requires_grad_() for name in self.param_names)
-        with preserved_model_state(self.model), torch.enable_grad(), self._attention_backend():
+        # BatchNorm in eval mode as in compute_kfac: the function the trained network computes at test time
+        with preserved_model_state(self.model, self.batch_norm_eval), torch.enable_grad(), self._attention_backend():
             batch_norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-            if self.batch_norm_eval:  # as compute_kfac: the function the trained network computes at test time
-                for module in batch_norms:
-                    module.eval()
-            elif self.kind == "ggn" and any(m.training and m.track_running_stats for m in batch_norms):
+            if self.kind == "ggn" and any(m.training and m.track_running_stats for m in batch_norms):
                 raise ValueError("kind='ggn' runs the model under torch.func, where a train-mode BatchNorm cannot "
                                  "update its running statistics; use batch_norm_eval=True or kind='hessian'")
             for _, inputs, target in iterate_batches(self.data, self.device):
