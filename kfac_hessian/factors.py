@@ -372,9 +372,8 @@ def _add_gram_upper(target: Tensor, rows: Tensor) -> None:
     """``target += rows rowsᵀ`` on the upper block triangle only (``_symmetrize`` completes it once at the end).
 
     torch has no symmetric rank-k update (``syrk``); strips of rows against the columns from their diagonal on
-    do ``(b + 1)/(2b)`` of a full product's work with ``b`` strips (4 strips: 62.5 %, measured 0.57× the
-    time of one ``addmm_`` for a 1025 × 512 update on 2 CPU cores), at no loss of GEMM efficiency for
-    ``d ≥ 256`` per strip.
+    do ``(b + 1)/(2b)`` of a full product's work with ``b`` strips (4 strips: 62.5 %), with strips of at
+    least 256 rows so that each GEMM stays efficient (``benchmarks/symmetric_accumulation.py`` measures it).
     """
     d = rows.shape[0]
     strips = max(1, min(4, d // 256))
