@@ -1,49 +1,97 @@
 """Forward hooks that record every call of the selected layers, and the guard that keeps the model as it was.
 
-The output gradients are not taken with backward hooks: the recorded layer *outputs* are differentiated
-directly with ``torch.autograd.grad(..., is_grads_batched=True)``, which backpropagates many columns in one
-vectorized pass and never touches ``.grad``.
+Output gradients are not taken with ``.grad`` or module backward hooks. In grad mode every recorded output
+``z`` is returned to the model as ``z + anchor`` — a new tensor, with ``anchor`` a zero scalar leaf — so that
+
+* in-place operations the model applies to a layer's output (``ReLU(inplace=True)``) act on the new tensor
+  and never change which tensor ``z`` is: gradients taken at ``z`` are gradients w.r.t. the layer output;
+* with ``on_gradient``, the gradient w.r.t. ``z`` is handed over *inside* the backward pass, from a pre-hook
+  of the addition's autograd node, while backpropagating to the anchors alone: no layer's output gradient
+  outlives its use, and the backward stops at the first recorded layer (nothing is computed for parameters).
+  Without ``on_gradient`` the outputs ``z`` are kept for ``torch.autograd.grad`` (vectorized columns).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+GradientCallback = Callable[[str, int, Tensor], None]
+
 
 @dataclass
 class LayerCall:
-    """One call of a layer in a forward pass: its (detached) input and its output in the graph."""
+    """One call of a layer in a forward pass: its (detached) input, its output's shape and, unless the recorder
+    streams gradients, the output ``z`` in the graph."""
 
-    inputs: Tensor
-    output: Tensor
+    inputs: Tensor | None
+    output_shape: torch.Size
+    output: Tensor | None = None
 
 
 class LayerRecorder:
-    """Context manager recording ``LayerCall``s of ``modules``; hooks are removed on every exit path."""
+    """Context manager recording ``LayerCall``s of ``modules``; hooks are removed on every exit path.
 
-    def __init__(self, modules: dict[str, nn.Module]):
+    ``on_gradient(name, call_index, grad)``: called during every backward pass through a recorded output with
+    the gradient w.r.t. that output (shaped like it); drive the pass with ``torch.autograd.grad(…, anchors)``.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], on_gradient: GradientCallback | None = None):
         self.modules = modules
+        self.on_gradient = on_gradient
         self.calls: dict[str, list[LayerCall]] = {name: [] for name in modules}
+        self._anchors: dict[tuple, Tensor] = {}
         self._handles: list = []
+
+    @property
+    def anchors(self) -> list[Tensor]:
+        """The zero leaves added to the recorded outputs of the current forward pass."""
+        return list(self._anchors.values())
+
+    def _anchor(self, like: Tensor) -> Tensor:
+        key = (like.device, like.dtype)
+        if key not in self._anchors:
+            self._anchors[key] = torch.zeros((), dtype=like.dtype, device=like.device, requires_grad=True)
+        return self._anchors[key]
 
     def _hook(self, name: str):
         def record(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            call = LayerCall(args[0].detach(), output.shape)
+            self.calls[name].append(call)
+            if not torch.is_grad_enabled():
+                return output
             if not output.requires_grad:
                 # Frozen layer fed by inputs without grad: make its output a leaf we can differentiate at.
                 output = output.detach().requires_grad_()
-            self.calls[name].append(LayerCall(args[0].detach(), output))
-            return output
+            tapped = output + self._anchor(output)
+            if self.on_gradient is None:
+                call.output = output
+            else:
+                index, callback = len(self.calls[name]) - 1, self.on_gradient
+
+                def deliver(grad_outputs: tuple) -> None:
+                    if grad_outputs[0] is not None:
+                        callback(name, index, grad_outputs[0])
+
+                tapped.grad_fn.register_prehook(deliver)
+            return tapped
 
         return record
+
+    def release_inputs(self, name: str) -> None:
+        """Forget the inputs of ``name``'s calls once they are used: the graph keeps what the backward needs and
+        frees it as the backward passes, which a reference held here would prevent."""
+        for call in self.calls[name]:
+            call.inputs = None
 
     def clear(self) -> None:
         for calls in self.calls.values():
             calls.clear()
+        self._anchors.clear()
 
     def __enter__(self) -> "LayerRecorder":
         try:

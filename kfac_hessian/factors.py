@@ -349,6 +349,61 @@ class _FactorSums:
         _add_gram_upper(self.g_sum, grad_rows)
 
 
+class _GradientRouter:
+    """Turns the output gradients of each recorded call into gradient rows of its layer's sums.
+
+    A layer called once in the batch gets its rows added as they arrive; the rows of a layer called several
+    times are held until ``flush`` (after each backward pass), where they are added together as further
+    locations of the same samples (``approx="reduce"`` sums over them; normalization blocks pair them with
+    their inputs), a call the output did not depend on counting as zeros.
+    """
+
+    def __init__(self, selected: dict[str, nn.Module], sums: dict[str, _FactorSums], other_sums: dict):
+        self.selected, self.sums, self.other_sums = selected, sums, other_sums
+        self.calls: Mapping[str, list[LayerCall]] = {}
+        self.pending: dict[str, list[Tensor | None]] = {}
+
+    def start_batch(self, calls: Mapping[str, list[LayerCall]]) -> None:
+        self.calls = calls
+        self.pending = {name: [None] * len(c) for name, c in calls.items() if len(c) > 1}
+
+    def receive(self, name: str, index: int, grads: Tensor) -> None:
+        """``grads`` ``(K, N, *z.shape[1:])``: ``K`` columns' gradients w.r.t. the output of call ``index``."""
+        other = self.other_sums.get(name)
+        rows = other.gradient_rows(grads) if other is not None else output_rows(self.selected[name], grads)
+        if name in self.pending:
+            self.pending[name][index] = rows
+        else:
+            (other or self.sums[name]).add_gradients(rows)
+
+    def receive_one(self, name: str, index: int, grad: Tensor) -> None:
+        """One column's gradient (shaped like the output), as the recorder hands it over."""
+        self.receive(name, index, grad.unsqueeze(0))
+
+    def flush(self, k: int, dtype: torch.dtype, device: torch.device) -> None:
+        for name, slots in self.pending.items():
+            if all(rows is None for rows in slots):
+                continue
+            for index, rows in enumerate(slots):
+                if rows is None:
+                    self.receive(name, index, torch.zeros((k, *self.calls[name][index].output_shape), dtype=dtype, device=device))
+            rows = _concat_locations(slots, axis=2)
+            (self.other_sums.get(name) or self.sums[name]).add_gradients(rows)
+            self.pending[name] = [None] * len(slots)
+
+
+def _backpropagate_together(output: Tensor, chunk: Tensor, calls: Mapping[str, list[LayerCall]],
+                            router: _GradientRouter, retain: bool) -> None:
+    """One (vectorized when ``len(chunk) > 1``) backward pass of ``chunk`` to all recorded outputs at once."""
+    targets = [(name, i, call) for name, c in calls.items() for i, call in enumerate(c)]
+    batched = len(chunk) > 1  # a single column skips vmap's batching rules
+    grads = torch.autograd.grad(output, [call.output for _, _, call in targets], grad_outputs=chunk if batched else chunk[0],
+                                is_grads_batched=batched, allow_unused=True, retain_graph=retain)
+    for (name, index, _), grad in zip(targets, grads):
+        if grad is not None:  # None: the call did not influence the output
+            router.receive(name, index, grad if batched else grad.unsqueeze(0))
+
+
 UNFOLD_BUDGET = 2**24  # elements of unfolded convolution patches materialized at once (64 MiB in float32)
 
 
@@ -369,7 +424,7 @@ def _add_layer_inputs(sums: _FactorSums, module: nn.Module, inputs: list[Tensor]
 
 
 def _add_gram_upper(target: Tensor, rows: Tensor) -> None:
-    """``target += rows rowsᵀ`` on the upper block triangle only (``_symmetrize`` completes it once at the end).
+    """``target += rows rowsᵀ`` on the upper block triangle only (``_symmetrize_`` completes it once at the end).
 
     torch has no symmetric rank-k update (``syrk``); strips of rows against the columns from their diagonal on
     do ``(b + 1)/(2b)`` of a full product's work with ``b`` strips (4 strips: 62.5 %), with strips of at
@@ -382,9 +437,19 @@ def _add_gram_upper(target: Tensor, rows: Tensor) -> None:
         target[lo:hi, lo:].addmm_(rows[lo:hi], rows[lo:].T)
 
 
-def _symmetrize(matrix: Tensor) -> Tensor:
-    """The symmetric matrix whose upper block triangle ``matrix`` holds (the lower part is ignored)."""
-    return matrix.triu() + matrix.triu(1).mT
+def _symmetrize_(matrix: Tensor, block: int = 256) -> Tensor:
+    """Mirror the upper triangle of ``matrix`` onto its lower part, in place, and return it.
+
+    Block by block, so that no temporary is larger than ``block × block``: the factors are the largest tensors
+    alive at the end of ``compute_kfac``, and a whole-matrix ``triu() + triu(1).mT`` would triple them.
+    """
+    d = matrix.shape[0]
+    for lo in range(0, d, block):
+        hi = min(lo + block, d)
+        diagonal = matrix[lo:hi, lo:hi]
+        diagonal.copy_(diagonal.triu() + diagonal.triu(1).mT)
+        matrix[hi:, lo:hi] = matrix[lo:hi, hi:].mT
+    return matrix
 
 
 def _concat_locations(rows: list[Tensor], axis: int = 1) -> Tensor:
@@ -588,10 +653,13 @@ def compute_kfac(
 
         total = len(data) if hasattr(data, "__len__") and not (isinstance(data, tuple) and len(data) == 2) else None
         batches = tqdm(batches, desc=f"KFAC ({curvature})", unit="batch", total=total)
+    stream = (column_chunk or (None if model_device.type == "cuda" else 1)) == 1 or (
+        column_chunk is None and (curvature == "empirical" or (curvature == "mc" and mc_samples == 1)))
+    router = _GradientRouter(selected, sums, other_sums)
     with (
         decomposed_attention(attention, {n: selected[n] for n in attention}) as cross_attention,
         preserved_model_state(model, batch_norm_eval),
-        LayerRecorder({**selected, **others}) as recorder,
+        LayerRecorder({**selected, **others}, router.receive_one if stream else None) as recorder,
         torch.enable_grad(),
     ):
         for index, inputs, target in batches:
@@ -610,35 +678,23 @@ def compute_kfac(
             called_others = [name for name in others if recorder.calls[name]]
             if not called and not called_others:
                 continue
-            calls: list[tuple[str, LayerCall]] = [(n, c) for n in called + called_others for c in recorder.calls[n]]
             for name in called_others:
                 other_sums[name].add_inputs([c.inputs for c in recorder.calls[name]])
             for name in called:
                 _add_layer_inputs(sums[name], selected[name], [c.inputs for c in recorder.calls[name]])
+                recorder.release_inputs(name)
                 # a NaN/Inf anywhere in the rows reaches the sums: checking them costs O(d²), not O(N·T·d)
                 _require_finite(sums[name].a_sum, f"A factor of layer {name!r} after batch {index} (its inputs)")
+            router.start_batch(recorder.calls)
             columns = _output_columns(spec, curvature, output, target, mc_samples, generator)
-            n_chunks, chunks = _column_chunks(columns, column_chunk or (len(columns) if output.is_cuda else 1), per_position)
+            n_chunks, chunks = _column_chunks(columns, 1 if stream else column_chunk or len(columns), per_position)
             for chunk_index, chunk in enumerate(chunks):
-                batched = len(chunk) > 1  # a single column skips vmap's batching rules
-                grads = torch.autograd.grad(
-                    output,
-                    [c.output for _, c in calls],
-                    grad_outputs=chunk if batched else chunk[0],
-                    is_grads_batched=batched,
-                    allow_unused=True,
-                    retain_graph=chunk_index < n_chunks - 1,
-                )
-                if not batched:
-                    grads = [None if g is None else g.unsqueeze(0) for g in grads]
-                per_layer: dict[str, list[Tensor]] = {}
-                for (name, call), grad in zip(calls, grads):
-                    if grad is None:  # the call did not influence the output
-                        grad = torch.zeros((len(chunk), *call.output.shape), dtype=output.dtype, device=output.device)
-                    rows = other_sums[name].gradient_rows(grad) if name in others else output_rows(selected[name], grad)
-                    per_layer.setdefault(name, []).append(rows)
-                for name, rows in per_layer.items():
-                    (other_sums if name in others else sums)[name].add_gradients(_concat_locations(rows, axis=2))
+                retain = chunk_index < n_chunks - 1
+                if stream:  # the recorder hands each output gradient to the router inside the pass
+                    torch.autograd.grad(output, recorder.anchors, chunk[0], retain_graph=retain, allow_unused=True)
+                else:
+                    _backpropagate_together(output, chunk, recorder.calls, router, retain)
+                router.flush(len(chunk), output.dtype, output.device)
             for name in called:
                 _require_finite(sums[name].g_sum, f"G factor of layer {name!r} after batch {index} (its output gradients)")
             for name in called_others:
@@ -667,8 +723,8 @@ def compute_kfac(
         if name in other_sums:
             other_factors[name] = s.finalize(scale, device, name)
             continue
-        A = _symmetrize(s.a_sum).div_(s.a_rows).to(device)
-        G = _symmetrize(s.g_sum).mul_(scale).to(device)
+        A = _symmetrize_(s.a_sum).div_(s.a_rows).to(device)
+        G = _symmetrize_(s.g_sum).mul_(scale).to(device)
         factors[name] = KroneckerFactor(A, G, s.layout, name)
     if not factors and not other_factors:
         raise ValueError(f"no selected layer was called in the forward pass; skipped: {skipped}")
@@ -727,4 +783,4 @@ def input_second_moments(
     missing = [name for name, s in sums.items() if s.a_rows == 0]
     if missing:
         raise ValueError(f"layers {missing} were never called in the model's forward pass")
-    return {name: _symmetrize(s.a_sum).div_(s.a_rows) for name, s in sums.items()}
+    return {name: _symmetrize_(s.a_sum).div_(s.a_rows) for name, s in sums.items()}

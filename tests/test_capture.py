@@ -109,3 +109,25 @@ def test_non_finite_activation_names_the_layer():
     X, y = classification_data()
     with pytest.raises(FloatingPointError, match="A factor of layer 'probe' after batch 0"):
         kh.compute_kfac(DeadBranch().double(), nn.CrossEntropyLoss(), (X, y))
+
+
+def test_recorder_hands_over_output_gradients_inside_the_backward():
+    """``on_gradient`` receives d(loss)/d(layer output) — also for an output the model overwrites in place — and the
+    recorder keeps no reference to the outputs; the hooks go with the context."""
+    from kfac_hessian.capture import LayerRecorder
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(inplace=True), nn.Linear(4, 3)).double()
+    X = torch.randn(6, 5, dtype=torch.float64)
+    received = {}
+    with LayerRecorder({"0": model[0], "2": model[2]}, lambda name, i, g: received.setdefault(name, g.clone())) as rec:
+        out = model(X)
+        assert all(call.output is None for calls in rec.calls.values() for call in calls)
+        torch.autograd.grad(out.square().sum(), rec.anchors)
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+    z0 = X @ model[0].weight.T + model[0].bias  # reference: the same function written with explicit outputs
+    z0.requires_grad_()
+    z2 = torch.relu(z0) @ model[2].weight.T + model[2].bias
+    reference = torch.autograd.grad(z2.square().sum(), [z0, z2])
+    assert torch.allclose(received["0"], reference[0], atol=1e-14)
+    assert torch.allclose(received["2"], reference[1], atol=1e-14)

@@ -449,3 +449,57 @@ def test_per_position_columns_remove_cross_position_terms():
         assert rel_err(a[name].G, b[name].G) < EXACT and rel_err(a[name].A, b[name].A) < EXACT
     with pytest.raises(ValueError, match="per_position"):
         kh.compute_kfac(model, nn.CrossEntropyLoss(), (X.double(), y), curvature="mc", per_position=True)
+
+
+def _inplace_mlp() -> nn.Sequential:
+    """An MLP whose activations (ReLU(inplace=True), ``mul_``) overwrite the layer outputs they act on."""
+
+    class Halve(nn.Module):
+        def forward(self, x):
+            return x.mul_(0.5)
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.ReLU(inplace=True), nn.Linear(4, 4), Halve(), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+@pytest.mark.parametrize("column_chunk", [1, 100])  # streamed inside the backward / all columns captured together
+def test_in_place_operations_on_layer_outputs(column_chunk):
+    """G is built from gradients w.r.t. the layer *output*, also when the model overwrites that output in place."""
+    model = _inplace_mlp()
+    X, y = classification_data(n=1)
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), column_chunk=column_chunk)
+    for name in ("0", "2", "5"):
+        assert rel_err(kfac[name].to_dense(), dense_ggn(model, nn.CrossEntropyLoss(), X, y, [name])) < EXACT
+
+
+class _CalledTwiceOnceUnused(nn.Module):
+    """``shared`` is called twice; the second call's output never reaches the model output (zero gradient)."""
+
+    def __init__(self, unused_call: bool):
+        super().__init__()
+        torch.manual_seed(5)
+        self.shared, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.unused_call = unused_call
+
+    def forward(self, x):
+        h = torch.tanh(self.shared(x))
+        if self.unused_call:
+            self.shared(2 * x)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("column_chunk", [1, 100])
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_a_call_without_influence_counts_as_zero_gradients(column_chunk, approx):
+    X, y = classification_data(n=6, d=4, classes=3)
+    with_call, without = (
+        kh.compute_kfac(_CalledTwiceOnceUnused(u).double(), nn.CrossEntropyLoss(), batches(X, y, [4, 2]),
+                        approx=approx, column_chunk=column_chunk)
+        for u in (True, False)
+    )
+    # the unused call's input joins A as further locations; its (zero) gradients add nothing to G
+    assert rel_err(with_call["shared"].G, without["shared"].G) < EXACT
+    rows = torch.cat([torch.cat([X, torch.ones(6, 1)], 1), torch.cat([2 * X, torch.ones(6, 1)], 1)])
+    if approx == "reduce":
+        rows = (rows[:6] + rows[6:]) / 2
+    assert rel_err(with_call["shared"].A, rows.T @ rows / len(rows)) < EXACT
