@@ -42,6 +42,7 @@ from .layout import BlockLayout
 from .attention import attention_reason, decomposed_attention, projection_layers
 from .embedding import EmbeddingFactor, EmbeddingSums, embedding_reason
 from .normalization import NormBlockSums, NormFactor, is_normalization
+from .patch_moments import patch_moments, patch_moments_elements, shift_moments_apply
 from .losses import (
     LossSpec,
     check_batch,
@@ -332,14 +333,21 @@ class _FactorSums:
         if self.approx == "reduce":
             inputs = inputs.mean(1, keepdim=True)
         rows = _feature_major(inputs, self.a_sum.dtype)
-        d = self.layout.d_in
-        _add_gram_upper(self.a_sum[:d, :d], rows)
-        if self.layout.has_bias:
-            column_sums = rows.sum(1)
+        _add_gram_upper(self.a_sum[: self.layout.d_in, : self.layout.d_in], rows)
+        self._add_bias_moments(rows.sum(1) if self.layout.has_bias else None, rows.shape[1])
+
+    def add_input_moments(self, gram: Tensor, column_sums: Tensor, rows: int) -> None:
+        """``Σ a aᵀ`` and ``Σ a`` over ``rows`` input rows, computed elsewhere (``patch_moments``)."""
+        self.a_sum[: self.layout.d_in, : self.layout.d_in] += gram
+        self._add_bias_moments(column_sums if self.layout.has_bias else None, rows)
+
+    def _add_bias_moments(self, column_sums: Tensor | None, rows: int) -> None:
+        if column_sums is not None:  # the bias entry of ā is 1: its row/column of Σ ā āᵀ holds Σ a and the count
+            d = self.layout.d_in
             self.a_sum[:d, d] += column_sums
             self.a_sum[d, :d] += column_sums
-            self.a_sum[d, d] += rows.shape[1]
-        self.a_rows += rows.shape[1]
+            self.a_sum[d, d] += rows
+        self.a_rows += rows
 
     def add_gradients(self, grads: Tensor) -> None:
         """``grads`` (K, N, T, d_out) of all calls of this batch, for some of the backpropagated columns."""
@@ -410,17 +418,25 @@ UNFOLD_BUDGET = 2**24  # elements of unfolded convolution patches materialized a
 def _add_layer_inputs(sums: _FactorSums, module: nn.Module, inputs: list[Tensor]) -> None:
     """Accumulate ``A`` from the inputs of every call of ``module`` in one batch.
 
-    Convolution patches are unfolded a few samples at a time, at most about ``UNFOLD_BUDGET`` elements at once:
-    a 3×3 convolution's patches are 9× its input, and unfolding a whole batch of a wide layer would dominate
-    the peak memory. Linear rows are views and go in one piece.
+    Stride-1 zero-padded convolutions (``approx="expand"``) take their patch moments from shifted products of
+    the input (``patch_moments``: 13 products instead of 81 block products for a 3×3 kernel); other convolutions
+    unfold their patches. Either way a few samples at a time, at most about ``UNFOLD_BUDGET`` elements of
+    temporaries at once: a 3×3 convolution's patches are 9× its input, and unfolding a whole batch of a wide
+    layer would dominate the peak memory. Linear rows are views and go in one piece.
     """
     n = inputs[0].shape[0]
-    chunk = n
-    if not isinstance(module, nn.Linear):
-        per_sample = sum(input_rows(module, x[:1]).numel() for x in inputs)
-        chunk = max(1, UNFOLD_BUDGET // per_sample)
+    if isinstance(module, nn.Linear):
+        sums.add_inputs(_concat_locations([input_rows(module, x) for x in inputs]))
+        return
+    shifted = sums.approx == "expand" and shift_moments_apply(module)
+    per_sample = sum(patch_moments_elements(module, x) if shifted else input_rows(module, x[:1]).numel() for x in inputs)
+    chunk = max(1, UNFOLD_BUDGET // per_sample)
     for start in range(0, n, chunk):
-        sums.add_inputs(_concat_locations([input_rows(module, x[start : start + chunk]) for x in inputs]))
+        if shifted:
+            for x in inputs:
+                sums.add_input_moments(*patch_moments(module, x[start : start + chunk], sums.a_sum.dtype))
+        else:
+            sums.add_inputs(_concat_locations([input_rows(module, x[start : start + chunk]) for x in inputs]))
 
 
 def _add_gram_upper(target: Tensor, rows: Tensor) -> None:

@@ -35,7 +35,8 @@ def weight_matrix_shape(module: nn.Module) -> tuple[int, int]:
     return weight.shape[0], weight[0].numel()
 
 
-def _padding_for_f_pad(module: nn.Module, n_spatial: int) -> list[int]:
+def padding_amounts(module: nn.Module, n_spatial: int) -> list[int]:
+    """A convolution's padding as ``F.pad`` takes it: ``[last axis before, after, previous axis before, after]``."""
     kernel, dilation = module.kernel_size, module.dilation
     if isinstance(module.padding, str):
         if module.padding == "valid":
@@ -60,7 +61,7 @@ def input_rows(module: nn.Module, inputs: Tensor) -> Tensor:
             f"{type(module).__name__} got an input of shape {tuple(inputs.shape)}; a batched "
             f"(N, C, {'L' if n_spatial == 1 else 'H, W'}) input is required"
         )
-    pad = _padding_for_f_pad(module, n_spatial)
+    pad = padding_amounts(module, n_spatial)
     if any(pad):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         inputs = F.pad(inputs, pad, mode=mode)
