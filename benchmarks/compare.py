@@ -67,6 +67,31 @@ def c_backward_passes(model, loss_fn, data, c=10):
             torch.autograd.grad(out[:, k].sum(), params, retain_graph=k < c - 1)
 
 
+def covariance_multiply_adds(model, data) -> tuple[float, float]:
+    """``(A, G)`` multiply-adds of the covariance products, counted as in shared/design/performance.md: rows ×
+    width² per Kronecker layer (convolutions with unfolded patches of width c_in·k_h·k_w; the bias adds 1 to A's
+    width), halved for symmetry; G for one backpropagated column."""
+    counts = [0.0, 0.0]
+
+    def count(module, args, output):
+        rows = kh.layers.input_rows(module, args[0].detach())
+        width = rows.shape[-1] + (module.bias is not None)
+        locations = rows.shape[0] * rows.shape[1]
+        counts[0] += locations * width**2 / 2
+        counts[1] += locations * module.weight.shape[0] ** 2 / 2
+
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))]
+    handles = [m.register_forward_hook(count) for m in layers]
+    try:
+        with torch.no_grad():
+            for X, _ in data:
+                model(X)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts[0], counts[1]
+
+
 def power_iteration(op, k, tol, max_matvecs=5000, seed=0):
     """Power iteration with deflation (PyHessian's method): returns eigenvalues and matvec count."""
     g = torch.Generator().manual_seed(seed)
@@ -124,7 +149,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     lines = [f"# kfac_hessian benchmark ({device}, torch {torch.__version__}, {torch.get_num_threads()} threads)", ""]
-    lines.append(f"matmul rate (float32, 2048²): {matmul_rate(device):.0f} GFLOP/s")
+    rate = matmul_rate(device)
+    lines.append(f"matmul rate (float32, 2048²): {rate:.0f} GFLOP/s")
     for name in [w for w in args.workloads.split(",") if w]:
         n = {"mlp": args.n, "cnn": args.n_cnn, "seq": args.n_seq}[name]
         model, loss_fn, data = workload(name, n)
@@ -144,8 +170,16 @@ def main(argv=None):
         kfac = kh.compute_kfac(model, loss_fn, data)
         cases["eig, all factors (values)"] = lambda: kfac.eig(vectors=False)
         cases["eig, all factors (vectors)"] = lambda: kfac.eig(vectors=True)
+        cases["eig, all factors: torch.linalg.eigh one factor at a time"] = lambda: [
+            torch.linalg.eigh(m) for f in kfac.values() for m in (f.A, f.G)]
         result = interleaved(cases, args.repeats, device)
         floor = result["floor: forward + 1 backward"][0]
+        a_macs, g_macs = covariance_multiply_adds(model, data)
+        columns = 9  # cross-entropy with 10 classes: rank C − 1
+        result["counted floor, mc/empirical: floor + (A + G products) at the matmul rate"] = (
+            (floor + 2 * (a_macs + g_macs) / (rate * 1e9),) * 3)
+        result["counted floor, ggn: forward + 10 backward + (A + 9·G products) at the matmul rate"] = (
+            (result["forward + 10 backward passes"][0] + 2 * (a_macs + columns * g_macs) / (rate * 1e9),) * 3)
         n_params = sum(p.numel() for p in model.parameters())
         lines += ["", f"## {name}: {n_params / 1e6:.2f}M parameters, N={n}, CE, float32", "",
                   "| what | seconds: median (min–max) | / floor |", "|---|---|---|"]

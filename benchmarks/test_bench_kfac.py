@@ -44,3 +44,15 @@ def test_eig_all_layers(benchmark, problem):
     kfac = kh.compute_kfac(model, loss_fn, data, curvature="mc", seed=0)
     eigs = benchmark(kfac.eig)
     assert set(eigs) == set(kfac)
+
+
+def test_covariance_count_of_compare_matches_a_hand_count():
+    """The counted floor of compare.py: rows × width² / 2 per factor (bias in A's width; conv rows = locations)."""
+    from .compare import covariance_multiply_adds
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Flatten(), torch.nn.Linear(3 * 2 * 2, 5, bias=False))
+    data = [(torch.randn(4, 2, 4, 4), torch.zeros(4)), (torch.randn(1, 2, 4, 4), torch.zeros(1))]
+    a, g = covariance_multiply_adds(model, data)
+    # conv: 5 samples × 4 locations, width 2·9 + 1; linear: 5 rows, width 12, 5 outputs
+    assert a == 5 * 4 * 19**2 / 2 + 5 * 12**2 / 2
+    assert g == 5 * 4 * 3**2 / 2 + 5 * 5**2 / 2
