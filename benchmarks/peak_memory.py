@@ -76,10 +76,10 @@ def child(name: str, case: str, n: int, device: torch.device, metric: str) -> di
         return {"case": case, "skipped": "curvlinops is not installed"}
     gc.collect()
     if metric == "live":
-        result, extra = _live_peak(cases[case], device)
+        _, extra = _live_peak(cases[case], device)
     else:
         before = _peak_bytes(device)
-        result = cases[case]()
+        cases[case]()
         extra = _peak_bytes(device) - before
     # every case except the floor returns (ours) or holds (curvlinops' operator) the same factors
     factor_bytes = 0 if case == CASES[0] else _factor_bytes(model)
