@@ -172,6 +172,10 @@ def main(argv=None):
         cases["eig, all factors (vectors)"] = lambda: kfac.eig(vectors=True)
         cases["eig, all factors: torch.linalg.eigh one factor at a time"] = lambda: [
             torch.linalg.eigh(m) for f in kfac.values() for m in (f.A, f.G)]
+        cases["eig, all factors: torch.linalg.eigvalsh one factor at a time"] = lambda: [
+            torch.linalg.eigvalsh(m) for f in kfac.values() for m in (f.A, f.G)]
+        cases["eig values + top-10 eigenpairs of every layer"] = lambda: [
+            e.topk(10) for e in kfac.eig(vectors=False).values()]
         result = interleaved(cases, args.repeats, device)
         floor = result["floor: forward + 1 backward"][0]
         a_macs, g_macs = covariance_multiply_adds(model, data)

@@ -53,7 +53,7 @@ from .losses import (
     terms_per_sample,
 )
 from . import distributed as _distributed
-from .spectra import ClampReport, KroneckerEigen, symmetric_eig
+from .spectra import ClampReport, KroneckerEigen, symmetric_eig, symmetric_eigvals
 
 Curvature = Literal["ggn", "mc", "empirical"]
 Approx = Literal["expand", "reduce"]
@@ -132,7 +132,12 @@ class KroneckerFactor:
         return torch.linalg.matrix_norm(self.A) * torch.linalg.matrix_norm(self.G)
 
     def eig(self, dtype: torch.dtype | None = None, vectors: bool = True) -> KroneckerEigen:
-        """Eigendecomposition of both factors on their device (``dtype=torch.float64`` for more precision)."""
+        """Eigendecomposition of both factors on their device (``dtype=torch.float64`` for more precision).
+
+        ``vectors=False``: eigenvalues only; eigenvectors are computed when first needed — on the CPU only the
+        leading ones ``topk``/``top_pairs`` ask for (from the kept tridiagonal form), all of them for
+        ``a_vectors``/``g_vectors``.
+        """
         return _eig_all({self.name: self}, dtype, vectors)[self.name]
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "KroneckerFactor":
@@ -146,9 +151,14 @@ def _decompose(matrices: dict, vectors: bool) -> dict:
         groups.setdefault((m.shape[0], m.device, m.dtype), []).append(key)
     results = {}
     for keys in groups.values():
-        values, vecs, reports = symmetric_eig(torch.stack([matrices[k] for k in keys]), vectors)
+        stacked = torch.stack([matrices[k] for k in keys])
+        if vectors:
+            values, vecs, reports = symmetric_eig(stacked, vectors=True)
+            forms = [None] * len(keys)
+        else:
+            (values, reports, forms), vecs = symmetric_eigvals(stacked), None
         for n, key in enumerate(keys):
-            results[key] = (values[n], None if vecs is None else vecs[n], reports[n])
+            results[key] = (values[n], None if vecs is None else vecs[n], reports[n], forms[n])
     return results
 
 
@@ -168,14 +178,14 @@ def _decompose_distributed(matrices: dict, vectors: bool) -> dict:
             d = matrices[k].shape[0]
             shapes += [(d,), (2,)] + ([(d, d)] if vectors else [])
             if rank == dist.get_rank():
-                values, vecs, report = mine[k]
+                values, vecs, report, _ = mine[k]  # a Tridiagonal form stays with its rank
                 tensors += [values, torch.tensor([report.count, report.most_negative])] + ([vecs] if vectors else [])
         like = matrices[owned[0]] if owned else next(iter(matrices.values()))
         received = iter(_distributed.broadcast_packed(rank, shapes, tensors, like))
         for k in owned:
             values, report = next(received), next(received)
             vecs = next(received) if vectors else None
-            results[k] = (values, vecs, ClampReport(int(report[0]), float(report[1])))
+            results[k] = (values, vecs, ClampReport(int(report[0]), float(report[1])), None)
     return results
 
 
@@ -190,10 +200,9 @@ def _eig_all(
     results = _decompose_distributed(matrices, vectors) if distributed_eig else _decompose(matrices, vectors)
     out = {}
     for name, f in factors.items():
-        (a_val, a_vec, a_rep), (g_val, g_vec, g_rep) = results[(name, "A")], results[(name, "G")]
-        out[name] = KroneckerEigen(
-            f.layout, matrices[(name, "A")], matrices[(name, "G")], a_val, g_val, a_vec, g_vec, {"A": a_rep, "G": g_rep}
-        )
+        (a_val, a_vec, a_rep, a_form), (g_val, g_vec, g_rep, g_form) = results[(name, "A")], results[(name, "G")]
+        out[name] = KroneckerEigen(f.layout, matrices[(name, "A")], matrices[(name, "G")], a_val, g_val, a_vec, g_vec,
+                                   {"A": a_rep, "G": g_rep}, {"A": a_form, "G": g_form})
     return out
 
 
@@ -239,6 +248,9 @@ class KFAC(Mapping[str, KroneckerFactor]):
 
     def eig(self, dtype: torch.dtype | None = None, vectors: bool = True, distributed: bool = False) -> dict[str, KroneckerEigen]:
         """Eigendecompositions of every layer; equal-size factors go through one batched call.
+
+        ``vectors=False``: eigenvalues only, eigenvectors on first use (see ``KroneckerFactor.eig``) — the fast
+        way to every spectrum plus the top eigenpairs of each layer.
 
         ``distributed=True``: the factors are split over the ranks of the process group by cost (≈ d³),
         each rank decomposes its share, and all ranks receive every result.

@@ -56,4 +56,9 @@ class BlockLayout:
 
     def rank_one_vectors(self, g_vectors: Tensor, a_vectors: Tensor) -> Tensor:
         """Public-order vectors of ``v ⊗ u`` for rows ``v`` of ``g_vectors`` (k, d_out), ``u`` of ``a_vectors`` (k, width)."""
-        return self.to_vectors(g_vectors.unsqueeze(2) * a_vectors.unsqueeze(1))
+        k, n_weight = g_vectors.shape[0], self.d_out * self.d_in
+        out = g_vectors.new_empty(k, self.num_params)  # written once, in place: k·P can be large
+        torch.mul(g_vectors.unsqueeze(2), a_vectors[:, None, : self.d_in], out=out[:, :n_weight].view(k, self.d_out, self.d_in))
+        if self.has_bias:
+            torch.mul(g_vectors, a_vectors[:, self.d_in :], out=out[:, n_weight:])
+        return out

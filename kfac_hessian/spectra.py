@@ -39,13 +39,87 @@ def symmetric_eig(matrices: Tensor, vectors: bool) -> tuple[Tensor, Tensor | Non
         values, vecs = torch.linalg.eigh(matrices.double()) if vectors else (torch.linalg.eigvalsh(matrices.double()), None)
         values = values.to(matrices.dtype)
         vecs = vecs.to(matrices.dtype) if vecs is not None else None
+    values, reports = _descending_clamped(values)
+    return values, vecs.flip(-1) if vecs is not None else None, reports
+
+
+@dataclass
+class Tridiagonal:
+    """``Qᵀ M Q = T`` of a symmetric matrix ``M`` (LAPACK ``sytrd``, lower storage): ``T``'s diagonal and
+    off-diagonal, and ``Q`` as Householder reflectors below the subdiagonal of ``reflectors`` with ``tau``.
+
+    Kept by ``symmetric_eigvals`` so that the leading eigenvectors can be had later for ``O(d²·m)`` more
+    (``leading_vectors``) instead of a full ``eigh``.
+    """
+
+    reflectors: Tensor
+    tau: Tensor
+    diagonal: np.ndarray
+    off_diagonal: np.ndarray
+
+    def leading_vectors(self, m: int) -> Tensor:
+        """Eigenvectors of the ``m`` largest eigenvalues as columns ``(d, m)``, descending order."""
+        from scipy.linalg import eigh_tridiagonal
+
+        n = len(self.diagonal)
+        _, vectors = eigh_tridiagonal(self.diagonal, self.off_diagonal, select="i", select_range=(n - m, n - 1))
+        leading = torch.from_numpy(vectors).flip(1).to(self.reflectors.dtype)
+        # Q = diag(1, Q'), Q' the product of the reflectors stored as by a QR factorization of reflectors[1:, :-1]
+        leading[1:] = torch.ormqr(self.reflectors[1:, :-1], self.tau, leading[1:])
+        return leading
+
+
+def symmetric_eigvals(matrices: Tensor) -> tuple[Tensor, list[ClampReport], list[Tridiagonal | None]]:
+    """Eigenvalues (descending, clamped at 0 as in ``symmetric_eig``) of a batch ``(B, d, d)`` of PSD matrices.
+
+    On the CPU (float32/float64, ``d ≥ 3``) through one blocked tridiagonalization and ``sterf`` per matrix
+    (LAPACK via scipy; faster than torch's ``eigvalsh`` on this project's machine, ``docs/performance.md``),
+    keeping the ``Tridiagonal`` form for later leading eigenvectors; elsewhere ``eigvalsh`` and no form. A float32 failure
+    is retried in float64 (no form kept then).
+    """
+    if matrices.device.type != "cpu" or matrices.dtype not in (torch.float32, torch.float64) or matrices.shape[-1] < 3:
+        values, _, reports = symmetric_eig(matrices, vectors=False)
+        return values, reports, [None] * len(matrices)
+    values, forms = [], []
+    for matrix in matrices:
+        try:
+            value, form = _tridiagonal_eigvals(matrix)
+        except torch.linalg.LinAlgError:
+            if matrix.dtype == torch.float64:
+                raise
+            value, form = _tridiagonal_eigvals(matrix.double())[0].to(matrix.dtype), None
+        values.append(value)
+        forms.append(form)
+    values, reports = _descending_clamped(torch.stack(values))
+    return values, reports, forms
+
+
+def _tridiagonal_eigvals(matrix: Tensor) -> tuple[Tensor, Tridiagonal]:
+    from scipy.linalg import lapack
+
+    prefix = "s" if matrix.dtype == torch.float32 else "d"
+    n = matrix.shape[-1]
+    lwork = int(getattr(lapack, f"{prefix}sytrd_lwork")(n, lower=1)[0])
+    # a symmetric matrix is its own transpose: the C-ordered array read as Fortran-ordered is the same matrix
+    reduced, diagonal, off_diagonal, tau, info = getattr(lapack, f"{prefix}sytrd")(
+        matrix.detach().contiguous().numpy().T, lower=1, lwork=lwork)
+    if info != 0:
+        raise torch.linalg.LinAlgError(f"{prefix}sytrd failed (info={info})")
+    values, info = getattr(lapack, f"{prefix}sterf")(diagonal, off_diagonal)
+    if info != 0:
+        raise torch.linalg.LinAlgError(f"{prefix}sterf did not converge (info={info})")
+    form = Tridiagonal(torch.from_numpy(reduced), torch.from_numpy(tau), diagonal, off_diagonal)
+    return torch.from_numpy(values), form
+
+
+def _descending_clamped(values: Tensor) -> tuple[Tensor, list[ClampReport]]:
+    """Ascending eigenvalues ``(B, d)`` → descending, negatives (round-off of PSD matrices) set to 0 and reported."""
     values = values.flip(-1)
-    vecs = vecs.flip(-1) if vecs is not None else None
     negative = values < 0
     reports = [
         ClampReport(int(n), float(v.min()) if n else 0.0) for n, v in zip(negative.sum(-1).tolist(), values)
     ]
-    return values.clamp_min(0), vecs, reports
+    return values.clamp_min(0), reports
 
 
 def eig_descending(matrix: Tensor) -> tuple[Tensor, Tensor, ClampReport]:
@@ -95,12 +169,15 @@ class KroneckerEigen:
         a_vectors: Tensor | None = None,
         g_vectors: Tensor | None = None,
         clamped: dict[str, ClampReport] | None = None,
+        forms: dict[str, Tridiagonal | None] | None = None,
     ):
         self.layout = layout
         self._A, self._G = A, G
         self.a_values, self.g_values = a_values, g_values
         self._a_vectors, self._g_vectors = a_vectors, g_vectors
         self.clamped = clamped or {}
+        self._forms = forms or {}
+        self._leading: dict[str, Tensor] = {}
 
     @property
     def num_params(self) -> int:
@@ -157,7 +234,20 @@ class KroneckerEigen:
         Eigenvector ``n`` reshaped to the augmented weight ``[W b]`` is ``outer(g_vecs[n], a_vecs[n])``.
         """
         values, j_idx, i_idx = self._top_index_pairs(k)
-        return values, self.g_vectors[:, j_idx].T, self.a_vectors[:, i_idx].T
+        g_vectors = self._leading_vectors("G", int(j_idx.max()) + 1)
+        a_vectors = self._leading_vectors("A", int(i_idx.max()) + 1)
+        return values, g_vectors[:, j_idx].T, a_vectors[:, i_idx].T
+
+    def _leading_vectors(self, which: str, m: int) -> Tensor:
+        """At least the ``m`` leading eigenvectors of ``A`` or ``G`` (columns, descending): all of them when they
+        are known; else, when the eigenvalues came with a ``Tridiagonal`` form, only the leading ones."""
+        known = self._a_vectors if which == "A" else self._g_vectors
+        form = self._forms.get(which)
+        if known is not None or form is None:
+            return self.a_vectors if which == "A" else self.g_vectors
+        if which not in self._leading or self._leading[which].shape[1] < m:
+            self._leading[which] = form.leading_vectors(m).to(self.a_values.device)
+        return self._leading[which]
 
     def topk(self, k: int) -> tuple[Tensor, Tensor]:
         """Top-k eigenvalues (descending) and orthonormal eigenvectors ``(k, P)`` in public parameter order."""

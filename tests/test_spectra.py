@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import kfac_hessian as kh
-from kfac_hessian.spectra import symmetric_eig
+import kfac_hessian.spectra as spectra
+from kfac_hessian.spectra import symmetric_eig, symmetric_eigvals
 
 from .conftest import TinyCNN, classification_data, mlp
 
@@ -103,3 +104,60 @@ def test_float32_factors_with_float64_eig():
     e = kfac["0"].eig(dtype=torch.float64)
     assert e.a_values.dtype == torch.float64
     assert torch.allclose(e.eigenvalues(), torch.linalg.eigvalsh(kfac["0"].to_dense().double()).flip(0), atol=1e-6)
+
+
+def _psd(d: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(d, 2 * d, generator=g, dtype=torch.float64)
+    return (x @ x.T / (2 * d)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_eigenvalues_through_the_tridiagonal_form_equal_eigvalsh(dtype, tol):
+    matrices = torch.stack([_psd(40, dtype, seed) for seed in range(3)])
+    values, reports, forms = symmetric_eigvals(matrices)
+    expected = torch.linalg.eigvalsh(matrices.double()).flip(-1)
+    assert values.dtype == dtype and all(f is not None for f in forms) and all(r.count == 0 for r in reports)
+    assert torch.allclose(values.double(), expected, atol=tol * expected.max())
+
+
+@pytest.mark.parametrize("m", [1, 4, 40])
+def test_leading_vectors_from_the_tridiagonal_form_are_the_leading_eigenvectors(m):
+    matrix = _psd(40)
+    _, _, (form,) = symmetric_eigvals(matrix.unsqueeze(0))
+    vectors = form.leading_vectors(m)
+    values, reference = torch.linalg.eigh(matrix)
+    reference = reference.flip(1)[:, :m]
+    assert torch.allclose(vectors.T @ vectors, torch.eye(m, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(vectors @ vectors.T, reference @ reference.T, atol=1e-10)  # same subspace (distinct eigenvalues)
+    assert torch.allclose(matrix @ vectors, vectors * values.flip(0)[:m], atol=1e-12)
+
+
+def test_top_pairs_after_values_only_compute_only_the_leading_vectors(factors):
+    f = factors["conv1"]  # A 19 × 19, G 3 × 3
+    e = f.eig(vectors=False)
+    values, vecs = e.topk(4)
+    assert e._a_vectors is None and e._g_vectors is None  # no full eigh ran
+    dense = f.to_dense()
+    assert torch.allclose(vecs @ dense @ vecs.T, torch.diag(values), atol=1e-12 * values[0])
+    full_values, full_vecs = f.eig(vectors=True).topk(4)
+    assert torch.allclose(values, full_values, atol=1e-13 * values[0])
+    assert torch.allclose(vecs.T @ vecs, full_vecs.T @ full_vecs, atol=1e-10)
+
+
+def test_values_only_path_falls_back_where_no_form_applies(monkeypatch):
+    small = torch.stack([_psd(2, seed=s) for s in range(2)])  # d < 3: eigvalsh, no form
+    values, _, forms = symmetric_eigvals(small)
+    assert forms == [None, None]
+    assert torch.allclose(values, torch.linalg.eigvalsh(small).flip(-1), atol=1e-14)
+    original = spectra._tridiagonal_eigvals
+
+    def failing_in_float32(matrix):
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("simulated")
+        return original(matrix)
+
+    monkeypatch.setattr(spectra, "_tridiagonal_eigvals", failing_in_float32)
+    values, _, forms = symmetric_eigvals(_psd(10, torch.float32).unsqueeze(0))
+    assert values.dtype == torch.float32 and forms == [None]  # retried in float64, cast back
+    assert torch.allclose(values[0].double(), torch.linalg.eigvalsh(_psd(10)).flip(0), atol=1e-6)
