@@ -62,7 +62,8 @@ class Tridiagonal:
         from scipy.linalg import eigh_tridiagonal
 
         n = len(self.diagonal)
-        _, vectors = eigh_tridiagonal(self.diagonal, self.off_diagonal, select="i", select_range=(n - m, n - 1))
+        with _single_threaded_scipy_lapack():
+            _, vectors = eigh_tridiagonal(self.diagonal, self.off_diagonal, select="i", select_range=(n - m, n - 1))
         leading = torch.from_numpy(vectors).flip(1).to(self.reflectors.dtype)
         # Q = diag(1, Q'), Q' the product of the reflectors stored as by a QR factorization of reflectors[1:, :-1]
         leading[1:] = torch.ormqr(self.reflectors[1:, :-1], self.tau, leading[1:])
@@ -73,7 +74,7 @@ def symmetric_eigvals(matrices: Tensor) -> tuple[Tensor, list[ClampReport], list
     """Eigenvalues (descending, clamped at 0 as in ``symmetric_eig``) of a batch ``(B, d, d)`` of PSD matrices.
 
     On the CPU (float32/float64, ``d ≥ 3``) through one blocked tridiagonalization and ``sterf`` per matrix
-    (LAPACK via scipy; faster than torch's ``eigvalsh`` on this project's machine, ``docs/performance.md``),
+    (LAPACK via scipy, one thread: about as fast as torch's ``eigvalsh`` on this project's machine, ``docs/performance.md``),
     keeping the ``Tridiagonal`` form for later leading eigenvectors; elsewhere ``eigvalsh`` and no form. A float32 failure
     is retried in float64 (no form kept then).
     """
@@ -81,17 +82,27 @@ def symmetric_eigvals(matrices: Tensor) -> tuple[Tensor, list[ClampReport], list
         values, _, reports = symmetric_eig(matrices, vectors=False)
         return values, reports, [None] * len(matrices)
     values, forms = [], []
-    for matrix in matrices:
-        try:
-            value, form = _tridiagonal_eigvals(matrix)
-        except torch.linalg.LinAlgError:
-            if matrix.dtype == torch.float64:
-                raise
-            value, form = _tridiagonal_eigvals(matrix.double())[0].to(matrix.dtype), None
-        values.append(value)
-        forms.append(form)
+    with _single_threaded_scipy_lapack():
+        for matrix in matrices:
+            try:
+                value, form = _tridiagonal_eigvals(matrix)
+            except torch.linalg.LinAlgError:
+                if matrix.dtype == torch.float64:
+                    raise
+                value, form = _tridiagonal_eigvals(matrix.double())[0].to(matrix.dtype), None
+            values.append(value)
+            forms.append(form)
     values, reports = _descending_clamped(torch.stack(values))
     return values, reports, forms
+
+
+def _single_threaded_scipy_lapack():
+    """scipy's OpenBLAS keeps its worker threads spinning after a call, and they then compete with torch's threads
+    for the cores: a gradient pass right after a multithreaded ``sytrd`` measured up to 1.7× slower on this
+    project's 2-core machine. One OpenBLAS thread for our LAPACK calls avoids that (torch's MKL is not affected)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _tridiagonal_eigvals(matrix: Tensor) -> tuple[Tensor, Tridiagonal]:
