@@ -96,13 +96,19 @@ def symmetric_eigvals(matrices: Tensor) -> tuple[Tensor, list[ClampReport], list
     return values, reports, forms
 
 
+_THREADPOOLS = None
+
+
 def _single_threaded_scipy_lapack():
     """scipy's OpenBLAS keeps its worker threads spinning after a call, and they then compete with torch's threads
     for the cores: a gradient pass right after a multithreaded ``sytrd`` measured up to 1.7× slower on this
     project's 2-core machine. One OpenBLAS thread for our LAPACK calls avoids that (torch's MKL is not affected)."""
-    from threadpoolctl import threadpool_limits
+    global _THREADPOOLS
+    if _THREADPOOLS is None:  # scanning the loaded libraries costs ~1.5 ms: once per process
+        from threadpoolctl import ThreadpoolController
 
-    return threadpool_limits(limits=1, user_api="blas")
+        _THREADPOOLS = ThreadpoolController()
+    return _THREADPOOLS.limit(limits=1, user_api="blas")
 
 
 def _tridiagonal_eigvals(matrix: Tensor) -> tuple[Tensor, Tridiagonal]:
