@@ -637,8 +637,10 @@ def compute_kfac(
         progress: show a progress bar (needs ``tqdm``).
         column_chunk: output-gradient columns backpropagated together in one vectorized
             (``is_grads_batched``) pass. ``None``: all of them on CUDA, one per pass on CPU, where the
-            vectorized backward of convolutions measured 1.7× slower than separate passes
+            vectorized backward of convolutions measured about 2× slower than separate passes
             (``docs/performance.md``). A chunk of ``K`` holds ``K`` copies of the activations' gradients.
+            One column per pass (also ``mc`` with one sample and ``empirical`` by default) streams each
+            layer's output gradient into ``G`` inside the backward (``capture.py``): the least memory.
         distributed: ``data`` is this rank's shard of a data set split over an initialized
             ``torch.distributed`` process group; the sums of all ranks are combined in one all-reduce and
             every rank returns the factors of the whole data set.
