@@ -412,6 +412,14 @@ class _GradientRouter:
             self.pending[name] = [None] * len(slots)
 
 
+def _one_column_per_pass(column_chunk: int | None, device: torch.device, curvature: Curvature, mc_samples: int) -> bool:
+    """Whether every backward pass carries a single column (then its gradients are streamed into the sums):
+    ``column_chunk=1``; by default on the CPU; and wherever there is only one column per sample."""
+    if column_chunk is not None:
+        return column_chunk == 1
+    return device.type != "cuda" or curvature == "empirical" or (curvature == "mc" and mc_samples == 1)
+
+
 def _backpropagate_together(output: Tensor, chunk: Tensor, calls: Mapping[str, list[LayerCall]],
                             router: _GradientRouter, retain: bool) -> None:
     """One (vectorized when ``len(chunk) > 1``) backward pass of ``chunk`` to all recorded outputs at once."""
@@ -683,8 +691,7 @@ def compute_kfac(
 
         total = len(data) if hasattr(data, "__len__") and not (isinstance(data, tuple) and len(data) == 2) else None
         batches = tqdm(batches, desc=f"KFAC ({curvature})", unit="batch", total=total)
-    stream = (column_chunk or (None if model_device.type == "cuda" else 1)) == 1 or (
-        column_chunk is None and (curvature == "empirical" or (curvature == "mc" and mc_samples == 1)))
+    stream = _one_column_per_pass(column_chunk, model_device, curvature, mc_samples)
     router = _GradientRouter(selected, sums, other_sums)
     with (
         decomposed_attention(attention, {n: selected[n] for n in attention}) as cross_attention,

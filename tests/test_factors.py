@@ -503,3 +503,13 @@ def test_a_call_without_influence_counts_as_zero_gradients(column_chunk, approx)
     if approx == "reduce":
         rows = (rows[:6] + rows[6:]) / 2
     assert rel_err(with_call["shared"].A, rows.T @ rows / len(rows)) < EXACT
+
+
+def test_when_gradients_are_streamed_one_column_per_pass():
+    from kfac_hessian.factors import _one_column_per_pass
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object only: nothing runs on it
+    assert _one_column_per_pass(None, cpu, "ggn", 1) and _one_column_per_pass(1, cuda, "ggn", 1)
+    assert not _one_column_per_pass(None, cuda, "ggn", 1) and not _one_column_per_pass(4, cpu, "mc", 4)
+    assert _one_column_per_pass(None, cuda, "empirical", 1) and _one_column_per_pass(None, cuda, "mc", 1)
+    assert not _one_column_per_pass(None, cuda, "mc", 2)
