@@ -91,7 +91,7 @@ def main() -> None:
 
 
 def plot(runs, lrs, path: Path) -> None:
-    from kfac_hessian.plotting import pyplot
+    from kfac_hessian.plotting import pyplot, save_figure
 
     plt = pyplot()
     fig, axes = plt.subplots(1, len(lrs), figsize=(4.5 * len(lrs), 3.3), squeeze=False)
@@ -105,9 +105,7 @@ def plot(runs, lrs, path: Path) -> None:
         ax.set_xlabel("epoch")
     axes[0][0].set_ylabel("mean training loss")
     axes[0][0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def render(runs, lrs, args) -> str:

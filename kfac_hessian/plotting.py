@@ -18,6 +18,15 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: Path, tight: bool = True) -> Path:
+    """Lay out (unless ``tight=False``), write at 110 dpi and close ``fig``; the path written."""
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return Path(path)
+
+
 def plot_spectra(report, path: Path) -> Path:
     """Per layer: histograms of log10 eigenvalues, Kronecker vs exact (dense spectrum or SLQ nodes)."""
     plt = pyplot()
@@ -38,10 +47,7 @@ def plot_spectra(report, path: Path) -> Path:
         ax.set_xlabel("log10 eigenvalue")
     axes[0][0].set_ylabel("count")
     axes[0][0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_top_eigenvalues(report, path: Path) -> Path:
@@ -56,10 +62,7 @@ def plot_top_eigenvalues(report, path: Path) -> Path:
         ax.set_title(f"layer {row['layer']}: overlap {row['overlap']:.2f}")
         ax.set_xlabel("rank")
     axes[0][0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_overlap_matrices(matrices: dict[str, np.ndarray], labels: list[str], path: Path) -> Path:
@@ -75,9 +78,7 @@ def plot_overlap_matrices(matrices: dict[str, np.ndarray], labels: list[str], pa
             for j in range(len(labels)):
                 ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, tight=False)  # tight_layout does not handle a colorbar shared by panels
 
 
 def plot_tracked_metrics(records: list[dict], metrics: tuple[str, ...], path: Path) -> Path:
@@ -96,7 +97,4 @@ def plot_tracked_metrics(records: list[dict], metrics: tuple[str, ...], path: Pa
         ax.set_title(metric)
         ax.set_xlabel("step")
     axes[0][0].legend(title="layer", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
