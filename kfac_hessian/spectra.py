@@ -101,10 +101,10 @@ _THREADPOOLS = None
 
 def _single_threaded_scipy_lapack():
     """scipy's OpenBLAS keeps its worker threads spinning after a call, and they then compete with torch's threads
-    for the cores: a gradient pass right after a multithreaded ``sytrd`` ran up to 1.7× slower on this
-    project's 2-core machine (a one-off check). One OpenBLAS thread for our LAPACK calls avoids that (torch's MKL is not affected)."""
+    for the cores: on this project's 2-core machine a gradient pass right after a multithreaded ``sytrd`` ran
+    markedly slower (a one-off check, not a repo benchmark). One OpenBLAS thread for our LAPACK calls avoids that (torch's MKL is not affected)."""
     global _THREADPOOLS
-    if _THREADPOOLS is None:  # scanning the loaded libraries costs ~1.5 ms: once per process
+    if _THREADPOOLS is None:  # scanning the loaded libraries takes milliseconds: once per process
         from threadpoolctl import ThreadpoolController
 
         _THREADPOOLS = ThreadpoolController()
