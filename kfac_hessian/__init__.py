@@ -1,14 +1,16 @@
 """kfac_hessian: layer-wise Hessians of neural networks.
 
-Kronecker path: ``compute_kfac`` gathers ``A`` and ``G`` per layer (``G ⊗ A`` ≈ the layer's Hessian block);
-``KroneckerFactor.eig`` gives every eigenvalue and top eigenvectors without forming the product.
+Kronecker path: ``compute_kfac`` gathers every layer's curvature block in one streamed pass — ``G ⊗ A`` for
+Kronecker layers (``KroneckerBlock``), exact blocks for normalization layers and free parameters (``DenseBlocks``);
+which block a module gets is decided by the layer-kind registry (``kfac_hessian.layers``; ``layers.register`` adds
+a kind). ``block.eig()`` gives every eigenvalue and the top eigenvectors without forming the block.
 Exact path: ``layer_operator`` applies the true block; ``lanczos``, ``slq_density`` and ``hutchinson_trace``
 measure it. Built on them: ``analyses`` (overlap, low rank, outliers, ``SpectrumTracker``, back-matching local
 Hessians), ``bounds`` (PAC-Bayes in the Kronecker eigenbasis), ``optim`` (``ScaleAmendedSGD``).
 Conventions: ``docs/conventions.md``.
 """
 
-from . import analyses, bounds, optim
+from . import analyses, bounds, layers, optim
 from .analyses import (
     SpectrumTracker,
     back_matching_hessians,
@@ -19,6 +21,9 @@ from .analyses import (
     overlap_by_layer,
 )
 from .analyses.report import ValidationReport, compare
+from .data import sequence_logits
+from .blocks import BlockEigen, CurvatureBlock, DenseBlocks, DenseBlocksEigen, KroneckerBlock, KroneckerEigen
+from .bounds import pac_bayes_bound
 from .exact import (
     CurvatureOperator,
     LanczosResult,
@@ -29,40 +34,45 @@ from .exact import (
     layer_operator,
     slq_density,
 )
-from .bounds import pac_bayes_bound
-from .factors import KFAC, KroneckerFactor, compute_kfac, input_second_moments
+from .factors import KFAC, compute_kfac, input_second_moments
 from .layout import BlockLayout
-from .spectra import KroneckerEigen, SpectralDensity
+from .spectra import SpectralDensity
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KFAC",
-    "analyses",
-    "bounds",
-    "optim",
-    "SpectrumTracker",
-    "back_matching_hessians",
-    "input_second_moments",
-    "pac_bayes_bound",
+    "BlockEigen",
     "BlockLayout",
+    "CurvatureBlock",
     "CurvatureOperator",
+    "DenseBlocks",
+    "DenseBlocksEigen",
+    "KroneckerBlock",
     "KroneckerEigen",
-    "KroneckerFactor",
     "LanczosResult",
     "SLQDensity",
     "SpectralDensity",
+    "SpectrumTracker",
     "TraceEstimate",
     "ValidationReport",
+    "analyses",
+    "back_matching_hessians",
+    "bounds",
     "compare",
     "compute_kfac",
     "count_outliers",
     "eigenspace_overlap",
-    "kronecker_overlap",
-    "low_rank_structure",
-    "overlap_by_layer",
     "hutchinson_trace",
+    "input_second_moments",
+    "kronecker_overlap",
     "lanczos",
     "layer_operator",
+    "layers",
+    "low_rank_structure",
+    "optim",
+    "overlap_by_layer",
+    "pac_bayes_bound",
+    "sequence_logits",
     "slq_density",
 ]

@@ -1,13 +1,14 @@
-"""Forward hooks that record every call of the selected layers, and the guard that keeps the model as it was.
+"""Forward hooks that record every call of the selected modules during a curvature pass.
 
-Output gradients are not taken with ``.grad`` or module backward hooks. In grad mode every recorded output
-``z`` is returned to the model as ``z + anchor`` — a new tensor, with ``anchor`` a zero scalar leaf — so that
+Output gradients are not taken with ``.grad`` or module backward hooks. In grad mode every floating-point
+tensor output ``z`` of a recorded call (the leaves of its output structure) is returned to the model as
+``z + anchor`` — a new tensor, with ``anchor`` a zero scalar leaf — so that
 
-* in-place operations the model applies to a layer's output (``ReLU(inplace=True)``) act on the new tensor
-  and never change which tensor ``z`` is: gradients taken at ``z`` are gradients w.r.t. the layer output;
+* in-place operations the model applies to a module's output (``ReLU(inplace=True)``) act on the new tensor
+  and never change which tensor ``z`` is: gradients taken at ``z`` are gradients w.r.t. the module output;
 * with ``on_gradient``, the gradient w.r.t. ``z`` is handed over *inside* the backward pass, from a pre-hook
-  of the addition's autograd node, while backpropagating to the anchors alone: no layer's output gradient
-  outlives its use, and the backward stops at the first recorded layer (nothing is computed for parameters).
+  of the addition's autograd node, while backpropagating to the anchors alone: no output gradient outlives its
+  use, and the backward stops at the first recorded module (nothing is computed for parameters).
   Without ``on_gradient`` the outputs ``z`` are kept for ``torch.autograd.grad`` (vectorized columns).
 """
 
@@ -15,37 +16,61 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-GradientCallback = Callable[[str, int, Tensor], None]
+GradientCallback = Callable[[str, int, int, Tensor], None]  # (name, call index, output leaf index, gradient)
+
+
+def _detach(obj):
+    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, obj)
 
 
 @dataclass
 class LayerCall:
-    """One call of a layer in a forward pass: its (detached) input, its output's shape and, unless the recorder
-    streams gradients, the output ``z`` in the graph."""
+    """One call of a recorded module in a forward pass.
 
-    inputs: Tensor | None
-    output_shape: torch.Size
-    output: Tensor | None = None
+    ``args``/``kwargs``: its inputs, detached (released by the accumulator once used). ``output_shapes``: the shape
+    of each anchored output leaf. ``outputs``: those leaves in the graph, kept unless the recorder streams
+    gradients. ``output_values``: the detached outputs, kept only when the recorder verifies calls.
+    """
+
+    args: tuple | None
+    kwargs: dict | None
+    output_shapes: list[torch.Size] = field(default_factory=list)
+    outputs: list[Tensor] | None = None
+    output_values: object = None
+
+    @property
+    def inputs(self) -> Tensor:
+        """The first positional input (the layer input of every Kronecker and normalization kind)."""
+        return self.args[0]
 
 
 class LayerRecorder:
     """Context manager recording ``LayerCall``s of ``modules``; hooks are removed on every exit path.
 
-    ``on_gradient(name, call_index, grad)``: called during every backward pass through a recorded output with
-    the gradient w.r.t. that output (shaped like it); drive the pass with ``torch.autograd.grad(…, anchors)``.
+    ``on_gradient(name, call, leaf, grad)``: called during every backward pass through a recorded output with the
+    gradient w.r.t. that output leaf (shaped like it); drive the pass with ``torch.autograd.grad(…, anchors)``.
+    ``keep_values``: keep each call's detached outputs (``LayerCall.output_values``) for verification.
+    ``batch_size``: in grad mode, an output leaf of leading size 1 (a module called on an unbatched input, its output
+    broadcast over the samples later) is expanded to this size before it is anchored, so that its per-sample
+    gradients are observable; the names of such modules are in ``expanded``.
     """
 
     def __init__(self, modules: dict[str, nn.Module], on_gradient: GradientCallback | None = None):
         self.modules = modules
         self.on_gradient = on_gradient
+        self.keep_values = False
+        self.batch_size: int | None = None
+        self.expanded: set[str] = set()
         self.calls: dict[str, list[LayerCall]] = {name: [] for name in modules}
         self._anchors: dict[tuple, Tensor] = {}
         self._handles: list = []
+        self._paused = False
 
     @property
     def anchors(self) -> list[Tensor]:
@@ -58,45 +83,61 @@ class LayerRecorder:
             self._anchors[key] = torch.zeros((), dtype=like.dtype, device=like.device, requires_grad=True)
         return self._anchors[key]
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Calls inside are not recorded (a module re-run for per-sample gradients)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
     def _hook(self, name: str):
-        def record(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            call = LayerCall(args[0].detach(), output.shape)
+        def record(module: nn.Module, args: tuple, kwargs: dict, output):
+            if self._paused:
+                return output
+            call = LayerCall(_detach(args), _detach(kwargs), output_values=_detach(output) if self.keep_values else None)
             self.calls[name].append(call)
             if not torch.is_grad_enabled():
                 return output
-            if not output.requires_grad:
-                # Frozen layer fed by inputs without grad: make its output a leaf we can differentiate at.
-                output = output.detach().requires_grad_()
-            tapped = output + self._anchor(output)
-            if self.on_gradient is None:
-                call.output = output
-            else:
-                index, callback = len(self.calls[name]) - 1, self.on_gradient
-
-                def deliver(grad_outputs: tuple) -> None:
-                    if grad_outputs[0] is not None:
-                        callback(name, index, grad_outputs[0])
-
-                tapped.grad_fn.register_prehook(deliver)
-            return tapped
+            leaves, spec = tree_flatten(output)
+            anchored = [self._tap(name, call, leaf) if _differentiable(leaf) else leaf for leaf in leaves]
+            return tree_unflatten(anchored, spec)
 
         return record
 
-    def release_inputs(self, name: str) -> None:
-        """Forget the inputs of ``name``'s calls once they are used: the graph keeps what the backward needs and
-        frees it as the backward passes, which a reference held here would prevent."""
-        for call in self.calls[name]:
-            call.inputs = None
+    def _tap(self, name: str, call: LayerCall, output: Tensor) -> Tensor:
+        if self.batch_size is not None and self.batch_size > 1 and output.shape[0] == 1:
+            output = output.expand(self.batch_size, *output.shape[1:])
+            self.expanded.add(name)
+        if not output.requires_grad:
+            # Frozen module fed by inputs without grad: make its output a leaf we can differentiate at.
+            output = output.detach().requires_grad_()
+        tapped = output + self._anchor(output)
+        leaf = len(call.output_shapes)
+        call.output_shapes.append(output.shape)
+        if self.on_gradient is None:
+            call.outputs = [*(call.outputs or []), output]
+        else:
+            index, callback = len(self.calls[name]) - 1, self.on_gradient
+
+            def deliver(grad_outputs: tuple) -> None:
+                if grad_outputs[0] is not None:
+                    callback(name, index, leaf, grad_outputs[0])
+
+            tapped.grad_fn.register_prehook(deliver)
+        return tapped
 
     def clear(self) -> None:
         for calls in self.calls.values():
             calls.clear()
         self._anchors.clear()
+        self.expanded.clear()
 
     def __enter__(self) -> "LayerRecorder":
         try:
             for name, module in self.modules.items():
-                self._handles.append(module.register_forward_hook(self._hook(name)))
+                self._handles.append(module.register_forward_hook(self._hook(name), with_kwargs=True))
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -109,30 +150,5 @@ class LayerRecorder:
         self.clear()
 
 
-@contextlib.contextmanager
-def preserved_model_state(model: nn.Module, batch_norm_eval: bool = False) -> Iterator[None]:
-    """Restore train/eval flags, ``requires_grad`` and ``.grad`` of every parameter, and the running statistics
-    of every BatchNorm (a train-mode forward pass updates them), on exit — even on error.
-
-    ``batch_norm_eval``: put every BatchNorm in eval mode inside (the curvature passes' default).
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    statistics = [(b, b.detach().clone()) for m in batch_norms for b in m.buffers(recurse=False)]
-    if batch_norm_eval:
-        for module in batch_norms:
-            module.eval()
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    grads = [p.grad for p in params]
-    try:
-        yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
-        for p, flag, grad in zip(params, flags, grads):
-            p.requires_grad_(flag)
-            p.grad = grad
-        with torch.no_grad():
-            for buffer, value in statistics:
-                buffer.copy_(value)
+def _differentiable(leaf) -> bool:
+    return isinstance(leaf, Tensor) and leaf.is_floating_point() and leaf.dim() > 0

@@ -97,7 +97,12 @@ def check_batch(spec: LossSpec, output: Tensor, target: Tensor) -> None:
                 f"{expected}); probability targets are not supported"
             )
         if tuple(target.shape) != expected:
-            raise ValueError(f"CrossEntropyLoss targets have shape {tuple(target.shape)}, expected {expected}")
+            hint = ""
+            if output.dim() == 3 and tuple(target.shape) == tuple(output.shape[:2]):
+                hint = ("; the output looks like (N, T, C) with the classes last, but CrossEntropyLoss takes them on axis 1: "
+                        "pass output=kfac_hessian.sequence_logits (logits.transpose(1, 2))")
+            raise ValueError(f"CrossEntropyLoss targets have shape {tuple(target.shape)}, expected {expected} for an "
+                             f"output of shape {tuple(output.shape)}{hint}")
         if (target == spec.ignore_index).any():
             raise ValueError(f"targets equal to ignore_index={spec.ignore_index} are not supported")
         if target.numel() and (target.min() < 0 or target.max() >= output.shape[1]):

@@ -134,5 +134,5 @@ class TinyGPT(nn.Module):
 
     def forward(self, tokens):
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        h = self.blocks(self.tok(tokens) + self.pos(positions))
+        h = self.blocks(self.tok(tokens) + self.pos(positions.unsqueeze(0)))
         return self.head(self.ln(h)).transpose(1, 2)

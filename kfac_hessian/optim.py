@@ -1,7 +1,8 @@
 """Scale-amended SGD: SGD whose step on each layer block is divided by a scalar approximation of the block's
 local (back-matching) Hessian (Zhang, Chen & Liu, NeurIPS 2018; the derivation is in docs/local_hessians.md).
 
-Block ``k`` = one ``Linear``/``Conv`` layer (weight and bias), optionally followed by a ``BatchNorm``. Its
+Block ``k`` = one Kronecker layer with vector inputs (``Linear``, convolutions, ``transformers``' ``Conv1D``; the
+layer-kind registry decides), its weight and bias, optionally followed by a ``BatchNorm``. Its
 back-matching local Hessian in ``[W b]`` is ``D ⊗ A`` (``analyses.local_hessian``): ``A = mean ā āᵀ`` over the
 rows (samples × positions) of the layer input with a 1 appended, ``D = diag(γ²/(σ² + ε))`` when a BatchNorm
 follows (``I`` otherwise). The best scalar approximation ``h·I`` of ``D ⊗ A`` in Frobenius norm is its mean
@@ -27,7 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .layers import input_rows, select_layers, weight_matrix_shape
+from .layers import KroneckerKind, kronecker_kind, select
+from .model_state import is_batch_norm
 
 
 class ScaleAmendedSGD(torch.optim.Optimizer):
@@ -52,6 +54,9 @@ class ScaleAmendedSGD(torch.optim.Optimizer):
         ema: float = 0.9,
         layers: list[str] | None = None,
     ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"ScaleAmendedSGD takes the model itself (it observes its layers' inputs with forward hooks), "
+                            f"got {type(model).__name__}: use ScaleAmendedSGD(model, lr=...), not model.parameters()")
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
         if not 0 <= momentum < 1:
@@ -63,9 +68,9 @@ class ScaleAmendedSGD(torch.optim.Optimizer):
         params = [p for p in model.parameters() if p.requires_grad]
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
         self.ema = ema
-        self._layers, _ = select_layers(model, layers)
-        self._batch_norm = _pair_batch_norms(model, self._layers, batch_norm)
-        self._block_of = {p: name for name, m in self._layers.items() for p in m.parameters(recurse=False)}
+        self._layers, self._kinds = _kronecker_layers(model, layers)
+        self._batch_norm = _pair_batch_norms(model, self._layers, self._kinds, batch_norm)
+        self._block_of = {getattr(m, p): name for name, m in self._layers.items() for p in self._kinds[name].parameter_names(m)}
         self.input_power: dict[str, float] = {}  # smoothed mean ‖ā‖² / width per layer
         self._hooks = [m.register_forward_hook(self._observe(name)) for name, m in self._layers.items()]
 
@@ -75,9 +80,10 @@ class ScaleAmendedSGD(torch.optim.Optimizer):
             if not module.training or module is not self._layers[name]:
                 return
             with torch.no_grad():
-                rows = input_rows(module, args[0].detach())
-                width = rows.shape[-1] + int(module.bias is not None)
-                power = (float(rows.square().sum(-1).mean()) + int(module.bias is not None)) / width
+                layout = self._kinds[name].layout(module)
+                rows = self._kinds[name].input_rows(module, args[0].detach())
+                # mean over rows of ‖ā‖² per group / width (the constant 1 of a bias counted in every group)
+                power = (float(rows.square().sum(-1).mean()) / layout.groups + int(layout.has_bias)) / layout.width
             old = self.input_power.get(name)
             self.input_power[name] = power if old is None else self.ema * old + (1 - self.ema) * power
 
@@ -145,14 +151,34 @@ class ScaleAmendedSGD(torch.optim.Optimizer):
         self.remove_hooks()
 
 
-def _pair_batch_norms(model: nn.Module, layers: dict[str, nn.Module], batch_norm: dict[str, str] | str) -> dict:
+def _kronecker_layers(model: nn.Module, layers: list[str] | None) -> tuple[dict[str, nn.Module], dict[str, KroneckerKind]]:
+    """The optimizer's blocks: the selected Kronecker layers with vector inputs, and their kinds."""
+    selected = {e.module_name: e.module for e in select(model, layers).entries if e.kind is not None}
+    kinds = {name: kronecker_kind(m) for name, m in selected.items()}
+    if layers is not None:
+        other = [name for name, kind in kinds.items() if kind is None]
+        if other:
+            raise ValueError(f"{other} are not Kronecker layers with vector inputs (Linear, convolutions, Conv1D)")
+    kinds = {name: kind for name, kind in kinds.items() if kind is not None}
+    if not kinds:
+        raise ValueError(f"{type(model).__name__} has no Kronecker layer with vector inputs (Linear, convolutions, Conv1D)")
+    return {name: selected[name] for name in kinds}, kinds
+
+
+def _pair_batch_norms(model: nn.Module, layers: dict[str, nn.Module], kinds: dict[str, KroneckerKind],
+                      batch_norm: dict[str, str] | str) -> dict:
     modules = dict(model.named_modules())
+
+    def outputs(name: str) -> int:
+        layout = kinds[name].layout(layers[name])
+        return layout.groups * layout.d_out
+
     if batch_norm == "auto":
         names = list(modules)
         pairs = {}
         for name in layers:
             following = modules[names[names.index(name) + 1]] if names.index(name) + 1 < len(names) else None
-            if isinstance(following, nn.modules.batchnorm._BatchNorm) and following.num_features == weight_matrix_shape(layers[name])[0]:
+            if is_batch_norm(following) and following.num_features == outputs(name):
                 pairs[name] = following
         return pairs
     if not isinstance(batch_norm, dict):
@@ -162,7 +188,7 @@ def _pair_batch_norms(model: nn.Module, layers: dict[str, nn.Module], batch_norm
         bn = modules.get(bn_name)
         if name not in layers:
             raise ValueError(f"{name!r} is not one of the optimizer's layers {list(layers)}")
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats:
+        if not is_batch_norm(bn) or not bn.track_running_stats:
             raise ValueError(f"{bn_name!r} is not a BatchNorm module with running statistics")
         pairs[name] = bn
     return pairs

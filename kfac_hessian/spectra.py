@@ -1,25 +1,28 @@
-"""Spectra of ``G ⊗ A`` from the eigendecompositions of the two small factors, never forming the product.
+"""Symmetric eigendecompositions of the small matrices every block reduces to, and spectral densities.
 
-With ``A = U diag(λ) Uᵀ`` and ``G = V diag(μ) Vᵀ`` (both PSD), ``G ⊗ A`` has the ``P = d_out·width``
-eigenvalues ``μ_j λ_i`` with eigenvectors ``v_j ⊗ u_i`` (the rank-one matrix ``v_j u_iᵀ`` in weight shape).
-The top-k products need only the pairs with ``i·j ≤ k`` (1-based ranks in the two descending lists).
+The matrices are PSD (sums of outer products): eigenvalues come out descending, negatives (round-off) clamped to
+zero and reported (``ClampReport``); a failed float32 decomposition is retried in float64. Eigenvalues alone go,
+on the CPU, through one tridiagonalization per matrix whose form is kept (``Tridiagonal``), so that the leading
+eigenvectors can be had later for ``O(d²·m)`` instead of a full ``eigh``; independent matrices are tridiagonalized
+concurrently, one LAPACK thread each (``_lapack``).
 """
 
 from __future__ import annotations
 
-import builtins
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .layout import BlockLayout
+from . import _lapack
 
 
 @dataclass
 class ClampReport:
-    """Negative eigenvalues of a PSD factor set to zero (round-off): how many, and the most negative one."""
+    """Negative eigenvalues of a PSD matrix set to zero (round-off): how many, and the most negative one."""
 
     count: int = 0
     most_negative: float = 0.0
@@ -31,6 +34,11 @@ def symmetric_eig(matrices: Tensor, vectors: bool) -> tuple[Tensor, Tensor | Non
     A failed float32 decomposition is retried in float64 (result cast back). Negative eigenvalues are
     round-off here (the factors are sums of outer products), so they are clamped to 0 and reported.
     """
+    if matrices.shape[-1] == 1:  # 1×1 blocks (diagonals): nothing to decompose
+        values = matrices[..., 0]
+        vecs = torch.ones_like(matrices) if vectors else None
+        values, reports = _descending_clamped(values)
+        return values, vecs, reports
     try:
         values, vecs = torch.linalg.eigh(matrices) if vectors else (torch.linalg.eigvalsh(matrices), None)
     except torch.linalg.LinAlgError:
@@ -70,30 +78,61 @@ class Tridiagonal:
         return leading
 
 
-def symmetric_eigvals(matrices: Tensor) -> tuple[Tensor, list[ClampReport], list[Tridiagonal | None]]:
-    """Eigenvalues (descending, clamped at 0 as in ``symmetric_eig``) of a batch ``(B, d, d)`` of PSD matrices.
+TRIDIAGONAL_MIN_SIZE = 32  # smaller matrices: torch's batched eigvalsh (a LAPACK call per tiny matrix costs more)
 
-    On the CPU (float32/float64, ``d ≥ 3``) through one blocked tridiagonalization and ``sterf`` per matrix
-    (LAPACK via scipy, one thread: about as fast as torch's ``eigvalsh`` on this project's machine, ``docs/performance.md``),
-    keeping the ``Tridiagonal`` form for later leading eigenvectors; elsewhere ``eigvalsh`` and no form. A float32 failure
-    is retried in float64 (no form kept then).
+
+def symmetric_eigvals(batches: list[Tensor]) -> list[tuple[Tensor, list[ClampReport], list[Tridiagonal | None]]]:
+    """Eigenvalues (descending, clamped at 0 as in ``symmetric_eig``) of batches ``(B, d, d)`` of PSD matrices of
+    any sizes; per batch ``(values (B, d), reports, forms)``.
+
+    On the CPU (float32/float64, one matrix of ``d ≥ TRIDIAGONAL_MIN_SIZE``) through one blocked tridiagonalization
+    and ``sterf``, keeping the ``Tridiagonal`` form for later leading eigenvectors; these matrices run concurrently
+    on ``torch.get_num_threads()`` threads with one LAPACK thread each (largest first). Everything else goes through
+    torch's ``eigvalsh``, one batched call per size, and keeps no form. A float32 failure is retried in float64 (no form kept then).
     """
-    if matrices.device.type != "cpu" or matrices.dtype not in (torch.float32, torch.float64) or matrices.shape[-1] < 3:
-        values, _, reports = symmetric_eig(matrices, vectors=False)
-        return values, reports, [None] * len(matrices)
-    values, forms = [], []
+    results: list = [None] * len(batches)
+    tridiagonal, groups = [], {}
+    for i, batch in enumerate(batches):
+        if _tridiagonal_applies(batch):
+            tridiagonal.append(i)
+        else:  # equal sizes in one batched call (one kernel launch on a GPU)
+            groups.setdefault((batch.shape[-1], batch.device, batch.dtype), []).append(i)
+    for members in groups.values():
+        values, _, reports = symmetric_eig(torch.cat([batches[i] for i in members]), vectors=False)
+        start = 0
+        for i in members:
+            count = len(batches[i])
+            results[i] = (values[start : start + count], reports[start : start + count], [None] * count)
+            start += count
+    order = sorted(tridiagonal, key=lambda i: -batches[i].shape[-1])  # longest first: balanced threads
     with _single_threaded_scipy_lapack():
-        for matrix in matrices:
-            try:
-                value, form = _tridiagonal_eigvals(matrix)
-            except torch.linalg.LinAlgError:
-                if matrix.dtype == torch.float64:
-                    raise
-                value, form = _tridiagonal_eigvals(matrix.double())[0].to(matrix.dtype), None
-            values.append(value)
-            forms.append(form)
-    values, reports = _descending_clamped(torch.stack(values))
-    return values, reports, forms
+        decomposed = _map_concurrently(lambda i: _eigvals_with_form(batches[i][0]), order)
+    for i, (values, form) in zip(order, decomposed):
+        values, reports = _descending_clamped(values.unsqueeze(0))
+        results[i] = (values, reports, [form])
+    return results
+
+
+def _tridiagonal_applies(batch: Tensor) -> bool:
+    return (batch.device.type == "cpu" and batch.shape[0] == 1 and batch.dtype in (torch.float32, torch.float64)
+            and batch.shape[-1] >= TRIDIAGONAL_MIN_SIZE)
+
+
+def _map_concurrently(function: Callable, items: list) -> list:
+    threads = min(torch.get_num_threads(), len(items))
+    if threads <= 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(function, items))
+
+
+def _eigvals_with_form(matrix: Tensor) -> tuple[Tensor, Tridiagonal | None]:
+    try:
+        return _tridiagonal_eigvals(matrix)
+    except torch.linalg.LinAlgError:
+        if matrix.dtype == torch.float64:
+            raise
+        return _tridiagonal_eigvals(matrix.double())[0].to(matrix.dtype), None
 
 
 _THREADPOOLS = None
@@ -102,7 +141,8 @@ _THREADPOOLS = None
 def _single_threaded_scipy_lapack():
     """scipy's OpenBLAS keeps its worker threads spinning after a call, and they then compete with torch's threads
     for the cores: on this project's 2-core machine a gradient pass right after a multithreaded ``sytrd`` ran
-    markedly slower (a one-off check, not a repo benchmark). One OpenBLAS thread for our LAPACK calls avoids that (torch's MKL is not affected)."""
+    markedly slower (a one-off check, not a repo benchmark). One OpenBLAS thread per LAPACK call avoids that, and
+    concurrent calls share the cores instead (torch's MKL is not affected)."""
     global _THREADPOOLS
     if _THREADPOOLS is None:  # scanning the loaded libraries takes milliseconds: once per process
         from threadpoolctl import ThreadpoolController
@@ -112,20 +152,13 @@ def _single_threaded_scipy_lapack():
 
 
 def _tridiagonal_eigvals(matrix: Tensor) -> tuple[Tensor, Tridiagonal]:
-    from scipy.linalg import lapack
-
-    prefix = "s" if matrix.dtype == torch.float32 else "d"
-    n = matrix.shape[-1]
-    lwork = int(getattr(lapack, f"{prefix}sytrd_lwork")(n, lower=1)[0])
-    # a symmetric matrix is its own transpose: the C-ordered array read as Fortran-ordered is the same matrix
-    reduced, diagonal, off_diagonal, tau, info = getattr(lapack, f"{prefix}sytrd")(
-        matrix.detach().contiguous().numpy().T, lower=1, lwork=lwork)
+    reflectors, diagonal, off_diagonal, tau, info = _lapack.sytrd(matrix.detach().contiguous().numpy())
     if info != 0:
-        raise torch.linalg.LinAlgError(f"{prefix}sytrd failed (info={info})")
-    values, info = getattr(lapack, f"{prefix}sterf")(diagonal, off_diagonal)
+        raise torch.linalg.LinAlgError(f"sytrd failed (info={info})")
+    values, info = _lapack.sterf(diagonal, off_diagonal)
     if info != 0:
-        raise torch.linalg.LinAlgError(f"{prefix}sterf did not converge (info={info})")
-    form = Tridiagonal(torch.from_numpy(reduced), torch.from_numpy(tau), diagonal, off_diagonal)
+        raise torch.linalg.LinAlgError(f"sterf did not converge (info={info})")
+    form = Tridiagonal(torch.from_numpy(reflectors), torch.from_numpy(tau), diagonal, off_diagonal)
     return torch.from_numpy(values), form
 
 
@@ -168,138 +201,27 @@ class SpectralDensity:
         return self.counts / (self.edges[1:] - self.edges[:-1])
 
 
-class KroneckerEigen:
-    """Eigen-structure of one layer's ``G ⊗ A``.
+def histogram(chunks: Callable[[], Iterator[Tensor]], extent: tuple[float, float] | None, n_zero: int, bins: int,
+              log: bool, range: tuple[float, float] | None, device) -> SpectralDensity:
+    """``SpectralDensity`` of the values that ``chunks()`` yields (already ``log10``-ed when ``log``; zeros left
+    out and counted in ``n_zero``). ``range`` defaults to ``extent``, the values' exact extent (``None``: empty)."""
+    if range is None:
+        range = extent if extent is not None else (0.0, 1.0)
+    lo, hi = range
+    if hi <= lo:  # a single distinct eigenvalue: give it a bin of its own
+        lo, hi = lo - 0.5, hi + 0.5
+    counts = torch.zeros(bins, dtype=torch.float64, device=device)
+    for values in chunks():
+        counts += torch.histc(values.double(), bins=bins, min=lo, max=hi)
+    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64, device=device)
+    return SpectralDensity(edges, counts, n_zero, log)
 
-    Eigenvalues of both factors are always present; eigenvectors are computed on first use (``eigvalsh``
-    is several times cheaper than ``eigh``) from ``A`` and ``G``, unless they were given (``A``/``G`` may then
-    be ``None``).
-    """
 
-    def __init__(
-        self,
-        layout: BlockLayout,
-        A: Tensor | None,
-        G: Tensor | None,
-        a_values: Tensor,
-        g_values: Tensor,
-        a_vectors: Tensor | None = None,
-        g_vectors: Tensor | None = None,
-        clamped: dict[str, ClampReport] | None = None,
-        forms: dict[str, Tridiagonal | None] | None = None,
-    ):
-        self.layout = layout
-        self._A, self._G = A, G
-        self.a_values, self.g_values = a_values, g_values
-        self._a_vectors, self._g_vectors = a_vectors, g_vectors
-        self.clamped = clamped or {}
-        self._forms = forms or {}
-        self._leading: dict[str, Tensor] = {}
-
-    @property
-    def num_params(self) -> int:
-        return self.layout.num_params
-
-    @property
-    def a_vectors(self) -> Tensor:
-        """Eigenvectors of ``A`` as columns, matching ``a_values`` (descending)."""
-        if self._a_vectors is None:
-            self.a_values, self._a_vectors, self.clamped["A"] = eig_descending(self._A)
-        return self._a_vectors
-
-    @property
-    def g_vectors(self) -> Tensor:
-        """Eigenvectors of ``G`` as columns, matching ``g_values`` (descending)."""
-        if self._g_vectors is None:
-            self.g_values, self._g_vectors, self.clamped["G"] = eig_descending(self._G)
-        return self._g_vectors
-
-    def eigenvalues(self) -> Tensor:
-        """All ``P`` eigenvalues ``μ_j λ_i``, descending (``P`` numbers: for huge layers use ``density``)."""
-        return torch.outer(self.g_values, self.a_values).flatten().sort(descending=True).values
-
-    def trace(self) -> Tensor:
-        """``tr(G ⊗ A) = tr(A)·tr(G)``."""
-        return self.a_values.sum() * self.g_values.sum()
-
-    def _top_index_pairs(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
-        n_a, n_g = len(self.a_values), len(self.g_values)
-        if not 1 <= k <= n_a * n_g:
-            raise ValueError(f"k={k} must lie in [1, {n_a * n_g}] (the number of eigenvalues)")
-        # a product of 1-based ranks (i, j) in the top k satisfies i·j ≤ k
-        ii, jj = [], []
-        for i in range(1, min(k, n_a) + 1):
-            j_max = min(k // i, n_g)
-            ii.append(np.full(j_max, i - 1))
-            jj.append(np.arange(j_max))
-        device = self.a_values.device
-        i_idx = torch.as_tensor(np.concatenate(ii), device=device)
-        j_idx = torch.as_tensor(np.concatenate(jj), device=device)
-        products = self.g_values[j_idx] * self.a_values[i_idx]
-        top = products.topk(k).indices
-        order = products[top].argsort(descending=True, stable=True)
-        top = top[order]
-        return products[top], j_idx[top], i_idx[top]
-
-    def top_eigenvalues(self, k: int) -> Tensor:
-        """The ``k`` largest eigenvalues, descending, from the ``i·j ≤ k`` candidate products (no eigenvectors)."""
-        return self._top_index_pairs(k)[0]
-
-    def top_pairs(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Top-k eigenpairs as rank-one factors: ``(values (k,), g_vecs (k, d_out), a_vecs (k, width))``.
-
-        Eigenvector ``n`` reshaped to the augmented weight ``[W b]`` is ``outer(g_vecs[n], a_vecs[n])``.
-        """
-        values, j_idx, i_idx = self._top_index_pairs(k)
-        g_vectors = self._leading_vectors("G", int(j_idx.max()) + 1)
-        a_vectors = self._leading_vectors("A", int(i_idx.max()) + 1)
-        return values, g_vectors[:, j_idx].T, a_vectors[:, i_idx].T
-
-    def _leading_vectors(self, which: str, m: int) -> Tensor:
-        """At least the ``m`` leading eigenvectors of ``A`` or ``G`` (columns, descending): all of them when they
-        are known; else, when the eigenvalues came with a ``Tridiagonal`` form, only the leading ones."""
-        known = self._a_vectors if which == "A" else self._g_vectors
-        form = self._forms.get(which)
-        if known is not None or form is None:
-            return self.a_vectors if which == "A" else self.g_vectors
-        if which not in self._leading or self._leading[which].shape[1] < m:
-            self._leading[which] = form.leading_vectors(m).to(self.a_values.device)
-        return self._leading[which]
-
-    def topk(self, k: int) -> tuple[Tensor, Tensor]:
-        """Top-k eigenvalues (descending) and orthonormal eigenvectors ``(k, P)`` in public parameter order."""
-        values, g_vecs, a_vecs = self.top_pairs(k)
-        return values, self.layout.rank_one_vectors(g_vecs, a_vecs)
-
-    def density(self, bins: int = 100, log: bool = True, range: tuple[float, float] | None = None, chunk: int = 2**22) -> SpectralDensity:
-        """Histogram of all ``P`` eigenvalues, streamed in chunks of about ``chunk`` products (bounded memory).
-
-        ``log=True`` bins ``log10`` of the positive eigenvalues and counts zeros apart; ``range`` is in the
-        binned variable (defaults to the exact extent of the spectrum).
-        """
-        a, g = self.a_values, self.g_values.to(self.a_values.dtype)
-        if log:
-            a_pos, g_pos = a[a > 0], g[g > 0]
-            n_zero = self.num_params - len(a_pos) * len(g_pos)
-            a_t, g_t = a_pos.log10(), g_pos.log10()
-            combine = torch.add
-        else:
-            n_zero, a_t, g_t, combine = 0, a, g, torch.mul
-        if range is None:
-            if len(a_t) == 0:
-                range = (0.0, 1.0)
-            else:
-                corners = combine(torch.stack([g_t.min(), g_t.max()])[:, None], torch.stack([a_t.min(), a_t.max()])[None, :])
-                range = (float(corners.min()), float(corners.max()))
-        lo, hi = range
-        if hi <= lo:  # a single distinct eigenvalue: give it a bin of its own
-            lo, hi = lo - 0.5, hi + 0.5
-        counts = torch.zeros(bins, dtype=torch.float64, device=a.device)
-        rows = max(1, chunk // max(1, len(a_t)))
-        # the argument ``range`` shadows the builtin
-        for start in builtins.range(0, len(g_t), rows):
-            values = combine(g_t[start : start + rows, None], a_t[None, :]).flatten()
-            counts += torch.histc(values.double(), bins=bins, min=lo, max=hi)
-        edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64, device=a.device)
-        return SpectralDensity(edges, counts, n_zero, log)
+def entropy(values: Tensor) -> float:
+    """``−Σ p log p`` of ``p = values / Σ values`` over the positive values (0 for an all-zero spectrum)."""
+    p = values[values > 0].double()
+    if len(p) == 0:
+        return 0.0
+    p = p / p.sum()
+    return float(-(p * p.log()).sum())
 

@@ -22,8 +22,10 @@ def _flat_function(model: nn.Module, names: list[str], fn):
 
 
 def layer_param_names(model: nn.Module, layers: list[str]) -> list[str]:
-    modules = dict(model.named_modules())
-    return [f"{layer}.{n}" for layer in layers for n, _ in modules[layer].named_parameters()]
+    """The parameters of ``layers``: a module name stands for its parameters, a parameter name for itself."""
+    modules, params = dict(model.named_modules()), dict(model.named_parameters())
+    return [name for layer in layers
+            for name in ([layer] if layer in params else [f"{layer}.{n}" for n, _ in modules[layer].named_parameters()])]
 
 
 def dense_hessian(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor, layers: list[str]) -> Tensor:

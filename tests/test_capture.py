@@ -120,9 +120,9 @@ def test_recorder_hands_over_output_gradients_inside_the_backward():
     model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(inplace=True), nn.Linear(4, 3)).double()
     X = torch.randn(6, 5, dtype=torch.float64)
     received = {}
-    with LayerRecorder({"0": model[0], "2": model[2]}, lambda name, i, g: received.setdefault(name, g.clone())) as rec:
+    with LayerRecorder({"0": model[0], "2": model[2]}, lambda name, i, leaf, g: received.setdefault(name, g.clone())) as rec:
         out = model(X)
-        assert all(call.output is None for calls in rec.calls.values() for call in calls)
+        assert all(call.outputs is None for calls in rec.calls.values() for call in calls)
         torch.autograd.grad(out.square().sum(), rec.anchors)
     assert all(len(m._forward_hooks) == 0 for m in model.modules())
     z0 = X @ model[0].weight.T + model[0].bias  # reference: the same function written with explicit outputs

@@ -11,8 +11,8 @@ from kfac_hessian.models import ResNet18, TinyGPT
 
 def _accounted(model: nn.Module, kfac) -> None:
     unique = sum(p.numel() for p in model.parameters())
-    assert sum(kfac.module_params.values()) == unique
-    assert f"covered {unique} of {unique} parameters" in kfac.summary()
+    assert kfac.total_params == unique and kfac.covered_params() == unique and not kfac.skipped
+    assert f"covered {unique} of {unique} parameters (100.0 %)" in kfac.summary()
     listed = {line.split(":")[0].strip() for line in kfac.summary().splitlines()[1:-1]}
     with_params = {n for n, m in model.named_modules() if list(m.parameters(recurse=False))}
     assert listed == with_params
@@ -27,10 +27,10 @@ def test_resnet18_with_batch_norm_end_to_end():
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
     assert model.training  # BatchNorm ran in eval mode for the pass and the mode came back
     _accounted(model, kfac)
-    assert len(kfac) == 21 and len(kfac.other_factors) == 20  # 20 conv + fc; 20 BatchNorms
+    kinds = [type(b).__name__ for b in kfac.values()]
+    assert kinds.count("KroneckerBlock") == 21 and kinds.count("DenseBlocks") == 20  # 20 conv + fc; 20 BatchNorms
     eigs = kfac.eig()
     assert all(torch.isfinite(e.eigenvalues()).all() for e in eigs.values())
-    assert all(torch.isfinite(f.eig().eigenvalues()).all() for f in kfac.other_factors.values())
 
 
 def test_tiny_gpt_with_tied_head_end_to_end():
@@ -40,6 +40,8 @@ def test_tiny_gpt_with_tied_head_end_to_end():
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (tokens[:, :-1], tokens[:, 1:]))
     _accounted(model, kfac)
     assert kfac.tied == {"head": ["weight is tok.weight"]}
-    assert set(kfac.other_factors) == {"tok", "pos", "ln", *(f"blocks.{i}.ln{j}" for i in range(2) for j in (1, 2))}
-    values, vectors = kfac.other_factors["tok"].eig().topk(4)
+    dense = {n for n, b in kfac.items() if isinstance(b, kh.DenseBlocks)}
+    assert dense == {"ln", *(f"blocks.{i}.ln{j}" for i in range(2) for j in (1, 2))}
+    assert kfac["tok"].a_is_diagonal and kfac["pos"].a_is_diagonal  # the positions, called unbatched, are expanded
+    values, vectors = kfac["tok"].eig().topk(4)
     assert vectors.shape == (4, 88) and torch.all(values[:-1] >= values[1:])

@@ -1,6 +1,7 @@
 """Local Hessians of back-matching losses (Zhang, Chen & Liu, NeurIPS 2018; docs/local_hessians.md).
 
-After a forward pass, block ``k`` (here: one ``Linear``/``Conv`` layer, ``z_k = W z_{k−1} + b``) has the
+After a forward pass, block ``k`` (here: one Kronecker layer with vector inputs — ``Linear``, convolutions,
+``transformers``' ``Conv1D``, the in-projection of self-attention — ``z_k = W z_{k−1} + b``) has the
 back-matching loss ``ℓ_k(W, z) = ½ mean_n ‖F_k(W, z_n) − z_k,n^b‖²`` with target ``z^b = z − ∂L/∂z``; one unit
 gradient step on ``ℓ_k`` reproduces back-propagation. Its local Hessians (mean over the ``R`` rows — samples ×
 positions — so that ``A`` is exactly ``compute_kfac``'s input factor):
@@ -10,7 +11,9 @@ positions — so that ``A`` is exactly ``compute_kfac``'s input factor):
 * in the block input: ``∇²_z ℓ = Wᵀ D W`` (per row), and for a residual block ``z + W z``:
   ``(I + W)ᵀ D (I + W)``.
 
-Eigenvalues of ``D ⊗ A`` are the products ``d_j λ_i``, so its condition number is ``cond(D)·cond(A)``.
+Eigenvalues of ``D ⊗ A`` are the products ``d_j λ_i``, so its condition number is ``cond(D)·cond(A)``. A grouped
+convolution is block-diagonal over its groups: the products, the input Hessians and their eigenvalues are taken per
+group.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from torch import Tensor, nn
 
 from ..data import Data
 from ..factors import input_second_moments
-from ..layers import weight_matrix_shape
+from ..layers import kronecker_kind
+from ..model_state import is_batch_norm
 
 
 def condition_number(eigenvalues: Tensor) -> float:
@@ -41,22 +45,26 @@ class BackMatchingHessian:
     """Spectra of one block's local Hessians (module docstring); eigenvalues descending."""
 
     layer: str
-    a_eigenvalues: Tensor  # of A; the weight Hessian D ⊗ A has the products d_j λ_i
-    output_scale: Tensor  # diagonal of D
-    input_eigenvalues: Tensor  # of Wᵀ D W, or (I + W)ᵀ D (I + W) for a residual block
+    a_eigenvalues: Tensor  # of A, (width,) — (groups, width) per group; the weight Hessian has the products d_j λ_i
+    output_scale: Tensor  # diagonal of D, (groups·d_out,)
+    input_eigenvalues: Tensor  # of Wᵀ D W, or (I + W)ᵀ D (I + W) for a residual block (all groups), descending
     residual: bool
 
     @property
     def weight_condition(self) -> float:
-        return condition_number(self.output_scale) * condition_number(self.a_eigenvalues)
+        if self.a_eigenvalues.dim() == 1:
+            return condition_number(self.output_scale) * condition_number(self.a_eigenvalues)
+        return condition_number(self.weight_eigenvalues())
 
     @property
     def input_condition(self) -> float:
         return condition_number(self.input_eigenvalues)
 
     def weight_eigenvalues(self) -> Tensor:
-        """All eigenvalues of ``D ⊗ A``, descending (``d_out·width`` numbers)."""
-        return torch.outer(self.output_scale, self.a_eigenvalues).flatten().sort(descending=True).values
+        """All eigenvalues of ``D ⊗ A``, descending (``groups·d_out·width`` numbers)."""
+        a = self.a_eigenvalues if self.a_eigenvalues.dim() == 2 else self.a_eigenvalues.unsqueeze(0)
+        d = self.output_scale.reshape(len(a), -1)
+        return (d.unsqueeze(2) * a.unsqueeze(1)).flatten().sort(descending=True).values
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "residual": self.residual, "weight_condition": self.weight_condition,
@@ -87,26 +95,28 @@ def back_matching_hessians(
     out = {}
     for name, A in moments.items():
         module = modules[name]
-        d_out, d_in = weight_matrix_shape(module)
-        W = module.weight.detach().double().reshape(d_out, d_in)
-        scale = torch.ones(d_out, dtype=torch.float64, device=W.device)
+        W = kronecker_kind(module).weight_matrices(module).double()  # (groups, d_out, d_in)
+        groups, d_out, d_in = W.shape
+        scale = torch.ones(groups * d_out, dtype=torch.float64, device=W.device)
         if name in batch_norm:
             bn = modules.get(batch_norm[name])
-            if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_var is None or bn.num_features != d_out:
+            if not is_batch_norm(bn) or bn.running_var is None or bn.num_features != groups * d_out:
                 raise ValueError(f"batch_norm[{name!r}] = {batch_norm[name]!r} is not a BatchNorm with running "
-                                 f"statistics over the layer's {d_out} outputs")
+                                 f"statistics over the layer's {groups * d_out} outputs")
             gamma = bn.weight.detach().double() if bn.affine else torch.ones_like(scale)
             scale = gamma**2 / (bn.running_var.double() + bn.eps)
         if name in residual:
-            if d_out != d_in:
-                raise ValueError(f"residual layer {name!r} must be square, its weight is {d_out}×{d_in}")
+            if d_out != d_in or groups != 1:
+                raise ValueError(f"residual layer {name!r} must be square, its weight is {d_out}×{d_in}"
+                                 + (f" in {groups} groups" if groups != 1 else ""))
             W = W + torch.eye(d_in, dtype=W.dtype, device=W.device)
-        input_hessian = W.T @ (scale[:, None] * W)
+        input_hessian = W.transpose(1, 2) @ (scale.reshape(groups, d_out, 1) * W)
+        a_values = torch.linalg.eigvalsh(A.double()).flip(-1).clamp_min(0)
         out[name] = BackMatchingHessian(
             layer=name,
-            a_eigenvalues=torch.linalg.eigvalsh(A).flip(0).clamp_min(0),
+            a_eigenvalues=a_values,
             output_scale=scale,
-            input_eigenvalues=torch.linalg.eigvalsh(input_hessian).flip(0).clamp_min(0),
+            input_eigenvalues=torch.linalg.eigvalsh(input_hessian).flatten().sort(descending=True).values.clamp_min(0),
             residual=name in residual,
         )
     return out

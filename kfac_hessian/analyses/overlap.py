@@ -1,7 +1,8 @@
 """Top-k eigenspace overlap (Gur-Ari et al. 2018; Wu et al. 2020).
 
-``overlap(V₁, V₂) = ‖V₁ V₂ᵀ‖_F² / k ∈ [0, 1]`` for ``(k, P)`` orthonormal row bases; a random k-dimensional
-subspace of R^P gives about ``k/P``. For Kronecker eigenvectors ``(v ⊗ u)·(v' ⊗ u') = (v·v')(u·u')``, so the
+``overlap(V₁, V₂) = ‖V₁ V₂ᵀ‖_F² / k ∈ [0, 1]`` for ``(k, P)`` orthonormal *row* bases (the orientation of
+``topk``, ``lanczos`` and ``LanczosResult.eigenvectors``); a random k-dimensional subspace of R^P gives about
+``k/P``. For Kronecker eigenvectors ``(v ⊗ u)·(v' ⊗ u') = (v·v')(u·u')`` within a group and 0 across groups, so the
 ``k × k`` Gram matrix comes from factor inner products without forming any ``P``-length vector.
 """
 
@@ -9,40 +10,66 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor
 
-from ..spectra import KroneckerEigen
+from ..blocks import BlockEigen, KroneckerEigen
 
 
 def eigenspace_overlap(V1: Tensor, V2: Tensor) -> float:
-    """``‖V₁ V₂ᵀ‖_F² / k`` for orthonormal row bases of equal size ``(k, P)``."""
+    """``‖V₁ V₂ᵀ‖_F² / k`` for orthonormal row bases of equal size ``(k, P)``, ``k ≤ P``.
+
+    Raises ``ValueError`` for bases that are not orthonormal rows — in particular ``(P, k)`` column bases (the
+    ``torch.linalg.eigh``/scipy habit): pass ``V.T`` for those.
+    """
     if V1.dim() != 2 or V1.shape != V2.shape:
         raise ValueError(f"expected two (k, P) bases of the same shape, got {tuple(V1.shape)} and {tuple(V2.shape)}")
-    return float((V1 @ V2.T.to(V1.dtype)).pow(2).sum() / V1.shape[0])
+    k, P = V1.shape
+    if k > P:
+        raise ValueError(f"a basis of shape {tuple(V1.shape)} has more rows than columns: eigenspace_overlap takes "
+                         "(k, P) row bases (k eigenvectors of length P); for (P, k) column bases pass V.T")
+    for name, V in (("V1", V1), ("V2", V2)):
+        gram = V.double() @ V.double().T
+        if not torch.allclose(gram, torch.eye(k, dtype=torch.float64, device=V.device), atol=1e-4):
+            hint = " (for a (P, k) column basis pass V.T)" if torch.allclose(
+                V.double().T @ V.double(), torch.eye(P, dtype=torch.float64, device=V.device), atol=1e-4) else ""
+            raise ValueError(f"{name}'s rows are not orthonormal (max |V Vᵀ − I| = {float((gram - torch.eye(k, dtype=gram.dtype, device=gram.device)).abs().max()):.2e}); "
+                             f"eigenspace_overlap takes (k, P) orthonormal row bases{hint}")
+    return float((V1 @ V2.T.to(V1.dtype)).pow(2).sum() / k)
 
 
 def kronecker_overlap(e1: KroneckerEigen, e2: KroneckerEigen, k: int) -> float:
     """Overlap of the top-k eigenspaces of two Kronecker spectra from the factors' eigenvectors alone."""
     if e1.layout != e2.layout:
         raise ValueError(f"layers differ in shape: {e1.layout} vs {e2.layout}")
-    _, g1, a1 = e1.top_pairs(k)
-    _, g2, a2 = e2.top_pairs(k)
-    # layout permutation is orthogonal, so inner products are those of v ⊗ u in augmented order
-    gram = (g1 @ g2.T) * (a1 @ a2.T)
+    p1, p2 = e1.top_pairs(k), e2.top_pairs(k)
+    # the layout permutation is orthogonal, so inner products are those of v ⊗ u in Kronecker order
+    gram = (p1.g_vectors @ p2.g_vectors.T) * (p1.a_vectors @ p2.a_vectors.T.to(p1.a_vectors.dtype))
+    gram = gram * (p1.groups[:, None] == p2.groups[None, :])
     return float(gram.pow(2).sum() / k)
 
 
-def overlap_by_layer(eig1: Mapping[str, KroneckerEigen], eig2: Mapping[str, KroneckerEigen], k: int) -> list[dict]:
-    """Per common layer: top-k Kronecker eigenspace overlap of two models and the random baseline ``k/P``."""
+def block_overlap(e1: BlockEigen, e2: BlockEigen, k: int) -> float:
+    """Top-k eigenspace overlap of two eigen-structures of the same block: from the factors for Kronecker blocks,
+    from the explicit eigenvectors otherwise."""
+    if isinstance(e1, KroneckerEigen) and isinstance(e2, KroneckerEigen):
+        return kronecker_overlap(e1, e2, k)
+    if e1.num_params != e2.num_params:
+        raise ValueError(f"blocks differ in size: {e1.num_params} vs {e2.num_params}")
+    return eigenspace_overlap(e1.topk(k)[1], e2.topk(k)[1])
+
+
+def overlap_by_layer(eig1: Mapping[str, BlockEigen], eig2: Mapping[str, BlockEigen], k: int) -> list[dict]:
+    """Per common block: top-k eigenspace overlap of two models and the random baseline ``k/P`` (``k`` clamped to
+    each block's ``P``, and recorded per row)."""
     rows = []
     for name in eig1:
         if name not in eig2:
             continue
         e1, e2 = eig1[name], eig2[name]
         k_layer = min(k, e1.num_params)
-        rows.append(
-            {"layer": name, "k": k_layer, "overlap": kronecker_overlap(e1, e2, k_layer), "random_baseline": k_layer / e1.num_params}
-        )
+        rows.append({"layer": name, "k": k_layer, "overlap": block_overlap(e1, e2, k_layer),
+                     "random_baseline": k_layer / e1.num_params})
     if not rows:
         raise ValueError("the two models have no layer name in common")
     return rows

@@ -10,12 +10,13 @@ Per layer, with ``k`` top eigenpairs on each side:
   (eigenvalues below ``1e-10·λ_max`` are floored there, as they are round-off for PSD blocks);
 * ``outliers``: eigenvalues above the bulk edge on each side (``count_outliers``), beside ``C``;
 * ``energy_share``: mean share of the top singular value of the exact top eigenvectors reshaped to the
-  weight (1 = exactly rank one, as every Kronecker eigenvector is);
+  weight (1 = exactly rank one, as every Kronecker eigenvector is; Kronecker blocks only);
 * ``residual_frobenius``, ``residual_trace_share`` (optional): the Hessian − Gauss-Newton split;
 * cost: seconds and matrix-vector products of each side.
 
-Layers with ``P ≤ dense_limit`` are measured densely (exact full spectrum); larger ones with Lanczos (top-k),
-SLQ (density) and Hutchinson (trace).
+Every block of ``kfac`` is measured against the exact block of the same parameters
+(``KFAC.parameter_names``). Blocks with ``P ≤ dense_limit`` are measured densely (exact full spectrum); larger
+ones with Lanczos (top-k), SLQ (density) and Hutchinson (trace).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from scipy.stats import wasserstein_distance
 from torch import nn
 
+from ..blocks import KroneckerEigen
 from ..data import Data
 from ..exact import hutchinson_trace, lanczos, layer_operator, slq_density
 from ..factors import KFAC
@@ -124,16 +126,17 @@ def compare(
     if gauss_newton_residual and kind != "hessian":
         raise ValueError("gauss_newton_residual needs kind='hessian'")
     rows, spectra = [], {}
-    for name, factor in kfac.items():
-        P = factor.num_params
+    for name, block in kfac.items():
+        P = block.num_params
         k_layer = min(k, P)
         split: dict = {}
         start = time.perf_counter()
-        eig = factor.eig()
+        eig = block.eig()
         k_vals, k_vecs = eig.topk(k_layer)
         seconds_k = time.perf_counter() - start
         k_all = eig.eigenvalues().cpu().double().numpy()
-        op = layer_operator(model, loss_fn, data, name, kind=kind)
+        params = kfac.parameter_names.get(name, name)
+        op = layer_operator(model, loss_fn, data, params, kind=kind)
         start = time.perf_counter()
         if P <= dense_limit:
             dense = op.to_dense(max_params=dense_limit)
@@ -141,9 +144,9 @@ def compare(
             e_all, e_vecs_all = e_all.flip(0), e_vecs_all.flip(1)
             e_vals, e_vecs = e_all[:k_layer], e_vecs_all[:, :k_layer].T
             exact_trace, trace_stderr = float(torch.trace(dense)), 0.0
-            frob = float((factor.to_dense(max_params=dense_limit) - dense).norm() / dense.norm())
+            frob = float((block.to_dense(max_params=dense_limit) - dense).norm() / dense.norm())
             if gauss_newton_residual:
-                residual = dense - layer_operator(model, loss_fn, data, name, kind="ggn").to_dense(max_params=dense_limit)
+                residual = dense - layer_operator(model, loss_fn, data, params, kind="ggn").to_dense(max_params=dense_limit)
                 split = {
                     "residual_frobenius": float(residual.norm() / dense.norm()),
                     "residual_trace": float(torch.trace(residual)),
@@ -164,7 +167,7 @@ def compare(
             frob = float("nan")
             mode = "lanczos+slq"
             if gauss_newton_residual:
-                difference = _Difference(op, layer_operator(model, loss_fn, data, name, kind="ggn"))
+                difference = _Difference(op, layer_operator(model, loss_fn, data, params, kind="ggn"))
                 residual_trace = hutchinson_trace(difference, n_probes=100, seed=seed)
                 split = {
                     "residual_frobenius": float("nan"),
@@ -177,7 +180,7 @@ def compare(
         rel = np.abs(k_np - e_np) / np.maximum(np.abs(e_np), 1e-300)
         top = float(max(k_all.max(), e_dist_values.max()))
         w1 = wasserstein_distance(_log_floor(k_all, top), _log_floor(e_dist_values, top), None, e_dist_weights)
-        structure = low_rank_structure(e_vecs, eig)
+        energy = float(low_rank_structure(e_vecs, eig).energy_share.mean()) if isinstance(eig, KroneckerEigen) else None
         rows.append(
             {
                 "layer": name,
@@ -196,7 +199,7 @@ def compare(
                 "outliers_kronecker": count_outliers(torch.as_tensor(k_all)),
                 "outliers_exact": count_outliers(torch.as_tensor(e_dist_values if mode == "dense" else e_np)),
                 "n_classes": n_classes,
-                "energy_share": float(structure.energy_share.mean()),
+                "energy_share": energy,
                 "seconds_kronecker": seconds_k,
                 "seconds_exact": seconds_e,
                 "matvecs_exact": op.n_matvecs,

@@ -3,13 +3,14 @@
 For one layer with eigenvalues ``λ_1 ≥ … ≥ λ_P ≥ 0`` of ``G ⊗ A`` (products ``μ_j λ_i``):
 
 * ``top_eigenvalue`` ``λ_1``; ``trace`` ``Σλ = tr(A)·tr(G)``;
-* ``effective_rank`` ``exp(−Σ p log p)`` with ``p = λ/Σλ`` (spectral entropy). The products' distribution is
-  the product of the factors', so the entropy adds and ``erank(G ⊗ A) = erank(A)·erank(G)`` exactly;
+* ``effective_rank`` ``exp(−Σ p log p)`` with ``p = λ/Σλ`` (spectral entropy). For ``G ⊗ A`` the products'
+  distribution is the product of the factors', so the entropy adds and ``erank(G ⊗ A) = erank(A)·erank(G)``
+  exactly (``BlockEigen.effective_rank``);
 * ``stable_rank`` ``trace / λ_1``; ``top_k_condition`` ``λ_1 / λ_k``;
 * ``outliers``: eigenvalues above the widest log-gap among the top 50 (``count_outliers``);
 * optionally ``exact_trace`` (± ``exact_trace_stderr``): a Hutchinson estimate of the *exact* block's trace.
 
-Normalization layers and embeddings (``KFAC.other_factors``) are tracked with the same metrics.
+Every block of the ``KFAC`` result is tracked with the same metrics (``BlockEigen``).
 """
 
 from __future__ import annotations
@@ -21,40 +22,25 @@ import time
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ..capture import preserved_model_state
+from ..blocks import BlockEigen
 from ..data import Data, require_reiterable
-from ..spectra import KroneckerEigen
+from ..model_state import preserved_model_state
 from .outliers import count_outliers
 
 METRICS = ("top_eigenvalue", "trace", "effective_rank", "stable_rank", "top_k_condition", "outliers")
 
 
-def _entropy(values: Tensor) -> float:
-    p = values[values > 0].double()
-    p = p / p.sum()
-    return float(-(p * p.log()).sum())
-
-
-def spectral_metrics(eig, top_k: int = 10) -> dict[str, float]:
-    """The metrics of the module docstring for one layer's eigen-structure: a ``KroneckerEigen`` (no eigenvectors
-    needed; effective rank from the factors' entropies) or any object with ``eigenvalues()`` and ``trace()``
-    (the normalization layers' ``NormEigen``)."""
+def spectral_metrics(eig: BlockEigen, top_k: int = 10) -> dict[str, float]:
+    """The metrics of the module docstring for one block's eigen-structure (no eigenvectors needed)."""
     k = min(top_k, eig.num_params)
-    kronecker = isinstance(eig, KroneckerEigen)
-    values = eig.top_eigenvalues(min(51, eig.num_params)) if kronecker else eig.eigenvalues()
+    values = eig.top_eigenvalues(min(51, eig.num_params))
     lam1, trace = float(values[0]), float(eig.trace())
-    if trace <= 0:
-        effective_rank = 0.0
-    elif kronecker:
-        effective_rank = math.exp(_entropy(eig.a_values) + _entropy(eig.g_values))
-    else:
-        effective_rank = math.exp(_entropy(values))
     return {
         "top_eigenvalue": lam1,
         "trace": trace,
-        "effective_rank": effective_rank,
+        "effective_rank": eig.effective_rank() if trace > 0 else 0.0,
         "stable_rank": trace / lam1 if lam1 > 0 else 0.0,
         "top_k_condition": lam1 / float(values[k - 1]) if float(values[k - 1]) > 0 else math.inf,
         "outliers": count_outliers(values),
@@ -118,12 +104,13 @@ class SpectrumTracker:
             kfac = compute_kfac(self.model, self.loss_fn, self.data, curvature=self.curvature, layers=self.layers,
                                 seed=self.seed, dtype=torch.float64)
             factor_seconds = time.perf_counter() - start
-            eigs = {**kfac.eig(vectors=False), **{n: f.eig(vectors=False) for n, f in kfac.other_factors.items()}}
+            eigs = kfac.eig()
             rows = []
             for name, eig in eigs.items():
                 row = {"step": step, "layer": name, "num_params": eig.num_params, **spectral_metrics(eig, self.top_k)}
                 if self.hutchinson_probes:
-                    op = layer_operator(self.model, self.loss_fn, self.data, name, kind=self.exact_kind)
+                    params = kfac.parameter_names.get(name, name)
+                    op = layer_operator(self.model, self.loss_fn, self.data, params, kind=self.exact_kind)
                     estimate = hutchinson_trace(op, self.hutchinson_probes, seed=self.seed)
                     row["exact_trace"], row["exact_trace_stderr"] = float(estimate.value), float(estimate.stderr)
                 rows.append(row)

@@ -1,16 +1,19 @@
 """Orthonormal bases ``Q_b`` in which the PAC-Bayes posterior covariance is diagonal: ``Σ = Q_b diag(s²) Q_bᵀ``.
 
-A basis is a list of blocks, each covering one layer (its weight and bias) or one parameter. A block maps
-coordinates ``c`` in the basis to parameter tensors ``w = Q c`` and back ``c = Qᵀ w``:
+A basis is a list of blocks, each covering one curvature block's parameters (a layer's weight and bias, or one
+parameter). A block maps coordinates ``c`` in the basis to parameter tensors ``w = Q c`` and back ``c = Qᵀ w``:
 
 * identity: ``Q = I``; the coordinates are the parameter tensors themselves.
-* Kronecker: a layer with factors ``G ⊗ A`` on its augmented matrix ``W̄ = [W b]`` (``d_out × width``,
-  row-major, docs/conventions.md) has eigenvectors ``v_j ⊗ u_i`` (``v_j`` of ``G``, ``u_i`` of ``A``). Its
-  coordinates form the matrix ``C = Vᵀ W̄ U`` and ``W̄ = V C Uᵀ``: two small products, ``V ⊗ U`` is never
-  formed. The bias is the last column of ``W̄``, so its directions mix with the weights' as the block does.
-* dense: the eigenvectors ``Q`` (``P × P``) of a layer's exact block in the public order (weight, then bias).
+* Kronecker: a block ``G ⊗ A`` on its augmented matrices ``W̄ = [W b]`` (``groups × d_out × width``, row-major,
+  docs/conventions.md) has eigenvectors ``v_j ⊗ u_i`` (``v_j`` of ``G``, ``u_i`` of ``A``, per group). Its
+  coordinates form the matrices ``C = Vᵀ W̄ U`` and ``W̄ = V C Uᵀ``: two small products, ``V ⊗ U`` is never
+  formed (``U = I`` for a diagonal ``A``: embeddings). The bias is the last column of ``W̄``, so its directions
+  mix with the weights' as the block does.
+* dense: the eigenvectors of dense sub-blocks on index sets of the public order (weight, then bias) — the exact
+  block of a layer (``exact_layerwise``), or the ``DenseBlocks`` of ``compute_kfac`` (normalization layers, free
+  parameters).
 
-Trainable parameters that no layer block covers get identity blocks.
+Trainable parameters that no block covers get identity blocks.
 """
 
 from __future__ import annotations
@@ -21,9 +24,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..blocks import DenseBlocks, KroneckerBlock
 from ..factors import KFAC
-from ..layers import select_layers
-from ..spectra import eig_descending
+from ..layers import select
+from ..layout import BlockLayout
+from ..spectra import eig_descending, symmetric_eig
+
+
+def _flat(params: Mapping[str, Tensor], names: tuple[str, ...]) -> Tensor:
+    return torch.cat([params[n].flatten() for n in names])
+
+
+def _split(flat: Tensor, names: tuple[str, ...], shapes: tuple[torch.Size, ...]) -> dict[str, Tensor]:
+    return {n: f.reshape(s) for n, f, s in zip(names, flat.split([s.numel() for s in shapes]), shapes)}
 
 
 @dataclass
@@ -39,38 +52,51 @@ class _IdentityBlock:
 
 @dataclass
 class _KroneckerBlock:
-    names: tuple[str, ...]  # weight, then bias if any
-    weight_shape: torch.Size
-    g_vectors: Tensor  # V: (d_out, d_out), eigenvectors as columns
-    a_vectors: Tensor  # U: (width, width)
+    names: tuple[str, ...]  # public order: weight, then bias if any
+    shapes: tuple[torch.Size, ...]
+    layout: BlockLayout
+    g_vectors: Tensor  # V: (groups, d_out, d_out), eigenvectors as columns
+    a_vectors: Tensor | None  # U: (groups, width, width); None: U = I (a diagonal A)
 
     def to_coordinates(self, params: Mapping[str, Tensor]) -> Tensor:
-        weight = params[self.names[0]].reshape(self.g_vectors.shape[0], -1)
-        if len(self.names) == 2:
-            weight = torch.cat([weight, params[self.names[1]].unsqueeze(1)], dim=1)
-        return self.g_vectors.T @ weight @ self.a_vectors
+        augmented = self.layout.to_matrices(_flat(params, self.names).unsqueeze(0))[0]  # (groups, d_out, width)
+        coords = self.g_vectors.transpose(1, 2) @ augmented
+        return coords if self.a_vectors is None else coords @ self.a_vectors
 
     def from_coordinates(self, coords: Tensor) -> dict[str, Tensor]:
-        augmented = self.g_vectors @ coords @ self.a_vectors.T
-        d_in = self.weight_shape.numel() // self.weight_shape[0]
-        out = {self.names[0]: augmented[:, :d_in].reshape(self.weight_shape)}
-        if len(self.names) == 2:
-            out[self.names[1]] = augmented[:, d_in]
-        return out
+        augmented = self.g_vectors @ (coords if self.a_vectors is None else coords @ self.a_vectors.transpose(1, 2))
+        return _split(self.layout.to_vectors(augmented.unsqueeze(0))[0], self.names, self.shapes)
 
 
 @dataclass
 class _DenseBlock:
     names: tuple[str, ...]
     shapes: tuple[torch.Size, ...]
-    vectors: Tensor  # Q: (P, P), eigenvectors as columns, public order
+    index: Tensor  # (B, b): public positions of each sub-block
+    vectors: Tensor  # Q: (B, b, b), eigenvectors as columns
 
     def to_coordinates(self, params: Mapping[str, Tensor]) -> Tensor:
-        return self.vectors.T @ torch.cat([params[n].flatten() for n in self.names])
+        return torch.einsum("bij,bi->bj", self.vectors, _flat(params, self.names)[self.index])
 
     def from_coordinates(self, coords: Tensor) -> dict[str, Tensor]:
-        flat = (self.vectors @ coords).split([s.numel() for s in self.shapes])
-        return {n: f.reshape(s) for n, f, s in zip(self.names, flat, self.shapes)}
+        flat = coords.new_empty(self.index.numel())
+        flat[self.index] = torch.einsum("bij,bj->bi", self.vectors, coords)
+        return _split(flat, self.names, self.shapes)
+
+
+def _carried_variances(new, old, variances: Tensor) -> Tensor:
+    """``diag(Q_newᵀ Q_old diag(variances) Q_oldᵀ Q_new)`` within one block."""
+    if isinstance(new, _IdentityBlock) and isinstance(old, _IdentityBlock):
+        return variances
+    if isinstance(new, _KroneckerBlock) and isinstance(old, _KroneckerBlock):
+        r_v = (new.g_vectors.transpose(1, 2) @ old.g_vectors).square()
+        carried = r_v @ variances
+        if new.a_vectors is not None:
+            carried = carried @ (new.a_vectors.transpose(1, 2) @ old.a_vectors).square().transpose(1, 2)
+        return carried
+    if isinstance(new, _DenseBlock) and isinstance(old, _DenseBlock) and torch.equal(new.index, old.index):
+        return torch.einsum("bij,bj->bi", (new.vectors.transpose(1, 2) @ old.vectors).square(), variances)
+    raise ValueError(f"cannot carry variances from a {type(old).__name__} to a {type(new).__name__}")
 
 
 class PosteriorBasis:
@@ -127,21 +153,12 @@ class PosteriorBasis:
 
         Used when an ``"iterative"`` run recomputes the Kronecker basis: the posterior keeps its covariance's
         diagonal in the new basis. For Kronecker blocks with ``R_V = V_newᵀ V_old`` and ``R_U = U_newᵀ U_old``
-        this is ``(R_V ∘ R_V) S (R_U ∘ R_U)ᵀ`` — ``O(d_out² + width²)`` work per block.
+        this is ``(R_V ∘ R_V) S (R_U ∘ R_U)ᵀ`` per group — ``O(d_out² + width²)`` work per block; for dense
+        blocks ``(R ∘ R) s`` per sub-block.
         """
         if len(other.blocks) != len(self.blocks):
             raise ValueError("the two bases cover the parameters with different blocks")
-        out = []
-        for new, old, var in zip(self.blocks, other.blocks, variances):
-            if isinstance(new, _IdentityBlock) and isinstance(old, _IdentityBlock):
-                out.append(var)
-            elif isinstance(new, _KroneckerBlock) and isinstance(old, _KroneckerBlock):
-                r_v = (new.g_vectors.T @ old.g_vectors).square()
-                r_u = (new.a_vectors.T @ old.a_vectors).square()
-                out.append(r_v @ var @ r_u.T)
-            else:
-                raise ValueError(f"cannot carry variances from a {type(old).__name__} to a {type(new).__name__}")
-        return out
+        return [_carried_variances(new, old, var) for new, old, var in zip(self.blocks, other.blocks, variances)]
 
     @classmethod
     def identity(cls, model: nn.Module) -> "PosteriorBasis":
@@ -151,25 +168,34 @@ class PosteriorBasis:
 
     @classmethod
     def kronecker(cls, model: nn.Module, kfac: KFAC) -> "PosteriorBasis":
-        """Per layer of ``kfac`` the eigenbasis ``V ⊗ U`` of ``G ⊗ A``; identity for the other parameters."""
-        modules = dict(model.named_modules())
+        """Per block of ``kfac`` its eigenbasis — ``V ⊗ U`` of a Kronecker block, the sub-blocks' eigenvectors of
+        ``DenseBlocks``; identity for the other parameters. A block whose parameters are not all trainable is left
+        to identity blocks, except a frozen bias of a Kronecker block, whose row and column of ``A`` are dropped."""
+        params = dict(model.named_parameters(remove_duplicate=False))
         layer_blocks = {}
-        for name, factor in kfac.items():
-            if name not in modules:
-                raise ValueError(f"the factors' layer {name!r} is not a module of the model")
-            module = modules[name]
-            A = factor.A
-            names = (f"{name}.weight",)
-            if module.bias is not None:
-                if module.bias.requires_grad:
-                    names += (f"{name}.bias",)
-                else:  # frozen bias: the trainable block is G ⊗ A_ww, A without its bias row and column
-                    A = A[:-1, :-1]
-            dtype = module.weight.dtype
-            layer_blocks[names[0]] = _KroneckerBlock(
-                names, module.weight.shape, eig_descending(factor.G.double())[1].to(dtype),
-                eig_descending(A.double())[1].to(dtype)
-            )
+        for name, block in kfac.items():
+            names = tuple(kfac.parameter_names.get(name, ()))
+            if not names or any(n not in params for n in names):
+                raise ValueError(f"the block {name!r} does not cover parameters of this model ({list(names)})")
+            dtype = params[names[0]].dtype
+            trainable = tuple(n for n in names if params[n].requires_grad)
+            if isinstance(block, KroneckerBlock):
+                eig = block.eig(dtype=torch.float64, vectors=True)
+                layout = block.layout
+                a_vectors = None if block.a_is_diagonal else eig.factor_vectors("A", layout.width)
+                if trainable != names:
+                    if not (layout.has_bias and trainable == names[:-1]) or a_vectors is None:
+                        continue
+                    # frozen bias: the trainable block is G ⊗ A_ww, A without its bias row and column
+                    a = block.A if block.A.dim() == 3 else block.A.unsqueeze(0)
+                    a_vectors = symmetric_eig(a[:, :-1, :-1].double(), vectors=True)[1]
+                    layout = layout.without_bias()
+                layer_blocks[trainable[0]] = _KroneckerBlock(
+                    trainable, tuple(params[n].shape for n in trainable), layout,
+                    eig.factor_vectors("G", layout.d_out).to(dtype), None if a_vectors is None else a_vectors.to(dtype))
+            elif isinstance(block, DenseBlocks) and trainable == names:
+                vectors = symmetric_eig(block.blocks.double(), vectors=True)[1].to(dtype)
+                layer_blocks[names[0]] = _DenseBlock(names, tuple(params[n].shape for n in names), block.index, vectors)
         return cls("kronecker", _with_identity_rest(model, layer_blocks), _trainable_shapes(model))
 
     @classmethod
@@ -182,23 +208,22 @@ class PosteriorBasis:
         kind: str = "hessian",
         max_params: int = 5000,
     ) -> "PosteriorBasis":
-        """Per layer the eigenvectors of its exact dense block (``kind`` "hessian" or "ggn"); small layers only."""
+        """Per block that ``compute_kfac`` would form (``layers`` as there) the eigenvectors of its exact dense block
+        (``kind`` "hessian" or "ggn"); small blocks only."""
         from ..exact import layer_operator
 
-        selected, _ = select_layers(model, layers)
+        params = dict(model.named_parameters(remove_duplicate=False))
         layer_blocks = {}
-        for name, module in selected.items():
-            op = layer_operator(model, loss_fn, data, name, kind=kind)
-            if op.num_params > max_params:
-                raise ValueError(
-                    f"layer {name!r} has {op.num_params} parameters, more than max_params={max_params}; "
-                    "use the Kronecker basis"
-                )
-            vectors = eig_descending(op.to_dense(max_params).double())[1]
-            own = [(f"{name}.{n}", p) for n, p in module.named_parameters()]
-            layer_blocks[own[0][0]] = _DenseBlock(
-                tuple(n for n, _ in own), tuple(p.shape for _, p in own), vectors.to(module.weight.dtype)
-            )
+        for entry in select(model, layers).entries:
+            for block_name, names in entry.parameter_names().items():
+                op = layer_operator(model, loss_fn, data, names, kind=kind)
+                if op.num_params > max_params:
+                    raise ValueError(f"block {block_name!r} has {op.num_params} parameters, more than "
+                                     f"max_params={max_params}; use the Kronecker basis")
+                vectors = eig_descending(op.to_dense(max_params).double())[1].to(params[names[0]].dtype)
+                index = torch.arange(op.num_params, device=vectors.device).unsqueeze(0)
+                layer_blocks[names[0]] = _DenseBlock(tuple(names), tuple(params[n].shape for n in names), index,
+                                                     vectors.unsqueeze(0))
         return cls("exact-layerwise", _with_identity_rest(model, layer_blocks), _trainable_shapes(model))
 
 

@@ -22,10 +22,9 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from ..capture import preserved_model_state
-from ..data import Data, iterate_batches, require_reiterable
+from ..model_state import preserved_model_state
+from ..data import Data, iterate_batches, model_output, require_reiterable
 from ..factors import compute_kfac
 from ..losses import loss_spec
 from .bases import PosteriorBasis
@@ -165,7 +164,7 @@ def pac_bayes_bound(
             surrogate_sum, steps = 0.0, 0
             for _, inputs, target in iterate_batches(train_data, device):
                 noise = _draw(posterior_basis, log_std, generator)
-                output = functional_call(model, {**fixed, **{n: mean[n] + noise[n] for n in mean}}, (inputs,))
+                output = model_output(model, inputs, None, {**fixed, **{n: mean[n] + noise[n] for n in mean}})
                 surrogate = loss_fn(output, target)
                 if spec.reduction == "sum":
                     surrogate = surrogate / len(target)
@@ -279,7 +278,7 @@ def _draw(basis: PosteriorBasis, log_std: list[Tensor], generator: torch.Generat
 def _error_sum(model, params, data, error_fn) -> tuple[float, int]:
     total, count = 0.0, 0
     for _, inputs, target in iterate_batches(data, next(iter(params.values())).device):
-        errors = error_fn(functional_call(model, params, (inputs,)), target)
+        errors = error_fn(model_output(model, inputs, None, params), target)
         if errors.shape != (len(target),) or errors.min() < 0 or errors.max() > 1:
             raise ValueError(f"error_fn must return one error in [0, 1] per sample; got shape {tuple(errors.shape)}")
         total += errors.sum().item()

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vjp, vmap
+from torch.func import jvp, vjp, vmap
 
 from .. import distributed as _distributed
-from ..capture import preserved_model_state
-from ..data import Data, iterate_batches, require_reiterable
-from ..factors import DENSE_LIMIT
+from ..blocks.base import DENSE_LIMIT
+from ..data import Data, OutputSelector, iterate_batches, model_output, require_reiterable
 from ..losses import check_batch, hessian_vector_product, loss_spec, summed_loss, terms_per_sample
+from ..model_state import eager_calls, eager_model, is_batch_norm, preserved_model_state
 
 
 class CurvatureOperator:
@@ -45,12 +45,13 @@ class CurvatureOperator:
         kind: str = "hessian",
         distributed: bool = False,
         batch_norm_eval: bool = True,
+        output: OutputSelector | None = None,
     ):
         if kind not in ("hessian", "ggn"):
             raise ValueError(f"kind must be 'hessian' or 'ggn', got {kind!r}")
         require_reiterable(data)
         self.model, self.data, self.kind, self.distributed = model, data, kind, distributed
-        self.batch_norm_eval = batch_norm_eval
+        self.batch_norm_eval, self.output = batch_norm_eval, output
         if distributed:
             _distributed.require_process_group()
         self.spec = loss_spec(loss_fn)
@@ -112,15 +113,16 @@ class CurvatureOperator:
         fixed = {name: p.detach() for name, p in self.model.named_parameters()}
         theta = tuple(fixed[name].detach().requires_grad_() for name in self.param_names)
         # BatchNorm in eval mode as in compute_kfac: the function the trained network computes at test time
-        with preserved_model_state(self.model, self.batch_norm_eval), torch.enable_grad(), self._attention_backend():
-            batch_norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        with preserved_model_state(self.model, self.batch_norm_eval), eager_calls(self.model), torch.enable_grad(), \
+                self._attention_backend():
+            batch_norms = [m for m in self.model.modules() if is_batch_norm(m)]
             if self.kind == "ggn" and any(m.training and m.track_running_stats for m in batch_norms):
                 raise ValueError("kind='ggn' runs the model under torch.func, where a train-mode BatchNorm cannot "
                                  "update its running statistics; use batch_norm_eval=True or kind='hessian'")
             for _, inputs, target in iterate_batches(self.data, self.device):
 
                 def forward(*values: Tensor) -> Tensor:
-                    return functional_call(self.model, {**fixed, **dict(zip(self.param_names, values))}, (inputs,))
+                    return model_output(self.model, inputs, self.output, {**fixed, **dict(zip(self.param_names, values))})
 
                 products, output = self._batch_products(forward, theta, tangents, target)
                 tau = terms_per_sample(self.spec, output)
@@ -185,31 +187,39 @@ def layer_operator(
     kind: str = "hessian",
     distributed: bool = False,
     batch_norm_eval: bool = True,
+    output: OutputSelector | None = None,
 ) -> CurvatureOperator:
     """Exact curvature block of one layer, of several layers jointly (a list), or of all parameters (``None``).
 
     A layer stands for its own parameters (``parameters(recurse=False)``), or for all parameters inside it when
-    it has none of its own (a container block). The order is ``torch.cat([p.flatten() for p in …])`` per layer,
-    layers in the order
-    given (``None``: ``model.parameters()`` order, trainable parameters only). Any module with parameters
-    works here, supported by the Kronecker path or not. ``distributed=True``: ``data`` is this rank's shard;
-    every product is summed over the ranks of the process group (one all-reduce per product).
-    ``batch_norm_eval``: BatchNorm modules run in eval mode during the products, as in ``compute_kfac``.
+    it has none of its own (a container block); a parameter name (``"embeddings.cls_token"``, as ``compute_kfac``
+    names the blocks of single parameters) stands for that parameter. The order is
+    ``torch.cat([p.flatten() for p in …])`` per layer, layers in the order given (``None``: ``model.parameters()``
+    order, trainable parameters only). Any module with parameters works here, supported by the Kronecker path or
+    not; a ``torch.compile``'d model is run through its eager module. ``distributed=True``: ``data`` is this rank's
+    shard; every product is summed over the ranks of the process group (one all-reduce per product).
+    ``batch_norm_eval``: BatchNorm modules run in eval mode during the products, as in ``compute_kfac``;
+    ``output`` picks the output tensor from what the model returns, as in ``compute_kfac``.
     """
+    model = eager_model(model)
     if layer is None:
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         if not names:
             raise ValueError("the model has no trainable parameter")
-        return CurvatureOperator(model, loss_fn, data, names, kind, distributed, batch_norm_eval)
+        return CurvatureOperator(model, loss_fn, data, names, kind, distributed, batch_norm_eval, output)
     modules = dict(model.named_modules())
+    # a tied parameter is listed once by named_parameters, under its first owner's name
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    owned = {f"{m}.{p}" if m else p: param for m, module in modules.items() for p, param in module.named_parameters(recurse=False)}
     names = []
     for layer_name in [layer] if isinstance(layer, str) else layer:
+        if layer_name in owned and layer_name not in modules:
+            names.append(canonical[id(owned[layer_name])])
+            continue
         if layer_name not in modules or layer_name == "":
             with_params = [n for n, m in modules.items() if n and list(m.parameters(recurse=False))]
-            raise ValueError(f"no layer named {layer_name!r}; modules with parameters: {with_params}")
-        # a tied parameter is listed once by named_parameters, under its first owner's name
-        canonical = {id(p): n for n, p in model.named_parameters()}
-        # a module's own parameters (as its factor covers them: MultiheadAttention's in-projection without
+            raise ValueError(f"no layer or parameter named {layer_name!r}; modules with parameters: {with_params}")
+        # a module's own parameters (as its block covers them: MultiheadAttention's in-projection without
         # out_proj); a container without parameters of its own stands for everything inside it
         module = modules[layer_name]
         params = list(module.parameters(recurse=False)) or list(module.parameters())
@@ -219,4 +229,4 @@ def layer_operator(
         names.extend(own)
     if len(set(names)) != len(names):
         raise ValueError(f"layers {layer} share parameters; name each layer once")
-    return CurvatureOperator(model, loss_fn, data, names, kind, distributed, batch_norm_eval)
+    return CurvatureOperator(model, loss_fn, data, names, kind, distributed, batch_norm_eval, output)

@@ -116,7 +116,7 @@ def test_normalization_and_embedding_layers_are_tracked_too():
     assert set(rows) == {"embed", "norm", "head"}
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (tokens, labels))
     for name in ("embed", "norm"):
-        factor = kfac.other_factors[name]
+        factor = kfac[name]
         reference = _dense_metrics(factor.to_dense(), min(10, factor.num_params))
         for key, value in reference.items():
             assert rows[name][key] == pytest.approx(value, rel=1e-9), (name, key)

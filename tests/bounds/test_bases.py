@@ -91,7 +91,7 @@ def test_frozen_and_uncovered_parameters():
     basis = PosteriorBasis.kronecker(model, kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y)))
     assert list(basis.parameter_shapes) == ["0.weight", "0.bias", "1.weight", "1.bias", "2.weight"]
     kinds = [type(b).__name__ for b in basis.blocks]
-    assert kinds == ["_KroneckerBlock", "_IdentityBlock", "_IdentityBlock", "_KroneckerBlock"]
+    assert kinds == ["_KroneckerBlock", "_DenseBlock", "_KroneckerBlock"]  # the LayerNorm's exact block
     # Frozen bias: the weight directions are the eigenvectors of G ⊗ A_ww (A without its bias row/column).
     factor = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))["2"]
     H = torch.kron(factor.G, factor.A[:-1, :-1])

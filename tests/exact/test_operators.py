@@ -85,7 +85,7 @@ def test_matvec_shapes_counts_and_scipy():
 def test_operator_bad_input():
     model = mlp()
     X, y = classification_data()
-    with pytest.raises(ValueError, match="no layer named 'x'"):
+    with pytest.raises(ValueError, match="no layer or parameter named 'x'"):
         kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "x")
     with pytest.raises(ValueError, match="kind"):
         kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "0", kind="fisher")

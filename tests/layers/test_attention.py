@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kfac_hessian as kh
 
-from .references import dense_ggn, dense_hessian
+from ..references import dense_ggn, dense_hessian
 
 
 class _Attention(nn.Module):
@@ -60,7 +60,8 @@ class _MHA(nn.Module):
 
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_decomposed_multihead_attention_computes_the_same_function(batch_first):
-    from kfac_hessian.attention import decomposed_attention, projection_layers
+    from kfac_hessian.layers.attention import AttentionKind, AttentionSums
+    from kfac_hessian.layers.base import PassSettings
 
     mha = nn.MultiheadAttention(8, 2, batch_first=batch_first).double().eval()
     g = torch.Generator().manual_seed(3)
@@ -74,7 +75,8 @@ def test_decomposed_multihead_attention_computes_the_same_function(batch_first):
              dict(attn_mask=causal, key_padding_mask=padding, average_attn_weights=False)]
     for kwargs in cases:
         expected = mha(x, x, x, **kwargs)
-        with decomposed_attention({"m": mha}, projection_layers({"m": mha})):
+        sums = AttentionSums("m", mha, PassSettings("expand", torch.float64, torch.device("cpu")))
+        with AttentionKind().pass_context({"m": sums}):
             got = mha(x, x, x, **kwargs)
         assert torch.allclose(got[0], expected[0], atol=1e-12)
         assert torch.allclose(got[1], expected[1], atol=1e-12)

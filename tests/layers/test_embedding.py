@@ -8,8 +8,8 @@ from torch import nn
 
 import kfac_hessian as kh
 
-from .conftest import batches
-from .references import check_factor_spectra, dense_hessian, rel_err
+from ..conftest import batches
+from ..references import check_factor_spectra, dense_hessian, rel_err
 
 
 class _PerToken(nn.Module):
@@ -37,15 +37,15 @@ def test_per_token_mse_block_is_exact(padding_idx):
     tokens, target = _tokens()
     tokens[0, 0] = 0  # make sure the padding token occurs
     kfac = kh.compute_kfac(model, nn.MSELoss(), batches(tokens, target, [3, 2]))
-    factor = kfac.other_factors["embed"]
+    factor = kfac["embed"]
     H = dense_hessian(model, nn.MSELoss(), tokens, target, ["embed"])
     assert rel_err(factor.to_dense(), H) < 1e-10
     if padding_idx is not None:
-        assert factor.a_diagonal[padding_idx] == 0 and H[:3].abs().max() == 0
+        assert factor.A[padding_idx] == 0 and H[:3].abs().max() == 0
     counts = torch.bincount(tokens.flatten(), minlength=6).double() / tokens.numel()
     if padding_idx is not None:
         counts[padding_idx] = 0
-    assert torch.allclose(factor.a_diagonal, counts, atol=1e-15)
+    assert factor.a_is_diagonal and torch.allclose(factor.A, counts, atol=1e-15)
 
 
 def test_spectra_matvec_and_round_trip(tmp_path):
@@ -53,24 +53,26 @@ def test_spectra_matvec_and_round_trip(tmp_path):
     tokens, _ = _tokens(n=6, t=5, vocab=7)
     labels = torch.randint(0, 2, (6, 5), generator=torch.Generator().manual_seed(2))
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (tokens, labels))
-    factor = kfac.other_factors["embed"]
+    factor = kfac["embed"]
     dense = factor.to_dense()
     check_factor_spectra(factor, dense, k=5, atol=1e-13)
     eig = factor.eig()
     reference = torch.linalg.eigvalsh(dense).flip(0).clamp_min(0)
-    with pytest.raises(AttributeError, match="diagonal"):
-        eig.a_vectors
-    # the Kronecker layer's spectrum metrics work on it too
+    # A's eigenvectors are the unit vectors of the tokens, most frequent first
+    assert torch.equal(eig.a_vectors, torch.eye(7)[:, eig.a_order])
+    pairs = eig.top_pairs(3)
+    assert torch.equal(pairs.a_vectors, torch.eye(7)[eig.a_order[:1].repeat(3)]) or pairs.a_vectors.sum(1).eq(1).all()
+    # the spectrum metrics work on it as on every block
     from kfac_hessian.analyses import spectral_metrics
 
     assert spectral_metrics(eig)["top_eigenvalue"] == pytest.approx(float(reference[0]), rel=1e-12)
     kfac.save(tmp_path / "k.pt")
     loaded = kh.KFAC.load(tmp_path / "k.pt")
-    assert torch.equal(loaded.other_factors["embed"].G, factor.G)
-    assert "embed: embedding diag(A) ⊗ G, vocabulary 7" in kfac.summary()
+    assert torch.equal(loaded["embed"].G, factor.G) and torch.equal(loaded["embed"].A, factor.A)
+    assert "embed: Kronecker G ⊗ diag(A), A diagonal (7,), G (4, 4), P=28" in kfac.summary()
     # "reduce" keeps embeddings on expand: their factors are identical
     reduced = kh.compute_kfac(model, nn.CrossEntropyLoss(), (tokens, labels), approx="reduce")
-    assert torch.equal(reduced.other_factors["embed"].a_diagonal, factor.a_diagonal)
+    assert torch.equal(reduced["embed"].A, factor.A)
 
 
 def test_max_norm_embedding_is_skipped_with_reason():
@@ -78,4 +80,4 @@ def test_max_norm_embedding_is_skipped_with_reason():
     tokens, target = _tokens()
     kfac = kh.compute_kfac(model, nn.MSELoss(), (tokens, target))
     assert "embed" in kfac.skipped and "max_norm" in kfac.skipped["embed"]
-    assert "embed" not in kfac.other_factors
+    assert "embed" not in kfac

@@ -11,8 +11,8 @@ from torch import nn
 import kfac_hessian as kh
 from kfac_hessian.losses import hessian_sqrt_columns, loss_spec
 
-from .conftest import PerPosition, TinyCNN, batches, binary_data, classification_data, mlp, regression_data
-from .references import dense_ggn, dense_hessian, naive_kfac_sequential, public_kron, rel_err
+from ..conftest import PerPosition, TinyCNN, batches, binary_data, classification_data, mlp, regression_data
+from ..references import dense_ggn, dense_hessian, naive_kfac_sequential, public_kron, rel_err
 
 EXACT = 1e-10
 
@@ -106,36 +106,6 @@ def test_sequence_deep_linear_expand_is_exact():
     kfac = kh.compute_kfac(model, nn.MSELoss(), batches(X, y, [3, 2]))
     for name in ("0", "1"):
         assert rel_err(kfac[name].to_dense(), dense_hessian(model, nn.MSELoss(), X, y, [name])) < EXACT
-
-
-@pytest.mark.parametrize(
-    "conv",
-    [
-        nn.Conv2d(2, 3, 3, padding=1),
-        nn.Conv2d(2, 3, (2, 3), stride=2, dilation=(1, 2), padding=(1, 0), bias=False),
-        nn.Conv2d(2, 3, 2, padding="same", padding_mode="reflect"),
-        nn.Conv1d(2, 3, 3, stride=2, padding=2),
-    ],
-)
-def test_conv_expand_is_exact_for_per_location_mse(conv):
-    torch.manual_seed(0)
-    conv = conv.double()
-    shape = (4, 2, 5, 6) if isinstance(conv, nn.Conv2d) else (4, 2, 7)
-    X = torch.randn(shape)
-    y = torch.randn_like(conv(X)).detach()
-    model = nn.Sequential(conv)
-    kfac = kh.compute_kfac(model, nn.MSELoss(), batches(X, y, [3, 1]), approx="expand")
-    assert rel_err(kfac["0"].to_dense(), dense_hessian(model, nn.MSELoss(), X, y, ["0"])) < EXACT
-
-
-def test_conv_reduce_is_exact_after_average_pooling():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
-    X, y = torch.randn(5, 2, 4, 4), torch.randn(5, 2)
-    kfac = kh.compute_kfac(model, nn.MSELoss(), batches(X, y, [3, 2]), approx="reduce")
-    assert rel_err(kfac["0"].to_dense(), dense_hessian(model, nn.MSELoss(), X, y, ["0"])) < EXACT
-    expand = kh.compute_kfac(model, nn.MSELoss(), (X, y), approx="expand")
-    assert rel_err(expand["0"].to_dense(), dense_hessian(model, nn.MSELoss(), X, y, ["0"])) > 1e-3
 
 
 def test_mc_converges_to_ggn_within_derived_error():
@@ -246,11 +216,9 @@ def test_matvec_equals_dense_and_accepts_parameter_tuples():
     assert torch.allclose(torch.cat([out_w.flatten(), out_b]), f.to_dense() @ torch.cat([w.flatten(), b]), atol=1e-13)
 
 
-def test_trace_and_frobenius():
+def test_trace():
     f = kh.compute_kfac(mlp(nn.Tanh), nn.CrossEntropyLoss(), classification_data())["0"]
-    dense = f.to_dense()
-    assert math.isclose(float(f.trace()), float(torch.trace(dense)), rel_tol=1e-12)
-    assert math.isclose(float(f.frobenius_norm()), float(dense.norm()), rel_tol=1e-12)
+    assert math.isclose(float(f.trace()), float(torch.trace(f.to_dense())), rel_tol=1e-12)
 
 
 def test_to_dense_refuses_large_layers():
@@ -295,13 +263,15 @@ def test_to_dtype_and_summary():
 # ---- layer selection -------------------------------------------------------------------------------------
 
 
-def test_unsupported_layers_are_skipped_and_listed():
+def test_modules_without_a_kind_get_exact_per_sample_blocks():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.PReLU(), nn.Linear(4, 3))
     X, y = classification_data(d=4)
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
-    assert kfac.layer_names == ["0", "2"] and "1" in kfac.skipped and "PReLU" in kfac.skipped["1"]
-    assert "1: skipped (1 parameters)" in kfac.summary() and "covered 35 of 36 parameters" in kfac.summary()
+    assert kfac.layer_names == ["0", "1.weight", "2"] and not kfac.skipped
+    assert "1.weight: parameter of PReLU (no layer kind claims it): exact dense block" in kfac.summary()
+    assert "covered 36 of 36 parameters (100.0 %)" in kfac.summary()
+    assert rel_err(kfac["1.weight"].to_dense(), dense_ggn(model, nn.CrossEntropyLoss(), X, y, ["1"])) < EXACT
 
 
 def test_frozen_layers_skipped_by_default_but_computable_by_name():
@@ -318,17 +288,12 @@ def test_frozen_layers_skipped_by_default_but_computable_by_name():
 
 @pytest.mark.parametrize(
     "layers, message",
-    [(["nope"], "no layer named 'nope'"), (["1"], "Tanh is not a supported layer"), ([], "selects nothing")],
+    [(["nope"], "no layer or parameter named 'nope'"), (["1"], r"module '1' \(Tanh\) has no parameters"),
+     ([], "selects nothing"), (["0.weight"], "part of layer '0'")],
 )
 def test_bad_layer_names(layers, message):
     with pytest.raises(ValueError, match=message):
         kh.compute_kfac(mlp(nn.Tanh), nn.CrossEntropyLoss(), classification_data(), layers=layers)
-
-
-def test_grouped_conv_is_rejected_by_name():
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 2 * 2, 2))
-    with pytest.raises(ValueError, match="groups=2"):
-        kh.compute_kfac(model, nn.CrossEntropyLoss(), (torch.randn(2, 2, 4, 4), torch.tensor([0, 1])), layers=["0"])
 
 
 class WithUnusedLayer(nn.Module):
@@ -362,13 +327,13 @@ def test_column_chunking_does_not_change_factors(curvature):
 
 
 def test_convolution_patches_unfolded_in_chunks_give_the_same_factors(monkeypatch):
-    import kfac_hessian.factors as factors
+    import kfac_hessian.layers.conv as conv
 
     model = TinyCNN()
     g = torch.Generator().manual_seed(3)
     X, y = torch.randn(7, 2, 4, 4, generator=g), torch.randint(0, 3, (7,), generator=g)
     whole = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
-    monkeypatch.setattr(factors, "UNFOLD_BUDGET", 40)  # a few samples' patches per chunk (one conv1 sample: 288)
+    monkeypatch.setattr(conv, "UNFOLD_BUDGET", 40)  # a few samples' patches per chunk (one conv1 sample: 288)
     chunked = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
     for name in whole:
         assert torch.allclose(whole[name].A, chunked[name].A, atol=1e-14)
@@ -422,7 +387,7 @@ def test_per_position_columns_remove_cross_position_terms():
 
     from kfac_hessian.models import TinyGPT
 
-    from .references import dense_ggn
+    from ..references import dense_ggn
 
     torch.manual_seed(0)
     model = TinyGPT(9, dim=8, depth=1, heads=2, context=5).double()
@@ -437,8 +402,8 @@ def test_per_position_columns_remove_cross_position_terms():
 
             with sdpa_kernel([SDPBackend.MATH]):
                 reference = dense_ggn(model, nn.CrossEntropyLoss(), *data, [name])
-            assert rel_err(exact.other_factors[name].to_dense(), reference) < EXACT
-            assert rel_err(joint.other_factors[name].to_dense(), reference) > 0.1  # joint columns: cross terms
+            assert rel_err(exact[name].to_dense(), reference) < EXACT
+            assert rel_err(joint[name].to_dense(), reference) > 0.1  # joint columns: cross terms
     # a per-position network has no cross terms: both ways agree
     model = PerPosition()
     X = torch.randn(4, 3, 4, generator=torch.Generator().manual_seed(2))
@@ -506,7 +471,7 @@ def test_a_call_without_influence_counts_as_zero_gradients(column_chunk, approx)
 
 
 def test_when_gradients_are_streamed_one_column_per_pass():
-    from kfac_hessian.factors import _one_column_per_pass
+    from kfac_hessian.factors.columns import one_column_per_pass as _one_column_per_pass
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object only: nothing runs on it
     assert _one_column_per_pass(None, cpu, "ggn", 1) and _one_column_per_pass(1, cuda, "ggn", 1)

@@ -20,33 +20,41 @@ or sample. The result is the same matrix as from unfolded patches (up to roundin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from torch import Tensor, nn
-
-from .layers import padding_amounts
+from torch import Tensor
 
 
-def shift_moments_apply(module: nn.Module) -> bool:
-    """Whether ``patch_moments`` covers ``module``: a convolution with stride 1 and zero padding."""
-    return (isinstance(module, (nn.Conv1d, nn.Conv2d)) and all(s == 1 for s in module.stride)
-            and module.padding_mode == "zeros")
+@dataclass(frozen=True)
+class Geometry:
+    """A stride-1 zero-padded convolution over 1 or 2 spatial axes (a 1-D one is a height-1 2-D one): kernel,
+    dilation and ``F.pad``-ordered padding ``[left, right, top, bottom]`` (1-D: ``[left, right]``)."""
+
+    kernel: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pad: tuple[int, ...]
+
+    @property
+    def planar(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int, int, int]]:
+        if len(self.kernel) == 1:
+            return (1, self.kernel[0]), (1, self.dilation[0]), (*self.pad, 0, 0)
+        return tuple(self.kernel), tuple(self.dilation), tuple(self.pad)
 
 
-def patch_moments_elements(module: nn.Module, inputs: Tensor) -> int:
+def patch_moments_elements(geometry: Geometry, inputs: Tensor) -> int:
     """Elements of the temporaries ``patch_moments`` builds per sample (for chunking the batch)."""
-    x = _as_2d(module, inputs[:1])[0]
-    (kh, kw), (dh, dw) = _kernel_dilation(module)
-    mh, mw = dh * (kh - 1), dw * (kw - 1)
-    c, h, w = x.shape[1:]
-    return c * (h + mh) * (w + mw)  # the zero-extended copy; the border strips are a small fraction of it
+    (kh, kw), (dh, dw), _ = geometry.planar
+    h, w = (1, inputs.shape[-1]) if len(geometry.kernel) == 1 else inputs.shape[-2:]
+    return inputs.shape[1] * (h + dh * (kh - 1)) * (w + dw * (kw - 1))  # the zero-extended copy; the border strips are a small fraction of it
 
 
-def patch_moments(module: nn.Module, inputs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
+def patch_moments(geometry: Geometry, inputs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
     """``(Σ ā āᵀ, Σ ā, rows)`` over the samples and output locations of ``inputs`` (``N, c_in, *spatial``), without
     the bias entry; ``ā`` in channel-major patch order (that of ``weight.flatten()``), ``rows = N · locations``.
     """
-    x, (pad_top, pad_left), (h_out, w_out) = _as_2d(module, inputs.to(dtype))
-    (kh, kw), (dh, dw) = _kernel_dilation(module)
+    x, (pad_top, pad_left), (h_out, w_out) = _as_2d(geometry, inputs.to(dtype))
+    (kh, kw), (dh, dw), _ = geometry.planar
     n, c, h, w = x.shape
     correlations = _full_correlations(x, kh, kw, dh, dw)
     outside_rows = [_outside(_window(dh * i - pad_top, h_out, h), h) for i in range(kh)]
@@ -117,22 +125,15 @@ def _border_products(x: Tensor, rows: list[tuple[int, int]], cols: list[tuple[in
     return products, total + region.sum(1)
 
 
-def _as_2d(module: nn.Module, inputs: Tensor) -> tuple[Tensor, tuple[int, int], tuple[int, int]]:
-    """The input as ``(N, c, H, W)`` (a Conv1d is a height-1 Conv2d), the leading paddings and the output size."""
-    pad = padding_amounts(module, 1 if isinstance(module, nn.Conv1d) else 2)  # F.pad order: last axis first
-    if isinstance(module, nn.Conv1d):
-        inputs, pad = inputs.unsqueeze(2), [*pad, 0, 0]
-    (kh, kw), (dh, dw) = _kernel_dilation(module)
+def _as_2d(geometry: Geometry, inputs: Tensor) -> tuple[Tensor, tuple[int, int], tuple[int, int]]:
+    """The input as ``(N, c, H, W)`` (a 1-D input as height 1), the leading paddings and the output size."""
+    (kh, kw), (dh, dw), pad = geometry.planar  # F.pad order: last axis first
+    if len(geometry.kernel) == 1:
+        inputs = inputs.unsqueeze(2)
     h, w = inputs.shape[2:]
     h_out = h + pad[2] + pad[3] - dh * (kh - 1)
     w_out = w + pad[0] + pad[1] - dw * (kw - 1)
     return inputs, (pad[2], pad[0]), (h_out, w_out)
-
-
-def _kernel_dilation(module: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
-    if isinstance(module, nn.Conv1d):
-        return (1, module.kernel_size[0]), (1, module.dilation[0])
-    return tuple(module.kernel_size), tuple(module.dilation)
 
 
 def _full_correlations(x: Tensor, kh: int, kw: int, dh: int, dw: int) -> dict[tuple[int, int], Tensor]:

@@ -1,0 +1,13 @@
+"""Curvature blocks: one protocol (``CurvatureBlock``/``BlockEigen``), two structures — ``KroneckerBlock``
+(``G ⊗ A`` per group) and ``DenseBlocks`` (exact dense sub-blocks on a partition of the parameters) — and the
+eigendecompositions of many blocks in one place (``eig_blocks``)."""
+
+from .base import DENSE_LIMIT, BlockEigen, CurvatureBlock
+from .dense import DenseBlocks, DenseBlocksEigen
+from .eig import eig_blocks
+from .kronecker import KroneckerBlock, KroneckerEigen, KroneckerPairs
+
+BLOCK_TYPES: dict[str, type[CurvatureBlock]] = {cls.kind: cls for cls in (KroneckerBlock, DenseBlocks)}
+
+__all__ = ["BLOCK_TYPES", "DENSE_LIMIT", "BlockEigen", "CurvatureBlock", "DenseBlocks", "DenseBlocksEigen",
+           "KroneckerBlock", "KroneckerEigen", "KroneckerPairs", "eig_blocks"]

@@ -1,0 +1,82 @@
+"""Eigendecompositions of many blocks in one place: batched by size, split over ranks when distributed.
+
+Every block reduces to a few small PSD matrices (``CurvatureBlock._eig_matrices``: ``A`` and ``G`` of a
+Kronecker block, the sub-blocks of ``DenseBlocks``). They are decomposed together — eigenvectors by one batched
+``eigh`` per size, eigenvalues alone by ``spectra.symmetric_eigvals`` (concurrent tridiagonalizations on the CPU,
+batched ``eigvalsh`` elsewhere) — and each block assembles its ``BlockEigen`` from its share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from .. import distributed as _distributed
+from ..spectra import ClampReport, symmetric_eig, symmetric_eigvals
+from .base import BlockEigen, CurvatureBlock
+
+
+def eig_blocks(blocks: Mapping[str, CurvatureBlock], dtype: torch.dtype | None = None, vectors: bool = False,
+               distributed: bool = False) -> dict[str, BlockEigen]:
+    """``BlockEigen`` of every block (``dtype``: precision of the decompositions; ``vectors``: all eigenvectors now
+    instead of on first use; ``distributed``: each rank of the process group decomposes a cost-balanced share
+    (≈ B·d³ per matrix) and all ranks receive every result)."""
+    requests = {(name, i): m for name, block in blocks.items() for i, m in enumerate(block._eig_matrices(dtype))}
+    results = _decompose_distributed(requests, vectors) if distributed else _decompose(requests, vectors)
+    out = {}
+    for name, block in blocks.items():
+        keys = [key for key in requests if key[0] == name]
+        out[name] = block._eigen([requests[k] for k in keys], [results[k] for k in keys], vectors)
+    return out
+
+
+def _decompose(matrices: dict, vectors: bool) -> dict:
+    """``{key: (values (B, d), vectors (B, d, d) or None, reports, forms)}`` for ``{key: (B, d, d)}``."""
+    keys = list(matrices)
+    if not vectors:
+        decomposed = symmetric_eigvals([matrices[k] for k in keys])
+        return {k: (values, None, reports, forms) for k, (values, reports, forms) in zip(keys, decomposed)}
+    groups: dict[tuple, list] = {}
+    for key, m in matrices.items():
+        groups.setdefault((m.shape[-1], m.device, m.dtype), []).append(key)
+    results = {}
+    for members in groups.values():  # one batched eigh per size
+        values, vecs, reports = symmetric_eig(torch.cat([matrices[k] for k in members]), vectors=True)
+        start = 0
+        for key in members:
+            count = len(matrices[key])
+            results[key] = (values[start : start + count], vecs[start : start + count], reports[start : start + count],
+                            [None] * count)
+            start += count
+    return results
+
+
+def _decompose_distributed(matrices: dict, vectors: bool) -> dict:
+    """Each rank decomposes the matrices assigned to it by cost and broadcasts them, packed (a ``Tridiagonal`` form
+    stays with its rank: elsewhere the leading eigenvectors come from a full ``eigh`` when asked for)."""
+    import torch.distributed as dist
+
+    _distributed.require_process_group()
+    keys = list(matrices)
+    costs = [float(len(matrices[k])) * float(matrices[k].shape[-1]) ** 3 for k in keys]
+    owners = _distributed.assign_by_cost(costs, dist.get_world_size())
+    mine = _decompose({k: matrices[k] for k, o in zip(keys, owners) if o == dist.get_rank()}, vectors)
+    like = next(iter(matrices.values()))
+    results = {}
+    for rank in range(dist.get_world_size()):
+        owned = [k for k, o in zip(keys, owners) if o == rank]
+        shapes, tensors = [], []
+        for k in owned:
+            b, d = matrices[k].shape[:2]
+            shapes += [(b, d), (b, 2)] + ([(b, d, d)] if vectors else [])
+            if rank == dist.get_rank():
+                values, vecs, reports, _ = mine[k]
+                tensors += [values, torch.tensor([[r.count, r.most_negative] for r in reports])] + ([vecs] if vectors else [])
+        received = iter(_distributed.broadcast_packed(rank, shapes, tensors, matrices[owned[0]] if owned else like))
+        for k in owned:
+            values, report = next(received), next(received)
+            vecs = next(received) if vectors else None
+            reports = [ClampReport(int(c), float(v)) for c, v in report.tolist()]
+            results[k] = (values, vecs, reports, [None] * len(values))
+    return results

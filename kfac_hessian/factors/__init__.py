@@ -1,0 +1,7 @@
+"""The factors stage: ``compute_kfac`` (the driver) streams the data once through the model, the layer kinds'
+accumulators (``kfac_hessian.layers``) gather their sums, and ``KFAC`` holds the resulting blocks."""
+
+from .driver import compute_kfac, input_second_moments
+from .result import KFAC
+
+__all__ = ["KFAC", "compute_kfac", "input_second_moments"]

@@ -1,0 +1,99 @@
+"""``KFAC``: the curvature blocks of every covered layer and parameter, with how they were computed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from ..blocks import BlockEigen, CurvatureBlock, eig_blocks
+
+
+@dataclass
+class KFAC(Mapping[str, CurvatureBlock]):
+    """A read-only mapping block name → ``CurvatureBlock`` (``KroneckerBlock`` or ``DenseBlocks``), with how the
+    blocks were computed.
+
+    A block is named after its module (a free parameter's block after the parameter). ``parameter_names`` lists the
+    full names of each block's parameters in public order; ``skipped`` names every parameterized module (or
+    parameter) that is not covered, and why; ``counts`` gives the parameters of every block and skipped entry, a
+    parameter shared by several modules (weight tying) counted once, at its first use; ``total_params`` counts the
+    model's parameters; ``tied`` lists, per module, which of its parameters are shared and with whom. Each module's
+    block is the curvature of its own use of the parameters; for a tied parameter the exact block is the sum of its
+    users' blocks plus cross terms.
+    """
+
+    blocks: dict[str, CurvatureBlock]
+    curvature: str
+    approx: str
+    loss: str
+    reduction: str
+    n_samples: int
+    skipped: dict[str, str] = field(default_factory=dict)
+    parameter_names: dict[str, list[str]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    total_params: int = 0
+    tied: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.blocks)
+
+    def __getitem__(self, name: str) -> CurvatureBlock:
+        if name not in self.blocks:
+            why = f" ({name} was skipped: {self.skipped[name]})" if name in self.skipped else ""
+            raise KeyError(f"no block named {name!r}{why}; blocks: {self.layer_names}")
+        return self.blocks[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def eig(self, dtype: torch.dtype | None = None, vectors: bool = False, distributed: bool = False) -> dict[str, BlockEigen]:
+        """Eigen-structures of every block, decomposed together (``blocks.eig_blocks``): batched by size, on the CPU
+        eigenvalues through concurrent tridiagonalizations, eigenvectors on first use unless ``vectors=True``.
+
+        ``distributed=True``: the matrices are split over the ranks of the process group by cost (≈ B·d³), each rank
+        decomposes its share, and all ranks receive every result.
+        """
+        return eig_blocks(self.blocks, dtype, vectors, distributed)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "KFAC":
+        moved = {n: b.to(device, dtype) for n, b in self.blocks.items()}
+        return KFAC(moved, self.curvature, self.approx, self.loss, self.reduction, self.n_samples, dict(self.skipped),
+                    dict(self.parameter_names), dict(self.counts), self.total_params, dict(self.tied))
+
+    def covered_params(self) -> int:
+        return sum(self.counts.get(name, b.num_params) for name, b in self.blocks.items())
+
+    def summary(self) -> str:
+        """One line per block (its structure and parameter count) and per skipped entry (why), and the covered share
+        of the model's parameters."""
+        lines = [f"KFAC curvature={self.curvature} approx={self.approx} loss={self.loss}({self.reduction}) N={self.n_samples}"]
+        for name, block in self.blocks.items():
+            tied = f" (tied: {', '.join(self.tied[name])})" if name in self.tied else ""
+            lines.append(f"  {name}: {block.describe()}, P={block.num_params}{tied}")
+        for name, reason in self.skipped.items():
+            count = self.counts.get(name)
+            lines.append(f"  {name}: skipped{f' ({count} parameters)' if count is not None else ''} — {reason}")
+        if self.total_params:
+            covered = self.covered_params()
+            lines.append(f"  covered {covered} of {self.total_params} parameters ({100 * covered / self.total_params:.1f} %)"
+                         + (", tied parameters counted once" if self.tied else ""))
+        return "\n".join(lines)
+
+    def save(self, path) -> None:
+        """Save as plain tensors and strings (loaded with ``torch.load(weights_only=True)``: no code runs)."""
+        from .storage import save
+
+        save(self, path)
+
+    @classmethod
+    def load(cls, path, map_location: torch.device | str | None = None) -> "KFAC":
+        """Load what ``save`` wrote; never unpickles code (``weights_only=True``)."""
+        from .storage import load
+
+        return load(path, map_location)

@@ -1,0 +1,149 @@
+"""What every Kronecker kind shares: layers ``z = W ā`` at ``T`` locations per sample, and their factor sums.
+
+A kind gives its block layout (``layout``: ``d_out``, ``d_in`` per group, bias, groups, transposed weight), its
+recorded input as rows ``(N, T, groups·d_in)`` (``input_rows``; group-major features) and its output gradients
+``(K, N, *z.shape[1:])`` as rows ``(K, N, T, groups·d_out)`` (``output_rows``). ``KroneckerSums`` accumulates
+
+* ``Σ ā āᵀ`` (the constant 1 of the bias appended here) per group — ``approx="reduce"`` averages ``ā`` over each
+  sample's locations first — and the number of rows, so that ``A = Σ ā āᵀ / rows``;
+* ``Σ g gᵀ`` per group over every location (``"reduce"``: ``g`` summed over each sample's locations first), so
+  that ``G = scale · Σ g gᵀ``.
+
+Several calls of a module in one batch are further locations. The layer's weight as matrices
+``(groups, d_out, d_in)`` (``weight_matrices``) serves the local Hessians and the optimizer.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+from ..blocks import KroneckerBlock
+from ..capture import LayerCall
+from ..gram import add_gram, feature_major, symmetrize_
+from ..layout import BlockLayout
+from .base import Accumulator, LayerKind, PassSettings
+
+
+class KroneckerKind(LayerKind):
+    """A layer whose block is approximated by ``G ⊗ A`` (module docstring)."""
+
+    diagonal_a = False  # A is diagonal (one-hot inputs: embeddings)
+    dense_inputs = True  # the input rows are vectors ā (local Hessians and the optimizer use them)
+
+    @abstractmethod
+    def layout(self, module: nn.Module) -> BlockLayout: ...
+
+    @abstractmethod
+    def input_rows(self, module: nn.Module, inputs: Tensor) -> Tensor:
+        """The layer input as ``(N, T, groups·d_in)`` rows."""
+
+    @abstractmethod
+    def output_rows(self, module: nn.Module, grads: Tensor) -> Tensor:
+        """Output gradients ``(K, N, *z.shape[1:])`` as ``(K, N, T, groups·d_out)`` rows."""
+
+    def add_inputs(self, sums: "KroneckerSums", module: nn.Module, inputs: list[Tensor]) -> None:
+        """Accumulate the inputs of every call of ``module`` in one batch (default: their rows in one piece)."""
+        sums.add_rows(_concat_locations([self.input_rows(module, x) for x in inputs]))
+
+    def weight_matrices(self, module: nn.Module) -> Tensor:
+        """The weight as ``(groups, d_out, d_in)`` matrices (detached)."""
+        weight = getattr(module, self.parameter_names(module)[0]).detach()
+        return self.layout(module).weight_matrices(weight.reshape(1, -1))[0]
+
+    def accumulator(self, name: str, module: nn.Module, settings: PassSettings) -> "KroneckerSums":
+        return KroneckerSums(self, name, module, settings)
+
+
+class KroneckerSums(Accumulator):
+    """``Σ ā āᵀ`` and ``Σ g gᵀ`` of one Kronecker layer per group (module docstring): upper block triangle only for
+    one group (``gram.add_gram``), the bias column added without copying ``ā``; token counts for a diagonal ``A``."""
+
+    def __init__(self, kind: KroneckerKind, name: str, module: nn.Module, settings: PassSettings):
+        self.kind, self.name, self.module = kind, name, module
+        self.layout = layout = kind.layout(module)
+        self.approx = "expand" if kind.diagonal_a else settings.approx
+        dtype, device = settings.dtype, settings.device
+        a_shape = (layout.width,) if kind.diagonal_a else (layout.groups, layout.width, layout.width)
+        self.a_sum = torch.zeros(a_shape, dtype=dtype, device=device)
+        self.g_sum = torch.zeros(layout.groups, layout.d_out, layout.d_out, dtype=dtype, device=device)
+        self.a_rows = torch.zeros((), dtype=torch.float64, device=device)
+
+    @property
+    def called(self) -> bool:
+        return bool(self.a_rows > 0)
+
+    def add_inputs(self, calls: list[LayerCall]) -> None:
+        self.kind.add_inputs(self, self.module, [c.inputs for c in calls])
+        for call in calls:  # the graph keeps what the backward needs and frees it as it goes
+            call.args = call.kwargs = None
+
+    def _gram(self, target: Tensor, columns: Tensor) -> None:
+        add_gram(target[0] if self.layout.groups == 1 else target, columns)
+
+    def add_rows(self, rows: Tensor) -> None:
+        """Input rows ``(N, T, groups·d_in)`` of all calls of this batch."""
+        if self.approx == "reduce":
+            rows = rows.mean(1, keepdim=True)
+        columns = feature_major(rows, self.a_sum.dtype)
+        d = self.layout.d_in
+        self._gram(self.a_sum[:, :d, :d], columns)
+        sums = columns.sum(1).reshape(self.layout.groups, d) if self.layout.has_bias else None
+        self._add_bias_moments(sums, columns.shape[1])
+
+    def add_moments(self, gram: Tensor, column_sums: Tensor, rows: int) -> None:
+        """``Σ a aᵀ`` ``(d_in, d_in)`` and ``Σ a`` over ``rows`` input rows, computed elsewhere (one group)."""
+        d = self.layout.d_in
+        self.a_sum[0, :d, :d] += gram
+        self._add_bias_moments(column_sums.unsqueeze(0) if self.layout.has_bias else None, rows)
+
+    def add_counts(self, counts: Tensor, rows: int) -> None:
+        """Occurrences of every input index (a diagonal ``A``)."""
+        self.a_sum += counts.to(self.a_sum.dtype)
+        self.a_rows += rows
+
+    def _add_bias_moments(self, column_sums: Tensor | None, rows: int) -> None:
+        if column_sums is not None:  # the bias entry of ā is 1: its row/column of Σ ā āᵀ holds Σ a and the count
+            d = self.layout.d_in
+            self.a_sum[:, :d, d] += column_sums
+            self.a_sum[:, d, :d] += column_sums
+            self.a_sum[:, d, d] += rows
+        self.a_rows += rows
+
+    def add_gradients(self, grads: list[list[Tensor]]) -> None:
+        rows = _concat_locations([self.kind.output_rows(self.module, g[0]) for g in grads], axis=2)
+        if self.approx == "reduce":
+            rows = rows.sum(2, keepdim=True)
+        self._gram(self.g_sum, feature_major(rows, self.g_sum.dtype))
+
+    def input_state(self) -> list[Tensor]:
+        return [self.a_sum]
+
+    def state(self) -> list[Tensor]:
+        return [self.a_sum, self.g_sum, self.a_rows]
+
+    def set_state(self, tensors: list[Tensor]) -> None:
+        self.a_sum, self.g_sum, self.a_rows = tensors
+
+    def input_factor(self) -> Tensor:
+        """``A = Σ ā āᵀ / rows``: ``(width, width)``, its diagonal ``(width,)``, or ``(groups, width, width)``."""
+        if self.kind.diagonal_a:
+            return self.a_sum / float(self.a_rows)
+        for a in self.a_sum:
+            symmetrize_(a)
+        A = self.a_sum.div_(float(self.a_rows))
+        return A[0] if self.layout.groups == 1 else A
+
+    def finalize(self, scale: float, device) -> dict[str, KroneckerBlock]:
+        for g in self.g_sum:
+            symmetrize_(g)
+        G = self.g_sum.mul_(scale)
+        G = G[0] if self.layout.groups == 1 else G
+        return {self.name: KroneckerBlock(self.input_factor().to(device), G.to(device), self.layout, self.name)}
+
+
+def _concat_locations(rows: list[Tensor], axis: int = 1) -> Tensor:
+    """Several calls of one layer are further locations (no copy for the usual single call)."""
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=axis)

@@ -1,0 +1,160 @@
+"""Normalization layers with affine parameters — ``BatchNorm1d/2d/3d``, ``LayerNorm``, ``GroupNorm``, ``RMSNorm``
+(and RMSNorm-like modules by registration): their **exact** curvature block.
+
+Such a layer computes ``z = γ_f x̂ + β_f`` per feature ``f`` (channel for BatchNorm/GroupNorm, element of
+``normalized_shape`` for LayerNorm/RMSNorm) at ``T`` positions per sample, ``x̂`` the normalized input (``β`` absent
+for ``RMSNorm`` and ``LayerNorm(bias=False)``). ``γ`` and ``β`` do not enter the normalization statistics, so the
+Jacobian of the output in ``(γ_f, β_f)`` is exactly ``(x̂, 1)`` at every position — in train mode too. With the
+per-sample, per-column vectors
+
+    u_{nk} = (Σ_t g_{nkft} x̂_{nft})_f  ⊕  (Σ_t g_{nkft})_f        (public order: γ's, then β's)
+
+(``g`` the output gradients of ``compute_kfac``'s columns) the block is ``scale · Σ_{n,k} u uᵀ`` — for
+``curvature="ggn"`` the exact GGN block, no approximation, when the model has one output position per sample or
+with ``per_position=True`` (otherwise joint columns add cross-position terms, docs/conventions.md §3). It is kept
+dense while ``P ≤ base.DENSE_BLOCK_LIMIT`` (4096); wider layers keep the per-feature ``(γ_f, β_f)``
+blocks (2×2, or 1×1 without ``β``: exact within each, cross-feature terms dropped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..blocks import DenseBlocks
+from ..capture import LayerCall
+from . import base
+from .base import Accumulator, LayerKind, PassSettings, forward_is, outputs_match
+
+
+def _batch_norm(module: nn.Module, x: Tensor) -> Tensor:
+    use_batch = module.training or module.running_mean is None
+    return F.batch_norm(x, None if use_batch else module.running_mean, None if use_batch else module.running_var,
+                        None, None, use_batch, 0.0, module.eps)
+
+
+def _rms_norm(module: nn.Module, x: Tensor) -> Tensor:
+    return F.rms_norm(x, module.normalized_shape, None, module.eps)
+
+
+class NormalizationKind(LayerKind):
+    """``z = γ x̂ + β`` per feature (module docstring), for modules of ``types`` with their own ``forward``.
+
+    ``normalize(module, x)`` gives ``x̂`` shaped like the output; ``channels_first``: the features are axis 1
+    (BatchNorm, GroupNorm), else the trailing ``features(module)`` elements (LayerNorm, RMSNorm). Register one
+    for an RMSNorm-like module (``docs/layer_kinds.md``)::
+
+        kh.layers.register(kh.layers.NormalizationKind(
+            "llama_rms_norm", [LlamaRMSNorm],
+            normalize=lambda m, x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)))
+    """
+
+    def __init__(self, name: str, types: list[type[nn.Module]] | tuple[type[nn.Module], ...],
+                 normalize: Callable[[nn.Module, Tensor], Tensor], channels_first: bool = False,
+                 own_forward_only: bool = False):
+        self.name, self.types, self.normalize = name, tuple(types), normalize
+        self.channels_first = channels_first
+        self.own_forward_only = own_forward_only  # built-in kinds: a subclass that overrides forward is not claimed
+
+    def claims(self, module: nn.Module) -> bool:
+        if not isinstance(module, self.types) or getattr(module, "weight", None) is None:
+            return False
+        if not self.own_forward_only:
+            return True
+        return any(isinstance(module, t) and forward_is(module, t) for t in self.types)
+
+    def normalized_rows(self, module: nn.Module, inputs: Tensor) -> Tensor:
+        """``x̂`` as ``(N, T, F)`` rows, normalized as the module does in its current mode."""
+        return self.rows(module, self.normalize(module, inputs))
+
+    def rows(self, module: nn.Module, tensor: Tensor, lead: int = 1) -> Tensor:
+        """A tensor shaped like the output, with ``lead`` leading axes (``(N, *)``, or ``(K, N, *)`` for a batch of
+        columns), as ``(…, T, F)`` rows."""
+        front = tensor.shape[:lead]
+        if self.channels_first:
+            return tensor.reshape(*front, tensor.shape[lead], -1).transpose(-1, -2)
+        return tensor.reshape(*front, -1, module.weight.numel())
+
+    def reproduces(self, module: nn.Module, call: LayerCall) -> bool:
+        x_hat = self.normalize(module, call.inputs)
+        shape = (1, -1) + (1,) * (x_hat.dim() - 2) if self.channels_first else module.weight.shape
+        expected = x_hat * module.weight.reshape(shape)
+        if getattr(module, "bias", None) is not None:
+            expected = expected + module.bias.reshape(shape)
+        return outputs_match(expected, call.output_values)
+
+    def accumulator(self, name: str, module: nn.Module, settings: PassSettings) -> "NormSums":
+        return NormSums(self, name, module, settings)
+
+
+class NormSums(Accumulator):
+    """Running ``Σ u uᵀ`` of one normalization layer: ``(P, P)``, or per-feature ``(F, p, p)`` above
+    ``base.DENSE_BLOCK_LIMIT`` (``p = 2`` with ``β``, 1 without)."""
+
+    def __init__(self, kind: NormalizationKind, name: str, module: nn.Module, settings: PassSettings):
+        self.kind, self.name, self.module = kind, name, module
+        self.n_features = module.weight.numel()
+        self.per_feature = 1 + int(getattr(module, "bias", None) is not None)  # (γ_f, β_f) or γ_f
+        self.num_params = self.per_feature * self.n_features
+        self.dense = self.num_params <= base.DENSE_BLOCK_LIMIT
+        shape = (self.num_params, self.num_params) if self.dense else (self.n_features, self.per_feature, self.per_feature)
+        self.sums = torch.zeros(shape, dtype=settings.dtype, device=settings.device)
+        self.calls = 0
+        self._x_hat: Tensor | None = None
+
+    @property
+    def called(self) -> bool:
+        return self.calls > 0
+
+    def add_inputs(self, calls: list[LayerCall]) -> None:
+        rows = [self.kind.normalized_rows(self.module, c.inputs) for c in calls]
+        self._x_hat = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+        self.calls += len(calls)
+        for call in calls:
+            call.args = call.kwargs = None
+
+    def add_gradients(self, grads: list[list[Tensor]]) -> None:
+        """Gradient rows of this batch's calls, matching ``add_inputs``'s ``x̂`` rows."""
+        rows = [self.kind.rows(self.module, g[0], lead=2) for g in grads]
+        grad_rows = rows[0] if len(rows) == 1 else torch.cat(rows, dim=2)  # (K, N, T, F)
+        parts = [(grad_rows * self._x_hat).sum(2)]  # Σ_t g x̂; an x̂ of one sample broadcast over the batch works alike
+        if self.per_feature == 2:
+            parts.append(grad_rows.sum(2))  # Σ_t g
+        parts = [p.to(self.sums.dtype) for p in parts]
+        if self.dense:
+            u = torch.cat(parts, dim=-1).reshape(-1, self.num_params)
+            self.sums.addmm_(u.T, u)
+        else:
+            u = torch.stack(parts, dim=-1)  # (K, N, F, p)
+            self.sums += torch.einsum("knfa,knfb->fab", u, u)
+
+    def state(self) -> list[Tensor]:
+        return [self.sums]
+
+    def set_state(self, tensors: list[Tensor]) -> None:
+        (self.sums,) = tensors
+
+    def finalize(self, scale: float, device) -> dict[str, DenseBlocks]:
+        sums = self.sums.mul_(scale).to(device)
+        what = "(γ, β)" if self.per_feature == 2 else "γ"
+        if self.dense:
+            block = DenseBlocks.dense(sums, f"normalization, exact dense {what} block of {self.n_features} features", self.name)
+        elif self.per_feature == 2:
+            block = DenseBlocks.paired(sums, f"normalization, {self.n_features} exact 2×2 (γ, β) blocks "
+                                             "(cross-feature terms dropped)", self.name)
+        else:
+            block = DenseBlocks.diagonal(sums.reshape(-1), f"normalization, exact diagonal of the γ block of "
+                                                           f"{self.n_features} features (cross-feature terms dropped)", self.name)
+        return {self.name: block}
+
+
+BATCH_NORM = NormalizationKind("batch_norm", [nn.modules.batchnorm._BatchNorm], _batch_norm, channels_first=True,
+                               own_forward_only=True)
+GROUP_NORM = NormalizationKind("group_norm", [nn.GroupNorm], lambda m, x: F.group_norm(x, m.num_groups, None, None, m.eps),
+                               channels_first=True, own_forward_only=True)
+LAYER_NORM = NormalizationKind("layer_norm", [nn.LayerNorm],
+                               lambda m, x: F.layer_norm(x, m.normalized_shape, None, None, m.eps), own_forward_only=True)
+RMS_NORM = NormalizationKind("rms_norm", [nn.RMSNorm], _rms_norm, own_forward_only=True)

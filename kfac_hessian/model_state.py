@@ -1,0 +1,82 @@
+"""The model as the user left it: the guard that restores its state, and its eager (uncompiled) form.
+
+Every curvature pass runs inside ``preserved_model_state`` and on ``eager_model(model)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+def is_batch_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+@contextlib.contextmanager
+def preserved_model_state(model: nn.Module, batch_norm_eval: bool = False) -> Iterator[None]:
+    """Restore train/eval flags, ``requires_grad`` and ``.grad`` of every parameter, and the running statistics
+    of every BatchNorm (a train-mode forward pass updates them), on exit — even on error.
+
+    ``batch_norm_eval``: put every BatchNorm in eval mode inside (the curvature passes' default).
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    batch_norms = [m for m in model.modules() if is_batch_norm(m)]
+    statistics = [(b, b.detach().clone()) for m in batch_norms for b in m.buffers(recurse=False)]
+    if batch_norm_eval:
+        for module in batch_norms:
+            module.eval()
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        for p, flag, grad in zip(params, flags, grads):
+            p.requires_grad_(flag)
+            p.grad = grad
+        with torch.no_grad():
+            for buffer, value in statistics:
+                buffer.copy_(value)
+
+
+def _is_compiled_wrapper(module: nn.Module) -> bool:
+    return hasattr(module, "_orig_mod") and type(module).__name__ == "OptimizedModule"
+
+
+def eager_model(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile``'d model wraps (its ``_orig_mod``; the model itself otherwise).
+
+    A compiled graph does not run the forward hooks and autograd-node hooks that gather the factors (``G``
+    silently came out zero), so curvature is computed on the eager module: the same function and the same
+    parameters, with the original module names. A compiled *submodule* cannot be unwrapped without changing the
+    model: that is refused with the fix.
+    """
+    while _is_compiled_wrapper(model):
+        model = model._orig_mod
+    for name, module in model.named_modules():
+        if _is_compiled_wrapper(module):
+            raise ValueError(
+                f"submodule {name!r} is a torch.compile'd OptimizedModule, whose compiled graph bypasses the hooks that "
+                f"gather curvature; compute curvature on the eager model (e.g. set `{name} = {name}._orig_mod` for the "
+                "analysis, or compile after it)"
+            )
+    return model
+
+
+@contextlib.contextmanager
+def eager_calls(model: nn.Module) -> Iterator[None]:
+    """Modules compiled in place (``module.compile()``) run their eager forward inside (restored on exit)."""
+    compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    try:
+        for module, _ in compiled:
+            module._compiled_call_impl = None
+        yield
+    finally:
+        for module, impl in compiled:
+            module._compiled_call_impl = impl

@@ -1,0 +1,50 @@
+"""Every Kronecker kind's rows reproduce the layer's own forward pass: z = W ā at every location, per group."""
+
+import pytest
+import torch
+from torch import nn
+
+from kfac_hessian.layers import kind_for
+from kfac_hessian.layers.conv import ConvKind
+from kfac_hessian.layers.linear import LinearKind
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (nn.Linear(4, 3), (2, 4)),
+        (nn.Linear(4, 3), (2, 5, 6, 4)),
+        (nn.Conv1d(2, 3, 3, stride=2, padding=1, dilation=2), (2, 2, 9)),
+        (nn.Conv1d(2, 3, 4, padding="same"), (2, 2, 9)),
+        (nn.Conv1d(4, 6, 3, groups=2, padding=1), (2, 4, 7)),
+        (nn.Conv2d(2, 3, (2, 3), stride=(2, 1), padding=(1, 2), dilation=(2, 1)), (2, 2, 6, 7)),
+        (nn.Conv2d(2, 3, 2, padding="same", padding_mode="circular"), (2, 2, 5, 5)),
+        (nn.Conv2d(2, 3, 3, padding="valid", bias=False), (2, 2, 5, 5)),
+        (nn.Conv2d(4, 4, 3, groups=4, padding=1), (2, 4, 5, 5)),  # depthwise
+        (nn.Conv2d(6, 4, 3, groups=2, stride=2, padding=1, padding_mode="reflect"), (2, 6, 6, 6)),
+        (nn.Conv3d(2, 3, (2, 3, 2), stride=(1, 2, 1), padding=(1, 0, 1), dilation=(1, 1, 2)), (2, 2, 4, 6, 5)),
+        (nn.Conv3d(4, 6, 3, groups=2, padding="same", bias=False), (2, 4, 4, 4, 4)),
+    ],
+)
+def test_rows_reproduce_forward(layer, shape):
+    layer = layer.double()
+    kind = kind_for(layer)
+    x = torch.randn(shape)
+    z = layer(x)
+    layout = kind.layout(layer)
+    rows = kind.input_rows(layer, x)  # (N, T, groups·d_in)
+    assert rows.shape[-1] == layout.groups * layout.d_in
+    n, t = rows.shape[:2]
+    grouped = rows.reshape(n, t, layout.groups, layout.d_in)
+    w = kind.weight_matrices(layer)  # (groups, d_out, d_in)
+    z_rows = torch.einsum("ntgi,goi->ntgo", grouped, w).reshape(n, t, -1)
+    if layer.bias is not None:
+        z_rows = z_rows + layer.bias
+    assert torch.allclose(kind.output_rows(layer, z.unsqueeze(0))[0], z_rows, atol=1e-12)
+
+
+def test_unbatched_inputs_are_rejected():
+    with pytest.raises(ValueError, match="batched"):
+        ConvKind().input_rows(nn.Conv2d(1, 1, 1), torch.randn(1, 3, 3))
+    with pytest.raises(ValueError, match="unbatched"):
+        LinearKind().input_rows(nn.Linear(3, 1), torch.randn(3))
