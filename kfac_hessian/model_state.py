@@ -18,14 +18,17 @@ def is_batch_norm(module: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def preserved_model_state(model: nn.Module, batch_norm_eval: bool = False) -> Iterator[None]:
-    """Restore train/eval flags, ``requires_grad`` and ``.grad`` of every parameter, and the running statistics
-    of every BatchNorm (a train-mode forward pass updates them), on exit — even on error.
+    """Restore train/eval flags, ``requires_grad`` and ``.grad`` of every parameter, the running statistics of every
+    BatchNorm (a train-mode forward pass updates them) and the weight of every ``Embedding(max_norm=…)`` (its forward
+    renormalizes looked-up rows in place), on exit — even on error.
 
     ``batch_norm_eval``: put every BatchNorm in eval mode inside (the curvature passes' default).
     """
     modes = [(m, m.training) for m in model.modules()]
     batch_norms = [m for m in model.modules() if is_batch_norm(m)]
     statistics = [(b, b.detach().clone()) for m in batch_norms for b in m.buffers(recurse=False)]
+    statistics += [(m.weight, m.weight.detach().clone()) for m in model.modules()
+                   if isinstance(m, nn.Embedding) and m.max_norm is not None]
     if batch_norm_eval:
         for module in batch_norms:
             module.eval()

@@ -1,5 +1,6 @@
 """Reference architectures built in-project (no torchvision, no downloads): the demo's MLP, the benchmarks'
-ResNet-style CNN and sequence model, a ResNet-18-style CNN with BatchNorm, and a small GPT-style decoder."""
+ResNet-style CNN and sequence model, a ResNet-18-style CNN with BatchNorm, a small GPT-style decoder, and the
+MobileNetV2- and ConvNeXt-style CNN families (depthwise convolutions, channels-first LayerNorm, layer scale)."""
 
 from __future__ import annotations
 
@@ -136,3 +137,87 @@ class TinyGPT(nn.Module):
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         h = self.blocks(self.tok(tokens) + self.pos(positions.unsqueeze(0)))
         return self.head(self.ln(h)).transpose(1, 2)
+
+
+class _InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1×1 expansion conv-BN-ReLU6, 3×3 depthwise conv-BN-ReLU6, 1×1 projection conv-BN, and the
+    identity shortcut when the shape allows."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expansion: int):
+        super().__init__()
+        hidden = c_in * expansion
+        self.residual = stride == 1 and c_in == c_out
+        self.layers = nn.Sequential(
+            nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+            nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out),
+        )
+
+    def forward(self, x):
+        out = self.layers(x)
+        return x + out if self.residual else out
+
+
+class MobileNetish(nn.Module):
+    """A MobileNetV2-style CNN: stem conv-BN-ReLU6, inverted residual blocks with depthwise 3×3 convolutions
+    (``groups`` = channels), a 1×1 head conv, average pooling and a linear classifier."""
+
+    def __init__(self, width: int = 16, classes: int = 10, in_channels: int = 3, expansion: int = 4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU6())
+        self.blocks = nn.Sequential(
+            _InvertedResidual(width, width, 1, expansion), _InvertedResidual(width, 2 * width, 2, expansion),
+            _InvertedResidual(2 * width, 2 * width, 1, expansion),
+        )
+        self.head = nn.Sequential(nn.Conv2d(2 * width, 4 * width, 1, bias=False), nn.BatchNorm2d(4 * width), nn.ReLU6())
+        self.classifier = nn.Linear(4 * width, classes)
+
+    def forward(self, x):
+        return self.classifier(self.head(self.blocks(self.stem(x))).mean((2, 3)))
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of ``(N, C, H, W)`` inputs (timm's ``LayerNorm2d``): its own ``forward`` permutes to
+    channels-last and back, so it is *not* an ``nn.LayerNorm`` to the layer kinds (it gets exact per-sample blocks)."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+class _ConvNeXtBlock(nn.Module):
+    """ConvNeXt block: depthwise 7×7 conv, channels-last LayerNorm, pointwise MLP (``nn.Linear`` 4×, GELU), a learned
+    layer scale ``γ`` (a free parameter), and the residual."""
+
+    def __init__(self, dim: int, layer_scale: float = 1e-1):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.gamma = nn.Parameter(torch.full((dim,), layer_scale))
+
+    def forward(self, x):
+        h = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        return x + (self.gamma * self.mlp(h)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtish(nn.Module):
+    """A ConvNeXt-style CNN: patchify stem (4×4 stride 4) with a channels-first ``LayerNorm2d``, stages of ConvNeXt
+    blocks separated by ``LayerNorm2d`` + 2×2 stride-2 downsampling convolutions, pooled ``LayerNorm`` and a head."""
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32), depths: tuple[int, ...] = (1, 1), classes: int = 10,
+                 in_channels: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 4, stride=4), LayerNorm2d(widths[0]))
+        stages = []
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            down = [] if i == 0 else [LayerNorm2d(widths[i - 1]), nn.Conv2d(widths[i - 1], width, 2, stride=2)]
+            stages.append(nn.Sequential(*down, *(_ConvNeXtBlock(width) for _ in range(depth))))
+        self.stages = nn.Sequential(*stages)
+        self.norm = nn.LayerNorm(widths[-1])
+        self.head = nn.Linear(widths[-1], classes)
+
+    def forward(self, x):
+        return self.head(self.norm(self.stages(self.stem(x)).mean((2, 3))))

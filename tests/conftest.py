@@ -94,3 +94,46 @@ def tanh_mlp():
 def cls_data():
     X, y = classification_data()
     return X, y, batches(X, y, [4, 4, 3])
+
+
+def transformers_problem(family: str, n: int = 3, length: int = 5, seed: int = 0):
+    """A tiny ``transformers`` model built from a config (nothing downloaded), float64 and in eval mode, with one
+    batch: ``(model, inputs, targets, output)`` — ``output`` the selector ``compute_kfac`` needs, or ``None``."""
+    transformers = pytest.importorskip("transformers")
+    import kfac_hessian as kh
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    tokens = torch.randint(0, 40, (n, length), generator=g)
+    images = torch.randn(n, 3, 16, 16, generator=g)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    text = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    if family == "gpt2":
+        config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=12)
+        problem = transformers.GPT2LMHeadModel(config), {"input_ids": tokens}, tokens, kh.sequence_logits
+    elif family == "bert":
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(**text, max_position_embeddings=12,
+                                                                                   num_labels=3))
+        problem = model, {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}, labels, None
+    elif family == "llama":
+        config = transformers.LlamaConfig(**text, num_key_value_heads=1, max_position_embeddings=16)
+        problem = transformers.LlamaForCausalLM(config), {"input_ids": tokens}, tokens, kh.sequence_logits
+    elif family == "vit":
+        config = transformers.ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=2,
+                                        num_attention_heads=2, intermediate_size=32, num_labels=3)
+        problem = transformers.ViTForImageClassification(config), images, labels, None
+    elif family == "convnext":
+        config = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+                                             num_labels=3, image_size=16)
+        problem = transformers.ConvNextForImageClassification(config), images, labels, None
+    elif family == "mobilenet_v2":
+        config = transformers.MobileNetV2Config(num_channels=3, image_size=16, depth_multiplier=0.25, num_labels=3)
+        problem = transformers.MobileNetV2ForImageClassification(config), images, labels, None
+    elif family == "resnet":
+        config = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                           num_labels=3)
+        problem = transformers.ResNetForImageClassification(config), images, labels, None
+    else:
+        raise ValueError(family)
+    model, inputs, targets, output = problem
+    return model.double().eval(), inputs, targets, output

@@ -22,21 +22,35 @@ def _flat_function(model: nn.Module, names: list[str], fn):
 
 
 def layer_param_names(model: nn.Module, layers: list[str]) -> list[str]:
-    """The parameters of ``layers``: a module name stands for its parameters, a parameter name for itself."""
+    """The parameters of ``layers``: a module name stands for its own parameters (all inside it when it has none of
+    its own), a parameter name for itself."""
     modules, params = dict(model.named_modules()), dict(model.named_parameters())
-    return [name for layer in layers
-            for name in ([layer] if layer in params else [f"{layer}.{n}" for n, _ in modules[layer].named_parameters()])]
+
+    def own(layer: str) -> list[str]:
+        module = modules[layer]
+        names = [n for n, _ in module.named_parameters(recurse=False)] or [n for n, _ in module.named_parameters()]
+        return [f"{layer}.{n}" if layer else n for n in names]
+
+    return [name for layer in layers for name in ([layer] if layer in params else own(layer))]
 
 
-def dense_hessian(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor, layers: list[str]) -> Tensor:
+def _call(model: nn.Module, params: dict, X, output):
+    """The model's output tensor: ``X`` a tensor or a dict of keyword inputs, ``output`` a selector (or ``.logits``)."""
+    raw = functional_call(model, params, (), X) if isinstance(X, dict) else functional_call(model, params, (X,))
+    if output is not None:
+        return output(raw)
+    return raw if isinstance(raw, Tensor) else raw.logits
+
+
+def dense_hessian(model: nn.Module, loss_fn: nn.Module, X, y: Tensor, layers: list[str], output=None) -> Tensor:
     """``∇²_θ loss_fn(model(X), y)`` for the parameters of ``layers`` (public order), by ``torch.func.hessian``."""
-    f, theta = _flat_function(model, layer_param_names(model, layers), lambda p: loss_fn(functional_call(model, p, (X,)), y))
+    f, theta = _flat_function(model, layer_param_names(model, layers), lambda p: loss_fn(_call(model, p, X, output), y))
     return hessian(f)(theta)
 
 
-def dense_ggn(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor, layers: list[str]) -> Tensor:
+def dense_ggn(model: nn.Module, loss_fn: nn.Module, X, y: Tensor, layers: list[str], output=None) -> Tensor:
     """``Jᵀ Λ J`` with ``J`` = Jacobian of all outputs (``jacrev``) and ``Λ`` = Hessian of the loss in the outputs."""
-    f, theta = _flat_function(model, layer_param_names(model, layers), lambda p: functional_call(model, p, (X,)))
+    f, theta = _flat_function(model, layer_param_names(model, layers), lambda p: _call(model, p, X, output))
     out = f(theta).detach()
     jac = jacrev(f)(theta).reshape(out.numel(), -1)
     lam = hessian(lambda o: loss_fn(o, y))(out).reshape(out.numel(), out.numel())

@@ -116,6 +116,9 @@ FROZEN = "all its parameters are frozen (requires_grad=False); name it in layers
 def _origin(module: nn.Module) -> str:
     """Why a module's parameters get per-sample blocks, in a few words."""
     cls = type(module)
+    kind = kind_for(module)
+    if kind is not None and kind.unsupported_reason(module) is not None:
+        return f"{kind.unsupported_reason(module)} (no {kind.name} block)"
     if "forward" in module.__dict__:
         return f"{cls.__name__} with a forward replaced on the instance"
     base = next((b for b in cls.__mro__[1:] if b.__module__.startswith("torch.nn.") and b is not nn.Module), None)
@@ -142,21 +145,20 @@ def select(model: nn.Module, layers: list[str] | str | None) -> Selection:
         if name in modules and name != "" and list(modules[name].parameters(recurse=False)):
             module = modules[name]
             kind = kind_for(module)
-            if kind is not None:
-                reason = kind.unsupported_reason(module)
-                if reason is not None:
-                    raise ValueError(f"layer {name!r}: {reason}")
-                entries[(name, None)] = Entry(kind, name, module, kind.parameter_names(module))
-                rest = [n for n, _ in module.named_parameters(recurse=False) if n not in kind.parameter_names(module)]
-            else:
-                rest = [n for n, _ in module.named_parameters(recurse=False)]
-            for local in rest:
-                _add_parameter(entries, name, module, local)
+            covered = []
+            if kind is not None and kind.unsupported_reason(module) is not None and not kind.per_sample_fallback(module):
+                raise ValueError(f"layer {name!r}: {kind.unsupported_reason(module)}")
+            if kind is not None and kind.unsupported_reason(module) is None:
+                covered = kind.parameter_names(module)
+                entries[(name, None)] = Entry(kind, name, module, covered)
+            for local, _ in module.named_parameters(recurse=False):
+                if local not in covered:
+                    _add_parameter(entries, name, module, local)
         elif name in owners:
             m_name, local = owners[name]
             module = modules[m_name]
             kind = kind_for(module)
-            if kind is not None and local in kind.parameter_names(module):
+            if kind is not None and kind.unsupported_reason(module) is None and local in kind.parameter_names(module):
                 raise ValueError(f"parameter {name!r} is part of layer {m_name!r}'s {kind.name} block: name the layer")
             _add_parameter(entries, m_name, module, local)
         else:
@@ -193,12 +195,12 @@ def _select_all(modules: dict[str, nn.Module]) -> Selection:
             continue
         kind = kind_for(module)
         covered: list[str] = []
-        if kind is not None:
-            reason = kind.unsupported_reason(module)
+        if kind is not None and kind.unsupported_reason(module) is not None and not kind.per_sample_fallback(module):
+            selection.skipped[name] = kind.unsupported_reason(module)
+            continue
+        if kind is not None and kind.unsupported_reason(module) is None:
             covered = kind.parameter_names(module)
-            if reason is not None:
-                selection.skipped[name] = reason
-            elif not any(p.requires_grad for n, p in own if n in covered):
+            if not any(p.requires_grad for n, p in own if n in covered):
                 selection.skipped[name] = FROZEN
             else:
                 selection.entries.append(Entry(kind, name, module, covered))

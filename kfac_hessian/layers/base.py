@@ -104,8 +104,13 @@ class LayerKind(ABC):
         """Whether this kind is responsible for ``module`` (usually: its type, with the type's own ``forward``)."""
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
-        """Why a claimed module cannot be handled (it is then skipped with this reason); ``None`` when it can."""
+        """Why a claimed module cannot be handled by this kind (``None`` when it can). Its parameters then get
+        per-sample blocks, unless ``per_sample_fallback`` says no (the module is then skipped with the reason)."""
         return None
+
+    def per_sample_fallback(self, module: nn.Module) -> bool:
+        """Whether an unsupported module's parameters may get per-sample blocks (re-running its forward per sample)."""
+        return True
 
     def parameter_names(self, module: nn.Module) -> list[str]:
         """The module's own parameters the block covers, in public order (default: ``weight``, then ``bias``)."""

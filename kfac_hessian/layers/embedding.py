@@ -38,6 +38,8 @@ class EmbeddingKind(KroneckerKind):
             return "Embedding with max_norm renormalizes its weight in the forward pass; not supported"
         return None
 
+    def per_sample_fallback(self, module: nn.Module) -> bool:
+        return False  # the renormalization writes to the weight: nothing may re-run it
     def layout(self, module: nn.Module) -> BlockLayout:
         return BlockLayout(module.embedding_dim, module.num_embeddings, False, transposed=True)
 

@@ -82,7 +82,8 @@ class ParameterSums(Accumulator):
                                 "inputs (batch statistics, dropout in train mode, or a sequence-first layout?)")
 
     def _detached_params(self) -> dict[str, Tensor]:
-        return {local: p.detach() for local, p in self.params.items()}
+        # copies: a forward that writes to its parameters (Embedding(max_norm) renormalizes rows) must not reach the model
+        return {local: p.detach().clone() for local, p in self.params.items()}
 
     def add_gradients(self, grads: list[list[Tensor]]) -> None:
         if self.skip_reason is not None:

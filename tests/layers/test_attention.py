@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kfac_hessian as kh
 
-from ..references import dense_ggn, dense_hessian
+from ..references import dense_ggn, dense_hessian, rel_err
 
 
 class _Attention(nn.Module):
@@ -116,12 +116,19 @@ def test_multihead_attention_in_projection_equals_a_linear_layer():
     assert op.param_names == ["mha.in_proj_weight", "mha.in_proj_bias"] and op.num_params == kfac["mha"].num_params
 
 
-def test_cross_attention_and_unsupported_variants_are_skipped_with_reasons():
+def test_cross_attention_is_skipped_and_unsupported_variants_get_exact_per_sample_blocks():
     X, y = _data()
     kfac = kh.compute_kfac(_MHA(cross=True).double(), nn.CrossEntropyLoss(), (X, y))
     assert "mha" not in kfac and "cross-attention" in kfac.skipped["mha"]
-    kfac = kh.compute_kfac(_MHA(add_bias_kv=True).double(), nn.CrossEntropyLoss(), (X, y))
-    assert "add_bias_kv" in kfac.skipped["mha"]
+    model = _MHA(add_bias_kv=True).double().eval()
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    assert {"mha.in_proj_weight", "mha.in_proj_bias", "mha.bias_k", "mha.bias_v"} <= set(kfac) and "mha" not in kfac
+    assert "add_bias_kv or add_zero_attn is not supported (no attention block)" in kfac["mha.bias_k"].describe()
+    # T = 4 positions feed each output position: joint columns add cross-position terms, per-position ones do not
+    exact = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), per_position=True)
+    with sdpa_kernel([SDPBackend.MATH]):
+        dense = dense_ggn(model, nn.CrossEntropyLoss(), X, y, ["mha.bias_k"])
+    assert rel_err(exact["mha.bias_k"].to_dense(), dense) < 1e-10
 
 
 @pytest.mark.parametrize("kind", ["hessian", "ggn"])
