@@ -32,7 +32,7 @@ def timed(fn):
 def overlaps(kfac, model, loss_fn, data, layers, k):
     rows = []
     for name in layers:
-        factor = kfac[name] if name in kfac else kfac.other_factors[name]
+        factor = kfac[name]
         k_layer = min(k, factor.num_params - 1)
         k_vals, k_vecs = factor.eig().topk(k_layer)
         op = kh.layer_operator(model, loss_fn, data, name, kind="ggn")

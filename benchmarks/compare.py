@@ -68,17 +68,17 @@ def c_backward_passes(model, loss_fn, data, c=10):
 
 
 def covariance_multiply_adds(model, data) -> tuple[float, float]:
-    """``(A, G)`` multiply-adds of the covariance products, counted as in shared/design/performance.md: rows ×
+    """``(A, G)`` multiply-adds of the covariance products, counted as in docs/performance.md ("counted floor"): rows ×
     width² per Kronecker layer (convolutions with unfolded patches of width c_in·k_h·k_w; the bias adds 1 to A's
     width), halved for symmetry; G for one backpropagated column."""
     counts = [0.0, 0.0]
 
     def count(module, args, output):
-        rows = kh.layers.input_rows(module, args[0].detach())
-        width = rows.shape[-1] + (module.bias is not None)
+        kind = kh.layers.kind_for(module)
+        rows, layout = kind.input_rows(module, args[0].detach()), kind.layout(module)
         locations = rows.shape[0] * rows.shape[1]
-        counts[0] += locations * width**2 / 2
-        counts[1] += locations * module.weight.shape[0] ** 2 / 2
+        counts[0] += layout.groups * locations * layout.width**2 / 2
+        counts[1] += layout.groups * locations * layout.d_out**2 / 2
 
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))]
     handles = [m.register_forward_hook(count) for m in layers]
@@ -117,19 +117,49 @@ def power_iteration(op, k, tol, max_matvecs=5000, seed=0):
 
 
 def peer_cases(model, loss_fn, data) -> dict:
-    """curvlinops' KFACLinearOperator computing the same factors (when curvlinops is installed)."""
+    """curvlinops' KFACLinearOperator computing the same factors (when curvlinops is installed), and the user's job
+    on its side: factors, then ``torch.linalg.eigh`` of every factor (eigenvalues and eigenvectors)."""
     try:
         from curvlinops import KFACLinearOperator
     except ImportError:
         return {}
     params = [p for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for p in m.parameters()]
 
-    def run(fisher_type):
+    def run(fisher_type, eigh=False):
         op = KFACLinearOperator(model, loss_fn, params, data, fisher_type=fisher_type, separate_weight_and_bias=False,
                                 check_deterministic=False)
         op.compute_kronecker_factors()
+        if eigh:
+            for factors in (op._input_covariances, op._gradient_covariances):
+                for matrix in factors.values():
+                    torch.linalg.eigh(matrix)
 
-    return {f"curvlinops KFAC {t}": (lambda t=t: run(t)) for t in ("type-2", "mc", "empirical")}
+    cases = {f"curvlinops KFAC {t}": (lambda t=t: run(t)) for t in ("type-2", "mc", "empirical")}
+    cases |= {f"user's job, curvlinops {t}: factors + eigh of every factor": (lambda t=t: run(t, eigh=True))
+              for t in ("type-2", "mc")}
+    return cases
+
+
+def users_job(model, loss_fn, data, curvature, sorted_spectrum=False):
+    """Every layer's full spectrum and its top-20 eigenpairs, with the default API: ``eig()`` (every factor
+    eigenvalue: the whole spectrum, as the products) and ``topk(20)`` (eigenvalues and ``(20, P)`` eigenvectors);
+    ``sorted_spectrum`` also lists all ``P`` eigenvalues sorted (``eigenvalues()``)."""
+    kfac = kh.compute_kfac(model, loss_fn, data, curvature=curvature, seed=0)
+    for eig in kfac.eig().values():
+        eig.topk(min(20, eig.num_params))
+        if sorted_spectrum:
+            eig.eigenvalues()
+
+
+def serial_eig(kfac):
+    """``kfac.eig()`` with one tridiagonalization at a time (``spectra.EIG_THREADS = 1``)."""
+    import kfac_hessian.spectra as spectra
+
+    spectra.EIG_THREADS = 1
+    try:
+        return kfac.eig()
+    finally:
+        spectra.EIG_THREADS = None
 
 
 def fmt(t):
@@ -167,8 +197,14 @@ def main(argv=None):
             "compute_kfac empirical": lambda: kh.compute_kfac(model, loss_fn, data, curvature="empirical"),
         }
         cases.update(peer_cases(model, loss_fn, data))
+        for curvature in ("ggn", "mc"):
+            cases[f"user's job, ours {curvature}: compute_kfac + eig() + topk(20) of every layer"] = (
+                lambda c=curvature: users_job(model, loss_fn, data, c))
+            cases[f"user's job, ours {curvature}: … + every sorted spectrum (eigenvalues())"] = (
+                lambda c=curvature: users_job(model, loss_fn, data, c, sorted_spectrum=True))
         kfac = kh.compute_kfac(model, loss_fn, data)
         cases["eig, all factors (values)"] = lambda: kfac.eig(vectors=False)
+        cases["eig, all factors (values), one tridiagonalization at a time"] = lambda: serial_eig(kfac)
         cases["eig, all factors (vectors)"] = lambda: kfac.eig(vectors=True)
         cases["eig, all factors: torch.linalg.eigh one factor at a time"] = lambda: [
             torch.linalg.eigh(m) for f in kfac.values() for m in (f.A, f.G)]
@@ -189,6 +225,12 @@ def main(argv=None):
                   "| what | seconds: median (min–max) | / floor |", "|---|---|---|"]
         for case, t in result.items():
             lines.append(f"| {case} | {fmt(t)} | {t[0] / floor:.2f} |")
+        for ours, theirs in (("ggn", "type-2"), ("mc", "mc")):
+            peer = next((t for c, t in result.items() if c.startswith(f"user's job, curvlinops {theirs}:")), None)
+            for case, t in result.items():
+                if peer and case.startswith(f"user's job, ours {ours}:"):
+                    lines.append(f"| → {case.split(': ', 1)[1]} ({ours}): ours / curvlinops (medians) | "
+                                 f"{t[0] / peer[0]:.2f} | |")
         print("\n".join(lines), flush=True)
         lines = []
     if not args.skip_exact:

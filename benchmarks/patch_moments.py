@@ -15,22 +15,23 @@ import time
 import torch
 from torch import nn
 
-from kfac_hessian.factors import _add_gram_upper, _feature_major, _symmetrize_
-from kfac_hessian.layers import input_rows
-from kfac_hessian.patch_moments import patch_moments
+from kfac_hessian.gram import add_gram, feature_major, symmetrize_
+from kfac_hessian.layers.conv import ConvKind, padding_amounts
+from kfac_hessian.layers.patch_moments import Geometry, patch_moments
 
 SHAPES = [(3, 32, 32), (32, 32, 32), (64, 64, 16), (128, 128, 8)]  # (c_in, c_out, image side)
 
 
 def unfolded(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    rows = _feature_major(input_rows(conv, x), x.dtype)
+    rows = feature_major(ConvKind().input_rows(conv, x), x.dtype)
     gram = torch.zeros(rows.shape[0], rows.shape[0])
-    _add_gram_upper(gram, rows)
-    return _symmetrize_(gram)
+    add_gram(gram, rows)
+    return symmetrize_(gram)
 
 
 def shifted(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    return patch_moments(conv, x, x.dtype)[0]
+    geometry = Geometry(tuple(conv.kernel_size), tuple(conv.dilation), tuple(padding_amounts(conv)))
+    return patch_moments(geometry, x, x.dtype)[0]
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/symmetric_accumulation.py [--workload mlp] [--n 2048] [--repeats 15]
 Both variants of ``compute_kfac(curvature="mc")`` and the gradient floor run interleaved in one process
-(the full-product variant swaps ``kfac_hessian.factors._add_gram_upper`` for one ``addmm_``). Prints the
+(the full-product variant swaps ``kfac_hessian.gram.add_gram`` as the Kronecker sums use it for one ``addmm_``). Prints the
 median and min seconds and the ratios to the floor.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kfac_hessian as kh  # noqa: E402
-import kfac_hessian.factors as factors  # noqa: E402
+import kfac_hessian.layers.kronecker as kronecker  # noqa: E402
 from compare import gradient_pass  # noqa: E402
 from models import workload  # noqa: E402
 
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     model, loss_fn, data = workload(args.workload, args.n)
-    upper = factors._add_gram_upper
+    upper = kronecker.add_gram
 
     def full_product(target, rows):
         target.addmm_(rows, rows.T)
@@ -37,11 +37,11 @@ def main() -> None:
         kh.compute_kfac(model, loss_fn, data, curvature="mc", seed=0)
 
     def mc_full():
-        factors._add_gram_upper = full_product
+        kronecker.add_gram = full_product
         try:
             mc()
         finally:
-            factors._add_gram_upper = upper
+            kronecker.add_gram = upper
 
     cases = {"floor: forward + 1 backward": lambda: gradient_pass(model, loss_fn, data),
              "compute_kfac mc, upper strips": mc, "compute_kfac mc, full addmm_": mc_full}

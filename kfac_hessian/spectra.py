@@ -79,6 +79,7 @@ class Tridiagonal:
 
 
 TRIDIAGONAL_MIN_SIZE = 32  # smaller matrices: torch's batched eigvalsh (a LAPACK call per tiny matrix costs more)
+EIG_THREADS: int | None = None  # concurrent tridiagonalizations; None: torch.get_num_threads()
 
 
 def symmetric_eigvals(batches: list[Tensor]) -> list[tuple[Tensor, list[ClampReport], list[Tridiagonal | None]]]:
@@ -87,7 +88,7 @@ def symmetric_eigvals(batches: list[Tensor]) -> list[tuple[Tensor, list[ClampRep
 
     On the CPU (float32/float64, one matrix of ``d ≥ TRIDIAGONAL_MIN_SIZE``) through one blocked tridiagonalization
     and ``sterf``, keeping the ``Tridiagonal`` form for later leading eigenvectors; these matrices run concurrently
-    on ``torch.get_num_threads()`` threads with one LAPACK thread each (largest first). Everything else goes through
+    on ``EIG_THREADS`` threads (default ``torch.get_num_threads()``) with one LAPACK thread each (largest first). Everything else goes through
     torch's ``eigvalsh``, one batched call per size, and keeps no form. A float32 failure is retried in float64 (no form kept then).
     """
     results: list = [None] * len(batches)
@@ -119,7 +120,7 @@ def _tridiagonal_applies(batch: Tensor) -> bool:
 
 
 def _map_concurrently(function: Callable, items: list) -> list:
-    threads = min(torch.get_num_threads(), len(items))
+    threads = min(EIG_THREADS or torch.get_num_threads(), len(items))
     if threads <= 1:
         return [function(item) for item in items]
     with ThreadPoolExecutor(threads) as pool:

@@ -52,10 +52,10 @@ def test_structured_factors_and_attention_on_cuda():
     data = (tokens[:, :-1], tokens[:, 1:])
     cpu = kh.compute_kfac(gpt, nn.CrossEntropyLoss(), data)
     gpu = kh.compute_kfac(gpt.cuda(), nn.CrossEntropyLoss(), (data[0].cuda(), data[1].cuda()))
-    for name, factor in cpu.other_factors.items():
-        other = gpu.other_factors[name]
-        assert other.to_dense().is_cuda and other.eig().topk(2)[1].is_cuda
-        assert torch.allclose(other.to_dense().cpu(), factor.to_dense(), atol=1e-12)
+    for name, block in cpu.items():
+        other = gpu[name]
+        assert other.to_dense(max_params=10**6).is_cuda and other.eig().topk(2)[1].is_cuda
+        assert torch.allclose(other.to_dense(max_params=10**6).cpu(), block.to_dense(max_params=10**6), atol=1e-12)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a fused attention kernel may be replaced by the math one
         op = kh.layer_operator(gpt, nn.CrossEntropyLoss(), (data[0].cuda(), data[1].cuda()), "ln", kind="ggn")
@@ -63,5 +63,18 @@ def test_structured_factors_and_attention_on_cuda():
     resnet = ResNet18(width=4).cuda()
     kfac = kh.compute_kfac(resnet, nn.CrossEntropyLoss(), (torch.randn(2, 3, 32, 32, device="cuda"),
                                                           torch.tensor([0, 1], device="cuda")))
-    assert all(f.A.is_cuda for f in kfac.values()) and all(f.matrix.is_cuda for f in kfac.other_factors.values())
-    assert all(e.a_values.is_cuda for e in kfac.eig(vectors=False).values())
+    assert all(b.device.type == "cuda" for b in kfac.values())
+    assert all(e.eigenvalues().is_cuda for e in kfac.eig().values())
+
+
+def test_per_sample_blocks_and_grouped_convolutions_on_cuda():
+    from kfac_hessian.models import ConvNeXtish, MobileNetish
+
+    for model in (MobileNetish(width=4).double(), ConvNeXtish(widths=(4, 8)).double()):
+        X, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1])
+        cpu = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+        gpu = kh.compute_kfac(model.cuda(), nn.CrossEntropyLoss(), (X.cuda(), y.cuda()))
+        assert set(gpu) == set(cpu) and not gpu.skipped
+        for name, block in cpu.items():
+            assert gpu[name].device.type == "cuda"
+            assert torch.allclose(gpu[name].eig().eigenvalues().cpu(), block.eig().eigenvalues(), rtol=1e-8, atol=1e-14)

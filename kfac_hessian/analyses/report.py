@@ -32,7 +32,7 @@ from scipy.stats import wasserstein_distance
 from torch import nn
 
 from ..blocks import KroneckerEigen
-from ..data import Data
+from ..data import Data, OutputSelector
 from ..exact import hutchinson_trace, lanczos, layer_operator, slq_density
 from ..factors import KFAC
 from .low_rank import low_rank_structure
@@ -116,12 +116,14 @@ def compare(
     n_classes: int | None = None,
     seed: int = 0,
     gauss_newton_residual: bool = False,
+    output: OutputSelector | None = None,
 ) -> ValidationReport:
     """Measure every layer of ``kfac`` against the exact ``kind`` block (``"hessian"`` or ``"ggn"``).
 
     ``gauss_newton_residual`` (with ``kind="hessian"``) adds the Hessian − GGN split per layer:
     ``residual_frobenius = ‖H − GGN‖_F/‖H‖_F`` (dense layers) and ``residual_trace_share = tr(H − GGN)/tr(H)``
-    (Hutchinson on ``H − GGN`` for larger layers). It is zero for piecewise-linear activations.
+    (Hutchinson on ``H − GGN`` for larger layers). It is zero for piecewise-linear activations. ``output`` picks the
+    model's output tensor, as in ``compute_kfac``.
     """
     if gauss_newton_residual and kind != "hessian":
         raise ValueError("gauss_newton_residual needs kind='hessian'")
@@ -136,7 +138,7 @@ def compare(
         seconds_k = time.perf_counter() - start
         k_all = eig.eigenvalues().cpu().double().numpy()
         params = kfac.parameter_names.get(name, name)
-        op = layer_operator(model, loss_fn, data, params, kind=kind)
+        op = layer_operator(model, loss_fn, data, params, kind=kind, output=output)
         start = time.perf_counter()
         if P <= dense_limit:
             dense = op.to_dense(max_params=dense_limit)
@@ -146,7 +148,8 @@ def compare(
             exact_trace, trace_stderr = float(torch.trace(dense)), 0.0
             frob = float((block.to_dense(max_params=dense_limit) - dense).norm() / dense.norm())
             if gauss_newton_residual:
-                residual = dense - layer_operator(model, loss_fn, data, params, kind="ggn").to_dense(max_params=dense_limit)
+                residual = dense - layer_operator(model, loss_fn, data, params, kind="ggn", output=output).to_dense(
+                    max_params=dense_limit)
                 split = {
                     "residual_frobenius": float(residual.norm() / dense.norm()),
                     "residual_trace": float(torch.trace(residual)),
@@ -167,7 +170,7 @@ def compare(
             frob = float("nan")
             mode = "lanczos+slq"
             if gauss_newton_residual:
-                difference = _Difference(op, layer_operator(model, loss_fn, data, params, kind="ggn"))
+                difference = _Difference(op, layer_operator(model, loss_fn, data, params, kind="ggn", output=output))
                 residual_trace = hutchinson_trace(difference, n_probes=100, seed=seed)
                 split = {
                     "residual_frobenius": float("nan"),

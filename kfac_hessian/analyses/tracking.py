@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..blocks import BlockEigen
-from ..data import Data, require_reiterable
+from ..data import Data, OutputSelector, require_reiterable
 from ..model_state import preserved_model_state
 from .outliers import count_outliers
 
@@ -61,6 +61,7 @@ class SpectrumTracker:
         hutchinson_probes: if > 0, also estimate the exact block's trace (``kind`` "hessian" or "ggn") with
             that many Rademacher probes — a check of the Kronecker trace, at the cost of
             ``probes`` Hessian-vector products per layer.
+        output: picks the model's output tensor, as in ``compute_kfac``.
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class SpectrumTracker:
         hutchinson_probes: int = 0,
         exact_kind: str = "ggn",
         seed: int = 0,
+        output: OutputSelector | None = None,
     ):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
@@ -85,7 +87,7 @@ class SpectrumTracker:
         require_reiterable(data)
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.every, self.curvature, self.layers, self.top_k = every, curvature, layers, top_k
-        self.hutchinson_probes, self.exact_kind, self.seed = hutchinson_probes, exact_kind, seed
+        self.hutchinson_probes, self.exact_kind, self.seed, self.output = hutchinson_probes, exact_kind, seed, output
         self.records: list[dict] = []
 
     def __call__(self, step: int, **extra) -> list[dict] | None:
@@ -102,7 +104,7 @@ class SpectrumTracker:
         with preserved_model_state(self.model):
             self.model.eval()
             kfac = compute_kfac(self.model, self.loss_fn, self.data, curvature=self.curvature, layers=self.layers,
-                                seed=self.seed, dtype=torch.float64)
+                                seed=self.seed, dtype=torch.float64, output=self.output)
             factor_seconds = time.perf_counter() - start
             eigs = kfac.eig()
             rows = []
@@ -110,7 +112,7 @@ class SpectrumTracker:
                 row = {"step": step, "layer": name, "num_params": eig.num_params, **spectral_metrics(eig, self.top_k)}
                 if self.hutchinson_probes:
                     params = kfac.parameter_names.get(name, name)
-                    op = layer_operator(self.model, self.loss_fn, self.data, params, kind=self.exact_kind)
+                    op = layer_operator(self.model, self.loss_fn, self.data, params, kind=self.exact_kind, output=self.output)
                     estimate = hutchinson_trace(op, self.hutchinson_probes, seed=self.seed)
                     row["exact_trace"], row["exact_trace_stderr"] = float(estimate.value), float(estimate.stderr)
                 rows.append(row)
