@@ -45,6 +45,10 @@ def digits_mlp(hidden: tuple[int, ...] = (64, 32)) -> nn.Sequential:
     return relu_mlp((64, *hidden, 10))
 
 
+def digits_mlp_description(hidden: tuple[int, ...] = (64, 32)) -> str:
+    return "ReLU MLP " + "-".join(map(str, (64, *hidden, 10)))
+
+
 def train_classifier(
     model: nn.Module,
     loss_fn: nn.Module,

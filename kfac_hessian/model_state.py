@@ -48,20 +48,34 @@ def preserved_model_state(model: nn.Module, batch_norm_eval: bool = False) -> It
                 buffer.copy_(value)
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision our sums and linear algebra use for data of ``dtype``: float32 for bfloat16/float16."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
 def _is_compiled_wrapper(module: nn.Module) -> bool:
     return hasattr(module, "_orig_mod") and type(module).__name__ == "OptimizedModule"
 
 
+def _is_data_parallel(module: nn.Module) -> bool:
+    return isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+
+
 def eager_model(model: nn.Module) -> nn.Module:
-    """The module a ``torch.compile``'d model wraps (its ``_orig_mod``; the model itself otherwise).
+    """The module a ``torch.compile``'d or data-parallel model wraps (``_orig_mod``, ``.module``; the model itself
+    otherwise).
 
     A compiled graph does not run the forward hooks and autograd-node hooks that gather the factors (``G``
-    silently came out zero), so curvature is computed on the eager module: the same function and the same
-    parameters, with the original module names. A compiled *submodule* cannot be unwrapped without changing the
-    model: that is refused with the fix.
+    silently came out zero), and ``DistributedDataParallel``'s forward synchronizes buffers, which ``torch.func``
+    transforms refuse; curvature is computed on the wrapped module: the same function and the same parameters,
+    with the module names of the wrapped model (data parallelism: ``compute_kfac(distributed=True)``). A compiled
+    *submodule* cannot be unwrapped without changing the model: that is refused with the fix.
     """
-    while _is_compiled_wrapper(model):
-        model = model._orig_mod
+    while _is_compiled_wrapper(model) or _is_data_parallel(model):
+        model = model._orig_mod if _is_compiled_wrapper(model) else model.module
     for name, module in model.named_modules():
         if _is_compiled_wrapper(module):
             raise ValueError(
@@ -70,6 +84,16 @@ def eager_model(model: nn.Module) -> nn.Module:
                 "analysis, or compile after it)"
             )
     return model
+
+
+def no_autocast() -> contextlib.ExitStack:
+    """Our own arithmetic (factor sums, loss-Hessian columns, eigensolvers) in the precision we chose, also when the
+    caller runs the model under ``torch.autocast``."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", enabled=False))
+    if torch.cuda.is_available():
+        stack.enter_context(torch.autocast("cuda", enabled=False))
+    return stack
 
 
 @contextlib.contextmanager

@@ -27,74 +27,125 @@ def save_figure(fig, path: Path, tight: bool = True) -> Path:
     return Path(path)
 
 
-def plot_spectra(report, path: Path) -> Path:
-    """Per layer: histograms of log10 eigenvalues, Kronecker vs exact (dense spectrum or SLQ nodes)."""
+def _grid(plt, n: int, columns: int, width: float, height: float):
+    rows = -(-n // columns)
+    fig, axes = plt.subplots(rows, min(columns, n), figsize=(width * min(columns, n), height * rows), squeeze=False,
+                             layout="constrained")
+    flat = axes.flatten()
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def plot_spectra(report, path: Path, title: str = "") -> Path:
+    """Per layer: the distribution of log10 eigenvalues, the approximation's (every eigenvalue, histogram) against the
+    exact block's (every eigenvalue for a dense block; a stochastic Lanczos quadrature *estimate* for larger ones,
+    drawn as a line). Eigenvalues below 10⁻¹⁰·λ_max (zeros and round-off) are counted in the legend, not drawn."""
     plt = pyplot()
     names = list(report.spectra)
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.4), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    rows = {row["layer"]: row for row in report.rows}
+    fig, axes = _grid(plt, len(names), 3, 4.8, 3.6)
+    for ax, name in zip(axes, names):
         spec = report.spectra[name]
-        top = max(spec["kronecker"].max(), spec["exact"].max())
+        approx, exact, weights = spec["kronecker"], spec["exact"], spec["exact_weights"]
+        top = max(approx.max(), exact.max())
         floor = 1e-10 * top
         bins = np.linspace(np.log10(floor), np.log10(top) + 0.1, 60)
-        ax.hist(np.log10(np.maximum(spec["kronecker"], floor)), bins=bins, alpha=0.6, label="Kronecker G⊗A")
-        exact_weights = spec["exact_weights"]
-        if exact_weights is not None:
-            exact_weights = exact_weights / exact_weights.sum() * len(spec["kronecker"])
-        ax.hist(np.log10(np.maximum(spec["exact"], floor)), bins=bins, weights=exact_weights, alpha=0.6, label="exact")
+        below = int((approx < floor).sum())
+        ax.hist(np.log10(approx[approx >= floor]), bins=bins, alpha=0.55, color="tab:blue",
+                label=f"approximation ({below} below 1e-10·λmax)" if below else "approximation")
+        kept = exact >= floor
+        if weights is None:
+            below = int((~kept).sum())
+            ax.hist(np.log10(exact[kept]), bins=bins, alpha=0.55, color="tab:orange",
+                    label=f"exact, dense ({below} below 1e-10·λmax)" if below else "exact, dense")
+        else:  # SLQ: quadrature weights sum to 1 per probe; scaled to the number of eigenvalues
+            counts, _ = np.histogram(np.log10(exact[kept]), bins=bins, weights=weights[kept] / weights.sum() * len(approx))
+            centers = 0.5 * (bins[1:] + bins[:-1])
+            ax.plot(centers, np.where(counts > 0, counts, np.nan), color="tab:orange", marker=".", lw=1.2,
+                    label="exact, SLQ estimate")
         ax.set_yscale("log")
-        ax.set_title(f"layer {name}")
+        row = rows.get(name, {})
+        ax.set_title(f"layer {name} (P={row.get('P', len(approx))})", fontsize=10)
         ax.set_xlabel("log10 eigenvalue")
-    axes[0][0].set_ylabel("count")
-    axes[0][0].legend()
-    return save_figure(fig, path)
+        ax.set_ylabel("eigenvalues per bin")
+        ax.legend(fontsize=7, loc="upper left")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return save_figure(fig, path, tight=False)
 
 
-def plot_top_eigenvalues(report, path: Path) -> Path:
+def plot_top_eigenvalues(report, path: Path, title: str = "") -> Path:
     """Per layer: the top-k eigenvalues of both sides against their rank."""
     plt = pyplot()
     rows = report.rows
-    fig, axes = plt.subplots(1, len(rows), figsize=(4.5 * len(rows), 3.4), squeeze=False)
-    for ax, row in zip(axes[0], rows):
+    fig, axes = _grid(plt, len(rows), 3, 4.5, 3.4)
+    for ax, row in zip(axes, rows):
         ranks = np.arange(1, len(row["top_eigenvalues_exact"]) + 1)
-        ax.semilogy(ranks, row["top_eigenvalues_exact"], "o-", label="exact")
-        ax.semilogy(ranks, row["top_eigenvalues_kronecker"], "x--", label="Kronecker")
-        ax.set_title(f"layer {row['layer']}: overlap {row['overlap']:.2f}")
+        ax.semilogy(ranks, row["top_eigenvalues_exact"], "o-", ms=3, label="exact")
+        ax.semilogy(ranks, row["top_eigenvalues_kronecker"], "x--", ms=4, label="approximation")
+        ax.set_title(f"layer {row['layer']}: top-{row['k']} overlap {row['overlap']:.2f}", fontsize=10)
         ax.set_xlabel("rank")
-    axes[0][0].legend()
-    return save_figure(fig, path)
+        ax.set_ylabel("eigenvalue")
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return save_figure(fig, path, tight=False)
 
 
-def plot_overlap_matrices(matrices: dict[str, np.ndarray], labels: list[str], path: Path) -> Path:
-    """Per layer: heatmap of the top-k eigenspace overlap between every pair of models."""
+def plot_overlap_matrices(matrices: dict[str, np.ndarray], labels: list[str], path: Path, k: int,
+                          baselines: dict[str, float] | None = None) -> Path:
+    """Per layer: the top-k eigenspace overlap (in each model's Kronecker eigenbasis) between every pair of models,
+    with the random-subspace baseline ``k/P`` in the panel title."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(matrices), figsize=(3.6 * len(matrices), 3.2), squeeze=False)
-    for ax, (name, matrix) in zip(axes[0], matrices.items()):
+    fig, axes = _grid(plt, len(matrices), 3, 3.4, 3.2)
+    for n, (ax, (name, matrix)) in enumerate(zip(axes, matrices.items())):
         image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
-        ax.set_xticks(range(len(labels)), labels)
-        ax.set_yticks(range(len(labels)), labels)
-        ax.set_title(f"layer {name}")
+        ax.set_xticks(range(len(labels)), labels, fontsize=8)
+        ax.set_yticks(range(len(labels)), labels if n == 0 else [""] * len(labels), fontsize=8)
+        baseline = f", random {baselines[name]:.3f}" if baselines and name in baselines else ""
+        ax.set_title(f"layer {name}{baseline}", fontsize=9)
         for i in range(len(labels)):
             for j in range(len(labels)):
-                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
-    return save_figure(fig, path, tight=False)  # tight_layout does not handle a colorbar shared by panels
+                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="black" if matrix[i, j] > 0.55 else "white")
+    bar = fig.colorbar(image, ax=list(axes), shrink=0.85)
+    bar.set_label(f"top-{k} eigenspace overlap")
+    fig.suptitle(f"Top-{k} Kronecker eigenspaces (eigenvectors of each layer's G⊗A) of models trained from different "
+                 "seeds: overlap ‖V₁V₂ᵀ‖²/k", fontsize=9)
+    return save_figure(fig, path, tight=False)
 
 
-def plot_tracked_metrics(records: list[dict], metrics: tuple[str, ...], path: Path) -> Path:
+METRIC_LABELS = {  # metric → (panel title, y-axis label)
+    "top_eigenvalue": ("top eigenvalue", "λ₁"),
+    "trace": ("trace", "Σ λ"),
+    "effective_rank": ("effective rank", "exp(spectral entropy)"),
+    "stable_rank": ("stable rank", "tr / λ₁"),
+    "top_k_condition": ("top-k condition", "λ₁ / λ_k"),
+    "outliers": ("outliers above the bulk", "count"),
+    "exact_trace": ("exact trace (Hutchinson)", "tr"),
+}
+
+
+def plot_tracked_metrics(records: list[dict], metrics: tuple[str, ...], path: Path, title: str = "") -> Path:
     """``SpectrumTracker`` records: one panel per metric (log scale where positive), one line per layer."""
     if not records:
         raise ValueError("nothing recorded yet")
     plt = pyplot()
     layers = list(dict.fromkeys(r["layer"] for r in records))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.0), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+    fig, axes = _grid(plt, len(metrics), 3, 4.0, 3.0)
+    for ax, metric in zip(axes, metrics):
         for layer in layers:
             rows = [r for r in records if r["layer"] == layer and metric in r]
             ax.plot([r["step"] for r in rows], [r[metric] for r in rows], marker=".", label=layer)
         if all(r.get(metric, 0) > 0 for r in records):
             ax.set_yscale("log")
-        ax.set_title(metric)
+        panel, unit = METRIC_LABELS.get(metric, (metric, metric))
+        ax.set_title(panel, fontsize=10)
+        ax.set_ylabel(unit)
         ax.set_xlabel("step")
-    axes[0][0].legend(title="layer", fontsize="small")
-    return save_figure(fig, path)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, title="layer", fontsize="small", loc="outside right upper")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return save_figure(fig, path, tight=False)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +39,17 @@ from ..factors import KFAC
 from .low_rank import low_rank_structure
 from .outliers import count_outliers
 from .overlap import eigenspace_overlap
+
+
+def json_ready(value):
+    """``value`` with every non-finite float replaced by ``None`` (strict JSON has no NaN or Infinity)."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _log_floor(values: np.ndarray, top: float) -> np.ndarray:
@@ -63,45 +75,57 @@ class ValidationReport:
     settings: dict = field(default_factory=dict)
     spectra: dict = field(default_factory=dict, repr=False)  # per layer: arrays for plots
 
+    def __repr__(self) -> str:
+        names = [r["layer"] for r in self.rows]
+        shown = ", ".join(names[:6]) + (f", … ({len(names)} layers)" if len(names) > 6 else "")
+        return f"ValidationReport(layers=[{shown}], settings={self.settings})"
+
     def to_dict(self) -> dict:
-        return {"settings": self.settings, "layers": self.rows}
+        """The settings and the rows, JSON-ready: a measurement that does not exist (NaN: e.g. the Frobenius error of
+        a layer measured with Lanczos) is ``None`` (``null`` in JSON)."""
+        return json_ready({"settings": self.settings, "layers": self.rows})
 
     def to_json(self, path=None, indent: int = 2) -> str:
-        text = json.dumps(self.to_dict(), indent=indent)
+        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
         if path is not None:
             with open(path, "w") as fh:
                 fh.write(text + "\n")
         return text
 
+    # (key in the rows and in report.json — also the table header —, format, meaning for the legend)
     COLUMNS = [
-        ("layer", "layer", "{}"),
-        ("P", "P", "{}"),
-        ("exact", "exact", "{}"),
-        ("max_eig_rel_err", "max eig err", "{:.2f}"),
-        ("median_eig_rel_err", "median eig err", "{:.2f}"),
-        ("overlap", "top-k overlap", "{:.3f}"),
-        ("random_baseline", "random k/P", "{:.4f}"),
-        ("trace_ratio", "trace ratio", "{:.3f}"),
-        ("frobenius_rel_err", "Frobenius err", "{:.3f}"),
-        ("log_spectrum_w1", "W1 log-spectrum", "{:.3f}"),
-        ("outliers_kronecker", "outliers K", "{}"),
-        ("outliers_exact", "outliers exact", "{}"),
-        ("energy_share", "rank-1 energy", "{:.3f}"),
-        ("residual_frobenius", "‖H−GGN‖/‖H‖", "{:.3f}"),
-        ("seconds_kronecker", "s K", "{:.3f}"),
-        ("seconds_exact", "s exact", "{:.2f}"),
-        ("matvecs_exact", "matvecs", "{}"),
+        ("layer", "{}", "block name (a module, or a parameter for a per-sample block)"),
+        ("P", "{}", "parameters in the block"),
+        ("k", "{}", "top eigenpairs compared (at most the requested k, all P of a smaller block)"),
+        ("exact", "{}", "how the exact block was measured: dense eigh, or Lanczos (top-k) + SLQ (density)"),
+        ("max_eig_rel_err", "{:.2f}", "largest |λᵢ(approx) − λᵢ(exact)| / λᵢ(exact) over the top k"),
+        ("median_eig_rel_err", "{:.2f}", "median of the same over the top k"),
+        ("overlap", "{:.3f}", "top-k eigenspace overlap ‖V_K V_Eᵀ‖²_F / k (1 = same subspace)"),
+        ("random_baseline", "{:.4f}", "the overlap of a random k-subspace, k/P"),
+        ("trace_ratio", "{:.3f}", "tr(approx) / tr(exact) (Hutchinson estimate for Lanczos blocks)"),
+        ("frobenius_rel_err", "{:.3f}", "‖approx − exact‖_F / ‖exact‖_F (dense blocks only)"),
+        ("log_spectrum_w1", "{:.3f}", "Wasserstein-1 distance between the log10 spectra (decades)"),
+        ("outliers_kronecker", "{}", "eigenvalues above the widest log-gap, approximation"),
+        ("outliers_exact", "{}", "the same for the exact block"),
+        ("energy_share", "{:.3f}", "mean σ₁²/Σσ² of the exact top eigenvectors as weight matrices (1 = rank one; Kronecker blocks)"),
+        ("residual_frobenius", "{:.3f}", "‖H − GGN‖_F / ‖H‖_F (with gauss_newton_residual)"),
+        ("seconds_kronecker", "{:.3f}", "seconds for the approximation's eig + top-k"),
+        ("seconds_exact", "{:.2f}", "seconds for the exact measurements"),
+        ("matvecs_exact", "{}", "exact block-vector products used"),
     ]
 
-    def to_markdown(self) -> str:
-        header = "| " + " | ".join(title for _, title, _ in self.COLUMNS) + " |"
-        lines = [header, "|" + "---|" * len(self.COLUMNS)]
+    def to_markdown(self, legend: bool = True) -> str:
+        """The rows as a markdown table whose headers are the row keys (as in ``report.json``), with a legend."""
+        columns = [c for c in self.COLUMNS if any(row.get(c[0]) is not None for row in self.rows)]
+        lines = ["| " + " | ".join(key for key, _, _ in columns) + " |", "|" + "---|" * len(columns)]
         for row in self.rows:
             cells = []
-            for key, _, spec in self.COLUMNS:
+            for key, spec, _ in columns:
                 value = row.get(key)
                 cells.append("–" if value is None or (isinstance(value, float) and math.isnan(value)) else spec.format(value))
             lines.append("| " + " | ".join(cells) + " |")
+        if legend:
+            lines += ["", "Columns (– = not measured):"] + [f"  {key}: {meaning}" for key, _, meaning in columns]
         return "\n".join(lines)
 
 
@@ -117,16 +141,21 @@ def compare(
     seed: int = 0,
     gauss_newton_residual: bool = False,
     output: OutputSelector | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> ValidationReport:
-    """Measure every layer of ``kfac`` against the exact ``kind`` block (``"hessian"`` or ``"ggn"``).
+    """Measure every layer of ``kfac`` against the exact ``kind`` block (``"hessian"`` or ``"ggn"``), with at most ``k``
+    eigenpairs per layer (all ``P`` of a smaller one, as ``topk``; each row records the ``k`` it used).
 
     ``gauss_newton_residual`` (with ``kind="hessian"``) adds the Hessian − GGN split per layer:
     ``residual_frobenius = ‖H − GGN‖_F/‖H‖_F`` (dense layers) and ``residual_trace_share = tr(H − GGN)/tr(H)``
     (Hutchinson on ``H − GGN`` for larger layers). It is zero for piecewise-linear activations. ``output`` picks the
-    model's output tensor, as in ``compute_kfac``.
+    model's output tensor, as in ``compute_kfac``. ``progress`` receives a line per layer as it starts and ends (the
+    exact measurements take most of the time).
     """
     if gauss_newton_residual and kind != "hessian":
         raise ValueError("gauss_newton_residual needs kind='hessian'")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k!r} must be a positive integer (at most k eigenpairs per layer; each row records its k)")
     rows, spectra = [], {}
     for name, block in kfac.items():
         P = block.num_params
@@ -139,6 +168,9 @@ def compare(
         k_all = eig.eigenvalues().cpu().double().numpy()
         params = kfac.parameter_names.get(name, name)
         op = layer_operator(model, loss_fn, data, params, kind=kind, output=output)
+        if progress is not None:
+            how = "dense eigh" if P <= dense_limit else "Lanczos + SLQ + Hutchinson"
+            progress(f"  exact {kind} of layer {name} (P={P}, {how}) …")
         start = time.perf_counter()
         if P <= dense_limit:
             dense = op.to_dense(max_params=dense_limit)
@@ -179,6 +211,8 @@ def compare(
                     "residual_trace_share": residual_trace.value / exact_trace,
                 }
         seconds_e = time.perf_counter() - start
+        if progress is not None:
+            progress(f"  … layer {name} done in {seconds_e:.1f}s ({op.n_matvecs} products)")
         e_np, k_np = e_vals.cpu().double().numpy(), k_vals.cpu().double().numpy()
         rel = np.abs(k_np - e_np) / np.maximum(np.abs(e_np), 1e-300)
         top = float(max(k_all.max(), e_dist_values.max()))

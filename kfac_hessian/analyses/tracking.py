@@ -140,4 +140,5 @@ class SpectrumTracker:
         """One panel per metric, one line per layer, over the recorded steps (needs matplotlib)."""
         from ..plotting import plot_tracked_metrics
 
-        return plot_tracked_metrics(self.records, metrics, Path(path))
+        title = f"per-layer spectra through training ({self.curvature} blocks)"
+        return plot_tracked_metrics(self.records, metrics, Path(path), title)

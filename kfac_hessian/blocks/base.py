@@ -129,7 +129,10 @@ class BlockEigen(ABC):
 
     @abstractmethod
     def topk(self, k: int) -> tuple[Tensor, Tensor]:
-        """Top-k eigenvalues (descending) and orthonormal eigenvectors ``(k, P)`` in public parameter order."""
+        """Top-k eigenvalues (descending) and orthonormal eigenvectors ``(k, P)`` in public parameter order.
+
+        One rule for ``k`` everywhere (``topk``, ``top_eigenvalues``, ``compare``, ``overlap_by_layer``): at most ``k``
+        — all ``P`` of a block with fewer; ``k < 1`` is an error."""
 
     @abstractmethod
     def trace(self) -> Tensor: ...
@@ -147,6 +150,9 @@ class BlockEigen(ABC):
         binned variable (defaults to the exact extent of the spectrum).
         """
 
-    def _check_k(self, k: int) -> None:
-        if not isinstance(k, int) or not 1 <= k <= self.num_params:
-            raise ValueError(f"k={k!r} must be an integer in [1, {self.num_params}] (the number of eigenvalues)")
+    def _check_k(self, k: int) -> int:
+        """``min(k, P)`` (``topk``'s rule); ``ValueError`` for a ``k`` that is not a positive integer."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k={k!r} must be a positive integer (at most k eigenpairs are returned: all "
+                             f"{self.num_params} of this block for a larger k)")
+        return min(k, self.num_params)

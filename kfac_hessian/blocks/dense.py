@@ -116,8 +116,7 @@ class DenseBlocksEigen(BlockEigen):
         return self.values
 
     def top_eigenvalues(self, k: int) -> Tensor:
-        self._check_k(k)
-        return self.values[:k]
+        return self.values[: self._check_k(k)]
 
     def trace(self) -> Tensor:
         return self.values.sum()
@@ -134,7 +133,7 @@ class DenseBlocksEigen(BlockEigen):
         return self._vectors
 
     def topk(self, k: int) -> tuple[Tensor, Tensor]:
-        self._check_k(k)
+        k = self._check_k(k)
         b = self._block_values.shape[1]
         block, column = self._order[:k] // b, self._order[:k] % b
         leading = self._leading(int(column.max()) + 1)

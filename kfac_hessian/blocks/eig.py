@@ -22,13 +22,19 @@ def eig_blocks(blocks: Mapping[str, CurvatureBlock], dtype: torch.dtype | None =
     """``BlockEigen`` of every block (``dtype``: precision of the decompositions; ``vectors``: all eigenvectors now
     instead of on first use; ``distributed``: each rank of the process group decomposes a cost-balanced share
     (≈ B·d³ per matrix) and all ranks receive every result)."""
-    requests = {(name, i): m for name, block in blocks.items() for i, m in enumerate(block._eig_matrices(dtype))}
+    # bfloat16/float16 blocks are decomposed in float32 (no LAPACK routine takes them)
+    requests = {(name, i): m for name, block in blocks.items()
+                for i, m in enumerate(block._eig_matrices(dtype or _upcast(block.dtype)))}
     results = _decompose_distributed(requests, vectors) if distributed else _decompose(requests, vectors)
     out = {}
     for name, block in blocks.items():
         keys = [key for key in requests if key[0] == name]
         out[name] = block._eigen([requests[k] for k in keys], [results[k] for k in keys], vectors)
     return out
+
+
+def _upcast(dtype: torch.dtype) -> torch.dtype | None:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else None
 
 
 def _decompose(matrices: dict, vectors: bool) -> dict:

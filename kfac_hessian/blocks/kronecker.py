@@ -263,7 +263,7 @@ class KroneckerEigen(BlockEigen):
 
     def _top_index_pairs(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(values, group, j, i)`` of the ``k`` largest products (0-based ranks ``j`` in ``G``, ``i`` in ``A``)."""
-        self._check_k(k)
+        k = self._check_k(k)
         g_values, a_values = self._values["G"], self._values["A"]
         n_g, n_a = g_values.shape[-1], a_values.shape[-1]
         ii, jj = [], []
@@ -285,8 +285,9 @@ class KroneckerEigen(BlockEigen):
         return self._top_index_pairs(k)[0]
 
     def top_pairs(self, k: int) -> KroneckerPairs:
-        """Top-k eigenpairs as rank-one factors (``KroneckerPairs``)."""
+        """Top-k eigenpairs as rank-one factors (``KroneckerPairs``; at most ``k``, as ``topk``)."""
         values, group, j_idx, i_idx = self._top_index_pairs(k)
+        k = len(values)
         g_vectors = self._leading_vectors("G", int(j_idx.max()) + 1)[group, :, j_idx]
         if self.a_is_diagonal:
             a_vectors = values.new_zeros(k, self.layout.width)

@@ -53,7 +53,7 @@ class PACBayesBound:
     basis: str
     seconds: float
     settings: dict = field(default_factory=dict)
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list, repr=False)  # per epoch; to_dict() has it
     # The optimized posterior N(mean, Q_b diag(exp(2·log_std)) Q_bᵀ), for sampling networks from it.
     posterior_mean: dict[str, Tensor] = field(default_factory=dict, repr=False)
     posterior_log_std: list[Tensor] = field(default_factory=list, repr=False)

@@ -27,13 +27,27 @@ from .. import distributed as _distributed
 from ..blocks.base import DENSE_LIMIT
 from ..data import Data, OutputSelector, iterate_batches, model_output, require_reiterable
 from ..losses import check_batch, hessian_vector_product, loss_spec, summed_loss, terms_per_sample
-from ..model_state import eager_calls, eager_model, is_batch_norm, preserved_model_state
+from ..model_state import compute_dtype, eager_calls, eager_model, is_batch_norm, preserved_model_state
+
+
+@contextlib.contextmanager
+def _slow_multihead_attention():
+    """``nn.MultiheadAttention``'s fused inference fast path (taken in eval mode) has neither forward-mode AD nor
+    double backward: the products run its regular path (same values)."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 class CurvatureOperator:
     """The exact ``(P, P)`` Hessian or GGN block of some parameters, in the order of ``param_names``.
 
-    ``n_matvecs`` and ``n_data_passes`` count the work done so far (one pass serves ``m`` vectors).
+    ``n_matvecs`` and ``n_data_passes`` count the work done so far (one pass serves ``m`` vectors). ``dtype`` is the
+    precision of the operator's vectors: the parameters' own, or float32 for a bfloat16/float16 model (whose
+    products run in its precision while Lanczos and friends orthogonalize in float32).
     """
 
     def __init__(
@@ -60,7 +74,8 @@ class CurvatureOperator:
         self._shapes = [params[n].shape for n in self.param_names]
         self._sizes = [params[n].numel() for n in self.param_names]
         first = params[self.param_names[0]]
-        self.dtype, self.device = first.dtype, first.device
+        self.param_dtype, self.device = first.dtype, first.device
+        self.dtype = compute_dtype(first.dtype)
         self.n_matvecs = 0
         self.n_data_passes = 0
         self.math_attention = False  # set once a fused attention kernel refused double backward
@@ -106,7 +121,8 @@ class CurvatureOperator:
 
     def _apply(self, columns: Tensor) -> Tensor:
         m = columns.shape[1]
-        tangents = [t.reshape(m, *shape) for t, shape in zip(columns.T.split(self._sizes, dim=1), self._shapes)]
+        tangents = [t.reshape(m, *shape).to(self.param_dtype)
+                    for t, shape in zip(columns.T.split(self._sizes, dim=1), self._shapes)]
         result = torch.zeros(m, self.num_params, dtype=self.dtype, device=self.device)
         n_samples, tau = 0, None
         # detached views (no copies): the model's own flags and .grad are never involved
@@ -114,7 +130,7 @@ class CurvatureOperator:
         theta = tuple(fixed[name].detach().requires_grad_() for name in self.param_names)
         # BatchNorm in eval mode as in compute_kfac: the function the trained network computes at test time
         with preserved_model_state(self.model, self.batch_norm_eval), eager_calls(self.model), torch.enable_grad(), \
-                self._attention_backend():
+                self._attention_backend(), _slow_multihead_attention():
             batch_norms = [m for m in self.model.modules() if is_batch_norm(m)]
             if self.kind == "ggn" and any(m.training and m.track_running_stats for m in batch_norms):
                 raise ValueError("kind='ggn' runs the model under torch.func, where a train-mode BatchNorm cannot "
@@ -127,7 +143,7 @@ class CurvatureOperator:
                 products, output = self._batch_products(forward, theta, tangents, target)
                 tau = terms_per_sample(self.spec, output)
                 n_samples += output.shape[0]
-                result += torch.cat([p.detach().reshape(m, -1) for p in products], dim=1)
+                result += torch.cat([p.detach().reshape(m, -1) for p in products], dim=1).to(self.dtype)
         if self.distributed:  # every rank streamed its shard: sum products and counts in one collective
             counts = torch.tensor([n_samples, tau], dtype=self.dtype, device=self.device)
             result, counts = _distributed.all_reduce_sum([result, counts])

@@ -31,12 +31,13 @@ several times in one forward pass contributes every call, as further locations.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Mapping
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .. import distributed as _distributed
 from ..capture import LayerCall, LayerRecorder
@@ -44,7 +45,7 @@ from ..data import Data, OutputSelector, call_model, iterate_batches, model_outp
 from ..layers import Accumulator, Entry, KroneckerKind, KroneckerSums, PassSettings, Selection, select
 from ..layers.parameters import full_name
 from ..losses import check_batch, loss_spec, terms_per_sample
-from ..model_state import eager_calls, eager_model, preserved_model_state
+from ..model_state import compute_dtype, eager_calls, eager_model, no_autocast, preserved_model_state
 from .columns import Curvature, column_chunks, one_column_per_pass, output_columns
 from .result import KFAC
 from .routing import GradientRouter
@@ -84,9 +85,12 @@ def compute_kfac(
             ``None`` takes every trainable parameter.
         approx: weight-sharing approximation, ``"expand"`` or ``"reduce"``.
         mc_samples: labels drawn per sample for ``"mc"``.
-        seed: seeds a private generator for ``"mc"`` (the global RNG is not touched when given).
+        seed: makes the pass reproducible: a private generator draws the ``"mc"`` labels, and the model's own
+            randomness (dropout in train mode) runs on a forked global RNG seeded with it; the global RNG is left as
+            it was.
         device, dtype: where and in which precision the blocks are accumulated and kept (default: the
-            model's). Forward and backward passes run on the model's device.
+            model's; float32 for a bfloat16/float16 model). Forward and backward passes run on the model's device,
+            under the caller's ``torch.autocast`` if any (our own sums are computed without it).
         progress: show a progress bar (needs ``tqdm``).
         column_chunk: output-gradient columns backpropagated together in one vectorized
             (``is_grads_batched``) pass. ``None``: all of them on CUDA, one per pass on CPU, where the
@@ -113,6 +117,7 @@ def compute_kfac(
     _check_settings(curvature, approx, mc_samples, per_position)
     spec = loss_spec(loss_fn)
     model = eager_model(model)
+    _warn_about_dropout(model, seed)
     selection = select(model, layers)
     settings = _settings(selection, approx, dtype)
     accumulators = _accumulators(selection, settings)
@@ -122,6 +127,7 @@ def compute_kfac(
     pass_ = _Pass(model, accumulators, selection, settings, layers is not None, output)
     n_samples, tau = 0, None
     with (
+        _seeded_model_randomness(seed, settings.device),
         pass_.contexts(),
         preserved_model_state(model, batch_norm_eval),
         eager_calls(model),
@@ -140,7 +146,9 @@ def compute_kfac(
             if not pass_.add_inputs(recorder, index, output.shape[0]):
                 continue
             router.start_batch(recorder.calls)
-            columns = output_columns(spec, curvature, output, target, mc_samples, generator)
+            with no_autocast():  # the columns in (at least) float32, handed to the backward in the output's dtype
+                columns = output_columns(spec, curvature, output.detach().to(compute_dtype(output.dtype)), target,
+                                         mc_samples, generator).to(output.dtype)
             n_chunks, chunks = column_chunks(columns, 1 if stream else column_chunk or len(columns), per_position)
             for chunk_index, chunk in enumerate(chunks):
                 retain = chunk_index < n_chunks - 1
@@ -148,7 +156,7 @@ def compute_kfac(
                     torch.autograd.grad(output, recorder.anchors, chunk[0], retain_graph=retain, allow_unused=True)
                 else:
                     _backpropagate_together(output, chunk, recorder.calls, router, retain)
-                with recorder.paused():  # per-sample parameter blocks re-run their modules here
+                with recorder.paused(), no_autocast():  # per-sample parameter blocks re-run their modules here
                     router.flush(len(chunk), output.dtype, output.device)
             pass_.check_gradient_sums(index)
             recorder.clear()
@@ -218,7 +226,28 @@ def _settings(selection: Selection, approx: str, dtype: torch.dtype | None) -> P
         raise ValueError(f"nothing to factor: every parameterized module is skipped: {selection.skipped}")
     entry = selection.entries[0]
     first = getattr(entry.module, entry.local_names[0])
-    return PassSettings(approx, dtype or first.dtype, first.device)
+    return PassSettings(approx, dtype or compute_dtype(first.dtype), first.device)
+
+
+@contextlib.contextmanager
+def _seeded_model_randomness(seed: int | None, device: torch.device):
+    """With a seed, the model's own random draws (dropout) come from a forked global RNG seeded with it."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _warn_about_dropout(model: nn.Module, seed: int | None) -> None:
+    active = [name for name, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training
+              and m.p > 0]
+    if active:
+        warnings.warn(
+            f"dropout is active (train mode) in {active[:3]}{' …' if len(active) > 3 else ''}: the curvature is that of a "
+            f"random network{'' if seed is None else f' (reproducible with seed={seed})'}; call model.eval() for the "
+            "deterministic one", UserWarning, stacklevel=3)
 
 
 def _accumulators(selection: Selection, settings: PassSettings) -> dict[str, Accumulator]:
@@ -298,12 +327,12 @@ class _Pass:
                 continue
             if key not in self.checked:
                 self.checked.add(key)
-                acc = self._checked(key, calls[0])
+                acc = self._checked(key, _first_samples(calls[0], n))
             reason = _batch_axis_reason(acc, calls, n)
             if reason is not None:
                 acc.skip_reason = reason
                 continue
-            with recorder.paused():  # per-sample parameter blocks check themselves by re-running their module
+            with recorder.paused(), no_autocast():  # per-sample blocks check themselves by re-running their module
                 acc.add_inputs(calls)
             for tensor in acc.input_state():
                 # a NaN/Inf anywhere in the rows reaches the sums: checking them costs O(d²), not O(N·T·d)
@@ -316,7 +345,9 @@ class _Pass:
         not reproduce the recorded output hands the module to per-sample parameter blocks."""
         entry = self.entries[key]
         # a non-finite output fails any formula: the finiteness checks that follow say what is wrong
-        if entry.kind is None or not _finite(call.output_values) or entry.kind.reproduces(entry.module, call):
+        with torch.no_grad():
+            trusted = entry.kind is None or not _finite(call.output_values) or entry.kind.reproduces(entry.module, call)
+        if trusted:
             return self.accumulators[key]
         replacement = Entry(None, entry.module_name, entry.module, entry.local_names,
                             f"{type(entry.module).__name__} whose output differs from the {entry.kind.name} formula "
@@ -349,6 +380,11 @@ class _Pass:
             parameter_names.update(entry.parameter_names())
         if not blocks:
             raise ValueError(f"no block could be computed; skipped: {skipped}")
+        zero = [name for name, block in blocks.items() if float(block.trace()) == 0.0]
+        if zero:
+            warnings.warn(f"blocks {zero[:5]}{' …' if len(zero) > 5 else ''} are exactly zero: on this data the outputs do "
+                          "not depend on their parameters (e.g. a zero-initialised layer downstream, inputs that are all "
+                          "zero, attention over a single key); their spectra are all zeros", RuntimeWarning, stacklevel=3)
         counts, total, tied = _parameter_counts(self.model, parameter_names, skipped)
         return KFAC(blocks, curvature, approx, spec.kind, spec.reduction, n_samples, skipped, parameter_names, counts,
                     total, tied)
@@ -378,6 +414,18 @@ def _backpropagate_together(output: Tensor, chunk: Tensor, calls: Mapping[str, l
     for (key, index, leaf, _), grad in zip(targets, grads):
         if grad is not None:  # None: the call did not influence the output
             router.receive(key, index, leaf, grad if batched else grad.unsqueeze(0))
+
+
+CHECKED_SAMPLES = 2  # samples of the first batch on which each kind's formula is checked
+
+
+def _first_samples(call: LayerCall, n: int) -> LayerCall:
+    """The call restricted to its first ``CHECKED_SAMPLES`` samples (tensors with the batch axis first)."""
+    def cut(value):
+        return value[:CHECKED_SAMPLES] if isinstance(value, Tensor) and value.dim() and value.shape[0] == n else value
+
+    return LayerCall(tree_map(cut, call.args), tree_map(cut, call.kwargs), list(call.output_shapes),
+                     output_values=tree_map(cut, call.output_values))
 
 
 def _finite(outputs) -> bool:

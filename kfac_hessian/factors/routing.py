@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..capture import LayerCall
 from ..layers import Accumulator
+from ..model_state import no_autocast
 
 
 class GradientRouter:
@@ -43,7 +44,8 @@ class GradientRouter:
         if key in self.pending:
             self.pending[key][call][leaf] = grads
         else:
-            acc.add_gradients([[grads]])
+            with no_autocast():  # inside the backward, where the caller's autocast state still holds
+                acc.add_gradients([[grads]])
 
     def receive_one(self, key: str, call: int, leaf: int, grad: Tensor) -> None:
         """One column's gradient (shaped like the output leaf), as the recorder hands it over."""

@@ -90,8 +90,8 @@ def outputs_match(expected: Tensor, output) -> bool:
     if not isinstance(output, Tensor) or output.shape != expected.shape:
         return False
     tolerance = torch.finfo(output.dtype).eps ** 0.5 if output.is_floating_point() else 0.0
-    error = (output.double() - expected.double()).norm()
-    return bool(error <= tolerance * max(float(output.double().norm()), torch.finfo(torch.float64).tiny))
+    error = float((output - expected.to(output.dtype)).float().norm())
+    return error <= tolerance * max(float(output.float().norm()), torch.finfo(torch.float32).tiny)
 
 
 class LayerKind(ABC):

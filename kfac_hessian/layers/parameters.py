@@ -29,6 +29,7 @@ from . import base
 from .base import Accumulator, PassSettings, outputs_match
 
 SAMPLE_BUDGET = 2**24  # elements of per-sample gradients and outputs materialized at once
+VERIFY_SAMPLES = 2  # samples of the first batch re-run to check that the module computes each sample alone
 
 
 def full_name(module_name: str, local: str) -> str:
@@ -68,11 +69,14 @@ class ParameterSums(Accumulator):
             self._verify(calls[0])
 
     def _verify(self, call: LayerCall) -> None:
-        expected = [leaf for leaf in tree_flatten(call.output_values)[0] if _differentiable(leaf)]
-        n = call.output_shapes[0][0] if call.output_shapes else (expected[0].shape[0] if expected else 0)
+        """The per-sample re-run of the first ``VERIFY_SAMPLES`` samples must reproduce the recorded output."""
+        n = call.output_shapes[0][0] if call.output_shapes else 0
+        count = min(VERIFY_SAMPLES, n)
+        expected = [leaf[:count] if leaf.shape[0] == n else leaf
+                    for leaf in tree_flatten(call.output_values)[0] if _differentiable(leaf)]
         try:
             with torch.no_grad():
-                outputs = _per_sample_outputs(self.module, self._detached_params(), call, n)
+                outputs = _per_sample_outputs(self.module, self._detached_params(), call, n, count)
         except Exception as error:  # noqa: BLE001 — any failure of the functional re-run means: not per-sample
             self.skip_reason = (f"its forward could not be re-run per sample under torch.func.vmap "
                                 f"({type(error).__name__}: {str(error).splitlines()[0][:160]})")
@@ -145,18 +149,13 @@ def _chunks(n: int, per_sample: int):
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def _per_sample_outputs(module: nn.Module, theta: dict[str, Tensor], call: LayerCall, n: int) -> list[Tensor]:
+def _per_sample_outputs(module: nn.Module, theta: dict[str, Tensor], call: LayerCall, n: int, count: int) -> list[Tensor]:
+    """The module's outputs for the first ``count`` of the call's ``n`` samples, one sample at a time (``vmap``)."""
     leaves, spec, batched = _batched_inputs(call, n)
     forward = _single_sample_forward(module, leaves, spec, batched)
-    per_sample = sum(s.numel() for s in call.output_shapes) // max(1, n)
-    pieces = []
-    for start, stop in _chunks(n, per_sample):
-        values = [leaves[i][start:stop] for i in batched]
-        if batched:
-            pieces.append(vmap(lambda *v: forward(theta, *v))(*values))
-        else:  # nothing batched: every sample is the same computation
-            pieces.append(tuple(o.unsqueeze(0).expand(stop - start, *o.shape) for o in forward(theta)))
-    return [torch.cat(parts) for parts in zip(*pieces)]
+    if not batched:  # nothing batched: every sample is the same computation
+        return [o.unsqueeze(0).expand(count, *o.shape) for o in forward(theta)]
+    return list(vmap(lambda *v: forward(theta, *v))(*[leaves[i][:count] for i in batched]))
 
 
 def _per_sample_gradients(module: nn.Module, theta: dict[str, Tensor], call: LayerCall,
