@@ -1,10 +1,11 @@
 """Real architectures end to end: ResNet-18 with BatchNorm and a small GPT with tied embeddings.
 
-Usage: python benchmarks/architectures.py [--train-seconds 60] [--k 10] [--quick]
+Usage: python benchmarks/architectures.py [--train-seconds 60] [--k 10] [--quick] [--output FILE]
 For each model: compute_kfac (GGN), eigendecompositions of every factor (timed), the summary's coverage, and
 for a few layers the overlap of the Kronecker top-k eigenspace with the exact GGN block's (block Lanczos).
 The GPT is trained for --train-seconds on the characters of Python's own argparse source (shipped with
-Python, nothing downloaded). Writes docs/results/architectures.md.
+Python, nothing downloaded). Writes docs/results/architectures.md; --quick (a smoke run of about a minute: ResNet-18 at
+width 16, a smaller GPT, fewer layers) prints only, unless --output is given.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def overlaps(kfac, model, loss_fn, data, layers, k):
 
 def resnet_section(args):
     torch.manual_seed(0)
-    model = ResNet18()
+    model = ResNet18(width=16 if args.quick else 64)
     g = torch.Generator().manual_seed(0)
     X, y = torch.randn(args.n_images, 3, 32, 32, generator=g), torch.randint(0, 10, (args.n_images,), generator=g)
     data = list(zip(X.split(32), y.split(32)))
@@ -60,7 +61,8 @@ def resnet_section(args):
     exact_data = data[:1]
     kfac_small = kh.compute_kfac(model, loss_fn, exact_data)
     rows = overlaps(kfac_small, model, loss_fn, exact_data, layers, args.k)
-    return {"name": f"ResNet-18 (width 64, random 32×32 inputs, N={args.n_images})", "params": sum(p.numel() for p in model.parameters()),
+    width = 16 if args.quick else 64
+    return {"name": f"ResNet-18 (width {width}, random 32×32 inputs, N={args.n_images})", "params": sum(p.numel() for p in model.parameters()),
             "t_factors": t_factors, "t_eig": t_eig, "t_eig_values": t_eig_values, "summary": kfac.summary().splitlines()[-1],
             "rows": rows, "exact_n": 32, "extra": ""}
 
@@ -72,7 +74,8 @@ def gpt_section(args):
     ids = torch.tensor([index[c] for c in text])
     context = 64
     torch.manual_seed(0)
-    model = TinyGPT(len(chars), dim=64, depth=2, heads=4, context=context)
+    dim = 32 if args.quick else 64
+    model = TinyGPT(len(chars), dim=dim, depth=2, heads=4, context=context)
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
@@ -90,7 +93,7 @@ def gpt_section(args):
     batch = torch.stack([ids[o : o + context + 1] for o in offsets])
     data = list(zip(batch[:, :-1].split(32), batch[:, 1:].split(32)))
     kfac, t_factors = timed(lambda: kh.compute_kfac(model, loss_fn, data))
-    _, t_per_position = timed(lambda: kh.compute_kfac(model, loss_fn, data, per_position=True))
+    t_per_position = float("nan") if args.quick else timed(lambda: kh.compute_kfac(model, loss_fn, data, per_position=True))[1]
     _, t_eig = timed(lambda: kfac.eig(vectors=True))
     _, t_eig_values = timed(lambda: kfac.eig(vectors=False))
     layers = ["blocks.0.q", "blocks.1.mlp.0", "ln", "pos", "tok", "head"]
@@ -100,7 +103,7 @@ def gpt_section(args):
     extra = (f"Trained {steps} AdamW steps in {args.train_seconds:.0f} s on {len(text)} characters of argparse's source "
              f"(vocabulary {len(chars)}): training loss {first:.2f} → {loss.item():.2f}. Factors with per-position "
              f"columns (`per_position=True`, used for the overlaps): {t_per_position:.1f} s.")
-    return {"name": f"TinyGPT (dim 64, 2 blocks, context {context}, tied head)", "params": sum(p.numel() for p in model.parameters()),
+    return {"name": f"TinyGPT (dim {dim}, 2 blocks, context {context}, tied head)", "params": sum(p.numel() for p in model.parameters()),
             "t_factors": t_factors, "t_eig": t_eig, "t_eig_values": t_eig_values, "summary": kfac.summary().splitlines()[-1],
             "rows": rows, "exact_n": 32, "extra": extra}
 
@@ -110,11 +113,14 @@ def main() -> None:
     parser.add_argument("--train-seconds", type=float, default=60.0)
     parser.add_argument("--n-images", type=int, default=64)
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "results" / "architectures.md")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute; prints only")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="where to write the table (default: docs/results/architectures.md; none with --quick)")
     args = parser.parse_args()
     if args.quick:
-        args.train_seconds, args.n_images, args.k = 5.0, 32, 5
+        args.train_seconds, args.n_images, args.k = 2.0, 16, 3
+    elif args.output is None:
+        args.output = ROOT / "docs" / "results" / "architectures.md"
     sections = [resnet_section(args), gpt_section(args)]
     lines = ["# Real architectures (generated)", "",
              f"Command: `python benchmarks/architectures.py --train-seconds {args.train_seconds:.0f} --k {args.k}` "
@@ -131,8 +137,9 @@ def main() -> None:
             lines.append(f"| {r['layer']} | {r['structure']} | {r['P']:,} | {r['k']} | {r['overlap']:.3f} | {r['top_ratio']:.3f} | "
                          f"{r['exact_seconds']:.1f} ({r['matvecs']}) |")
         lines.append("")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines))
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -114,3 +114,11 @@ def test_errors():
     _loss(model, X, y).backward()
     with pytest.raises(RuntimeError, match="train mode"):
         opt.step()
+
+
+def test_parameters_instead_of_the_model_get_a_clear_message():
+    from kfac_hessian.optim import ScaleAmendedSGD
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    with pytest.raises(TypeError, match=r"takes the model itself.*not model.parameters\(\)"):
+        ScaleAmendedSGD(model.parameters(), lr=0.1)

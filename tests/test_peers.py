@@ -13,7 +13,7 @@ from torch import nn
 
 import kfac_hessian as kh
 
-from .conftest import TinyCNN, batches, classification_data, mlp, regression_data
+from .conftest import TinyCNN, batches, binary_data, classification_data, mlp, regression_data
 from .references import rel_err
 
 curvlinops = pytest.importorskip("curvlinops")
@@ -42,13 +42,28 @@ def test_mlp_cross_entropy(ours, theirs, reduction):
         assert rel_err(kfac[layer].to_dense(), curvlinops_dense(model, loss_fn, data, layer, theirs, "expand")) < 1e-10
 
 
-def test_mse_empirical_differs_by_c():
-    model = mlp(nn.Tanh)
-    X, y = regression_data()
-    loss_fn = nn.MSELoss()
-    kfac = kh.compute_kfac(model, loss_fn, (X, y), curvature="empirical")
-    theirs = curvlinops_dense(model, loss_fn, [(X, y)], "2", "empirical", "expand")
-    assert rel_err(3 * kfac["2"].to_dense(), theirs) < 1e-10  # C = 3 outputs
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", ["mse", "bce", "ce", "sequence_ce"])
+def test_empirical_fisher_differs_by_the_terms_per_sample_under_mean(case, reduction):
+    """curvlinops' empirical Fisher is τ times ours under reduction="mean" (τ loss terms per sample: C outputs for MSE
+    and BCE, T positions for a sequence cross-entropy, 1 for classification), the same under "sum"
+    (docs/conventions.md §3)."""
+    from kfac_hessian.models import SequenceMLP
+
+    if case == "sequence_ce":
+        torch.manual_seed(0)
+        model, layer, tau = SequenceMLP(d=8, depth=1, classes=3).double(), "head", 5
+        g = torch.Generator().manual_seed(0)
+        X, y = torch.randn(4, 5, 8, generator=g), torch.randint(0, 3, (4, 5), generator=g)
+    else:
+        model, layer = mlp(nn.Tanh), "2"
+        X, y = {"mse": regression_data, "bce": binary_data, "ce": classification_data}[case]()
+        tau = 1 if case == "ce" else 3
+    loss_cls = {"mse": nn.MSELoss, "bce": nn.BCEWithLogitsLoss}.get(case, nn.CrossEntropyLoss)
+    loss_fn = loss_cls(reduction=reduction)
+    ours = kh.compute_kfac(model, loss_fn, (X, y), curvature="empirical")[layer].to_dense()
+    theirs = curvlinops_dense(model, loss_fn, [(X, y)], layer, "empirical", "expand")
+    assert rel_err((tau if reduction == "mean" else 1) * ours, theirs) < 1e-10
 
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -31,6 +32,7 @@ from .bases import PosteriorBasis
 from .kl import confidence_cost, gaussian_kl, kl_inverse, prior_union_cost
 
 ErrorFn = Callable[[Tensor, Tensor], Tensor]
+DEFAULT_STEPS = 2000  # optimization steps of the posterior when epochs=None
 BASES = ("kronecker", "identity", "exact-layerwise", "iterative")
 
 
@@ -54,6 +56,7 @@ class PACBayesBound:
     seconds: float
     settings: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list, repr=False)  # per epoch; to_dict() has it
+    converged: bool = True  # the objective had levelled off (see pac_bayes_bound's ``epochs``)
     # The optimized posterior N(mean, Q_b diag(exp(2·log_std)) Q_bᵀ), for sampling networks from it.
     posterior_mean: dict[str, Tensor] = field(default_factory=dict, repr=False)
     posterior_log_std: list[Tensor] = field(default_factory=list, repr=False)
@@ -83,8 +86,8 @@ def pac_bayes_bound(
     *,
     test_data: Data | None = None,
     error_fn: ErrorFn | None = None,
-    epochs: int = 100,
-    lr: float = 1e-3,
+    epochs: int | None = None,
+    lr: float = 1e-2,
     init_log_prior_std: float = -3.0,
     prior_variance_max: float = 0.1,
     precision: int = 100,
@@ -109,7 +112,10 @@ def pac_bayes_bound(
             layers), ``"iterative"`` (Kronecker, recomputed at the current mean every ``refresh_every``
             epochs), or a ``PosteriorBasis``.
         error_fn: per-sample error in ``[0, 1]`` (default: 0-1 error from ``default_error_fn``).
-        epochs, lr: RMSprop optimization of the posterior (``lr`` for all of ``w``, ``ln s``, ``ρ``).
+        epochs, lr: RMSprop optimization of the posterior (``lr`` for all of ``w``, ``ln s``, ``ρ``); one step per
+            batch. ``epochs=None``: enough epochs for ``DEFAULT_STEPS`` (2000) steps, whatever the batch size. When
+            the objective still fell by more than 5 % over the last fifth of the epochs, a ``RuntimeWarning`` says
+            so and ``converged`` is ``False``: raise ``epochs`` (or ``lr``).
         init_log_prior_std: initial ``ρ = ln √λ``. The posterior's ``s`` start at ``|Q_bᵀ w|``.
         prior_variance_max, precision: ``c`` and ``b`` of the prior-variance grid ``λ_j = c·exp(−j/b)``.
         delta, delta_prime: confidence of the bound and of the Monte-Carlo error estimate.
@@ -119,6 +125,9 @@ def pac_bayes_bound(
         progress: progress bars (needs ``tqdm``).
     """
     started = time.perf_counter()
+    if epochs is None:
+        batches = 1 if _is_pair(train_data) else max(1, sum(1 for _ in train_data))
+        epochs = math.ceil(DEFAULT_STEPS / batches)
     _check_settings(basis, epochs, lr, prior_variance_max, precision, delta, delta_prime, n_samples, refresh_every)
     require_reiterable(train_data)
     if test_data is not None:
@@ -208,10 +217,37 @@ def pac_bayes_bound(
                   "init_log_prior_std": init_log_prior_std, "seed": seed,
                   "refresh_every": refresh_every if basis == "iterative" else None},
         history=history,
+        converged=_converged(history),
         posterior_mean=mean,
         posterior_log_std=log_std,
         posterior_basis=posterior_basis,
     )
+
+
+def _is_pair(data) -> bool:
+    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
+
+
+def _converged(history: list[dict]) -> bool:
+    """Whether the optimization had levelled off: over the last fifth of the epochs, ``B_RE`` (smooth: it follows the
+    KL) fell by at most 1.5 % and the whole objective (noisy: one weight draw per step) by at most 5 %, against the
+    fifth before; warns otherwise. Converged runs on the tabular tasks measured ≤ 0.8 % and ≤ 2 %, runs stopped early
+    2.4–16 % (``tests/bounds/test_pac_bayes.py``). Fewer than 10 epochs are too short to tell: not converged."""
+    if len(history) < 10:
+        return len(history) == 0
+
+    def drop(values: list[float]) -> float:
+        fifth = len(values) // 5
+        last, before = sum(values[-fifth:]) / fifth, sum(values[-2 * fifth : -fifth]) / fifth
+        return (before - last) / max(abs(last), 1e-12)
+
+    b_re, objective = drop([h["b_re"] for h in history]), drop([h["surrogate"] + h["b_re"] for h in history])
+    if b_re > 0.015 or objective > 0.05:
+        warnings.warn(f"the posterior optimization had not converged after {len(history)} epochs: over the last fifth of "
+                      f"them B_RE still fell by {100 * b_re:.1f} % and the objective by {100 * objective:.1f} %; raise "
+                      "epochs (or lr) for a tighter bound", RuntimeWarning, stacklevel=3)
+        return False
+    return True
 
 
 def _check_settings(basis, epochs, lr, c, b, delta, delta_prime, n_samples, refresh_every) -> None:

@@ -50,3 +50,14 @@ def test_overlap_by_layer_reports_baseline():
     rows = overlap_by_layer(eigs[0], eigs[1], k=3)
     assert [r["layer"] for r in rows] == ["0", "2"]
     assert rows[0]["random_baseline"] == pytest.approx(3 / 24)
+
+
+def test_bases_that_are_not_orthonormal_rows_are_refused_with_the_orientation():
+    V, _ = basis(5, 40, 0)
+    with pytest.raises(ValueError, match=r"more rows than columns.*for \(P, k\) column bases pass V.T"):
+        eigenspace_overlap(V.T, V.T)  # (P, k): the torch.linalg.eigh / scipy habit
+    with pytest.raises(ValueError, match="not orthonormal"):
+        eigenspace_overlap(2 * V, V)
+    wide = torch.linalg.qr(torch.randn(6, 4, generator=torch.Generator().manual_seed(1))).Q  # (6, 4) columns
+    with pytest.raises(ValueError, match="more rows than columns"):
+        eigenspace_overlap(wide, wide)

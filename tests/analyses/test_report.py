@@ -67,3 +67,19 @@ def test_gauss_newton_residual(activation, zero, dense_limit):
     else:  # Hutchinson: within 4 standard errors (exact when the residual vanishes)
         assert abs(row["residual_trace"] - float(torch.trace(H - GGN))) <= 4 * row["residual_trace_stderr"] + 1e-12
     assert (abs(row["residual_trace_share"]) < 1e-10) == zero
+
+
+def test_one_rule_for_k_strict_json_and_a_short_repr():
+    model = mlp(nn.Tanh, widths=(5, 2, 3))  # layer "2": P = 9
+    X, y = classification_data(n=12)
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    report = compare(kfac, model, nn.CrossEntropyLoss(), (X, y), k=10**6, dense_limit=0)
+    assert [row["k"] for row in report.rows] == [12, 9]  # at most k: all P of each block
+    values, vectors = kfac["2"].eig().topk(10**6)  # the same rule
+    assert values.shape == (9,) and vectors.shape == (9, 9)
+    with pytest.raises(ValueError, match="positive integer"):
+        compare(kfac, model, nn.CrossEntropyLoss(), (X, y), k=0)
+    text = report.to_json()
+    assert "NaN" not in text and json.loads(text)["layers"][0]["frobenius_rel_err"] is None  # Lanczos layers
+    assert repr(report) == ("ValidationReport(layers=[0, 2], settings={'k': 1000000, 'kind': 'hessian', "
+                            "'curvature': 'ggn', 'approx': 'expand', 'dense_limit': 0})")

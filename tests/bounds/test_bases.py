@@ -135,3 +135,41 @@ def test_basis_errors():
     frozen = mlp(nn.Tanh, widths=(4, 3, 2)).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable"):
         PosteriorBasis.identity(frozen)
+
+
+def test_kronecker_basis_covers_every_kind_of_block():
+    """Multi-head attention (whose block is its in-projection), a LayerNorm's exact block, a grouped convolution's
+    per-group Kronecker blocks and an embedding's diagonal A: an orthonormal basis that diagonalizes every block."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = nn.Embedding(5, 4)
+            self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.norm = nn.LayerNorm(4)
+            self.conv = nn.Conv1d(4, 4, 3, padding=1, groups=2)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, tokens):
+            h = self.embed(tokens)
+            h = self.norm(h + self.mha(h, h, h, need_weights=False)[0])
+            h = torch.tanh(self.conv(h.transpose(1, 2))).transpose(1, 2)
+            return self.head(h).transpose(1, 2)
+
+    model = Mixed().double()
+    g = torch.Generator().manual_seed(1)
+    tokens, labels = torch.randint(0, 5, (6, 3), generator=g), torch.randint(0, 3, (6, 3), generator=g)
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (tokens, labels))
+    basis = PosteriorBasis.kronecker(model, kfac)
+    assert {type(b).__name__ for b in basis.blocks} == {"_KroneckerBlock", "_DenseBlock"}
+    Q = basis.to_dense()
+    assert torch.allclose(Q.T @ Q, torch.eye(Q.shape[0]), atol=1e-12)
+    names = list(basis.parameter_shapes)
+    offsets = dict(zip(names, torch.tensor([0] + [s.numel() for s in basis.parameter_shapes.values()]).cumsum(0).tolist()))
+    for block_name, block in kfac.items():
+        params = kfac.parameter_names[block_name]
+        index = torch.cat([torch.arange(offsets[p], offsets[p] + basis.parameter_shapes[p].numel()) for p in params])
+        columns = Q[index][:, Q[index].abs().sum(0) > 0]  # the basis vectors of this block
+        D = columns.T @ block.to_dense() @ columns
+        assert torch.allclose(D, torch.diag(D.diagonal()), atol=1e-12), block_name

@@ -114,7 +114,7 @@ def _digits_bound(label_noise: float, basis: str):
     train_classifier(model, loss, split.X_train, split.y_train, 30, lr=0.05, batch_size=100, optimizer="sgd")
     data = list(zip(split.X_train.split(256), split.y_train.split(256)))
     return pac_bayes_bound(model, init_state, loss, data, basis, test_data=(split.X_test, split.y_test),
-                           epochs=300, lr=3e-3, n_samples=100)
+                           n_samples=100)
 
 
 def test_digits_bound_is_non_vacuous_and_random_labels_are_not():
@@ -125,3 +125,21 @@ def test_digits_bound_is_non_vacuous_and_random_labels_are_not():
     random_labels = _digits_bound(1.0, "kronecker")
     assert random_labels.bound > 0.5 > true_labels.bound  # no better than guessing
     assert random_labels.test_error <= random_labels.bound
+
+
+def test_defaults_on_one_pair_give_a_non_vacuous_bound_and_a_short_run_is_warned_about():
+    """The issue's case: one (X, y) pair (one step per epoch). The defaults run 2000 steps at lr 1e-2 (before: 100
+    steps at 1e-3, bound 1.0 with no warning)."""
+    split = load_tabular("digits", binary=True, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 20), nn.ReLU(), nn.Linear(20, 1), nn.Flatten(0))
+    init_state = {k: v.clone() for k, v in model.state_dict().items()}
+    loss = nn.BCEWithLogitsLoss()
+    train_classifier(model, loss, split.X_train, split.y_train, 30, lr=0.05, batch_size=100, optimizer="sgd")
+    result = pac_bayes_bound(model, init_state, loss, (split.X_train, split.y_train), "identity", n_samples=200)
+    assert result.converged and result.settings["epochs"] == 2000 and result.bound < 0.5
+    with pytest.warns(RuntimeWarning, match="had not converged after 100 epochs"):
+        short = pac_bayes_bound(model, init_state, loss, (split.X_train, split.y_train), "identity", epochs=100,
+                                lr=1e-3, n_samples=20)
+    assert not short.converged
+    assert "history" not in repr(result) and len(repr(result)) < 1200

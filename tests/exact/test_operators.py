@@ -115,3 +115,56 @@ def test_group_norm_double_backward_without_batching_rule_falls_back_to_one_vect
     for kind, reference in (("hessian", dense_hessian), ("ggn", dense_ggn)):
         op = kh.layer_operator(model, loss_fn, data, "norm", kind=kind)
         assert rel_err(op.to_dense(), reference(model, loss_fn, X, y, ["norm"])) < 1e-10
+
+
+def test_multihead_attention_in_eval_mode_takes_the_differentiable_path():
+    """nn.MultiheadAttention's fused inference fast path (eval mode) has no forward-mode AD or double backward."""
+    torch.manual_seed(0)
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha, self.head = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.mha(x, x, x, need_weights=False)[0]).transpose(1, 2)
+
+    model = Attn().double().eval()
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(3, 5, 4, generator=g), torch.randint(0, 3, (3, 5), generator=g)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for kind, reference in (("ggn", dense_ggn), ("hessian", dense_hessian)):
+        op = kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "mha", kind=kind)
+        with pytest.warns(RuntimeWarning, match="math attention kernel"):
+            dense = op.to_dense()
+        with sdpa_kernel([SDPBackend.MATH]):  # the reference's forward-over-reverse needs it as well
+            assert rel_err(dense, reference(model, nn.CrossEntropyLoss(), X, y, ["mha"])) < EXACT
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
+def test_bfloat16_models_run_the_linear_algebra_in_float32():
+    model = mlp(nn.Tanh).to(torch.bfloat16)
+    X, y = classification_data()
+    op = kh.layer_operator(model, nn.CrossEntropyLoss(), (X.to(torch.bfloat16), y), "0", kind="ggn")
+    assert op.dtype == torch.float32 and op.param_dtype == torch.bfloat16
+    result = kh.lanczos(op, 3, seed=0, dense_limit=0, tol=1e-2)  # geqrf has no bfloat16 kernel: float32 here
+    reference = torch.linalg.eigvalsh(kh.layer_operator(mlp(nn.Tanh), nn.CrossEntropyLoss(), (X, y), "0",
+                                                        kind="ggn").to_dense()).flip(0)[:3]
+    assert torch.allclose(result.eigenvalues.double(), reference, rtol=0.05)
+
+
+def test_a_distributed_data_parallel_model_is_run_through_its_module(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = mlp(nn.Tanh)
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        X, y = classification_data()
+        op = kh.layer_operator(wrapped, nn.CrossEntropyLoss(), (X, y), "0", kind="ggn")
+        assert rel_err(op.to_dense(), dense_ggn(model, nn.CrossEntropyLoss(), X, y, ["0"])) < EXACT
+        kfac = kh.compute_kfac(wrapped, nn.CrossEntropyLoss(), (X, y))
+        assert kfac.layer_names == ["0", "2"]
+    finally:
+        dist.destroy_process_group()

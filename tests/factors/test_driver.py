@@ -478,3 +478,52 @@ def test_when_gradients_are_streamed_one_column_per_pass():
     assert not _one_column_per_pass(None, cuda, "ggn", 1) and not _one_column_per_pass(4, cpu, "mc", 4)
     assert _one_column_per_pass(None, cuda, "empirical", 1) and _one_column_per_pass(None, cuda, "mc", 1)
     assert not _one_column_per_pass(None, cuda, "mc", 2)
+
+
+def test_seed_makes_a_model_with_dropout_reproducible_and_leaves_the_global_rng_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Dropout(0.5), nn.Tanh(), nn.Linear(6, 3)).double().train()
+    X, y = classification_data()
+    state = torch.get_rng_state()
+    with pytest.warns(UserWarning, match=r"dropout is active \(train mode\) in \['1'\].*reproducible with seed=3"):
+        a = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), curvature="mc", seed=3)
+    with pytest.warns(UserWarning, match="dropout is active"):
+        b = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), curvature="mc", seed=3)
+        c = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), curvature="mc", seed=4)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a[n].A, b[n].A) and torch.equal(a[n].G, b[n].G) for n in a)
+    assert not torch.equal(a["3"].A, c["3"].A)  # other dropout masks
+
+
+def test_a_block_without_curvature_is_warned_about():
+    model = mlp(nn.Tanh)
+    with torch.no_grad():
+        model[2].weight.zero_()  # a zero-initialised head: nothing reaches layer 0
+    with pytest.warns(RuntimeWarning, match=r"blocks \['0'\] are exactly zero"):
+        kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), classification_data())
+    assert float(kfac["0"].trace()) == 0 and float(kfac["2"].trace()) > 0
+
+
+def test_low_precision_models_and_autocast():
+    """A bfloat16 model accumulates its blocks in float32 (eig needs it: LAPACK has no bfloat16), and a pass under
+    torch.autocast keeps our sums out of it; both agree with float32 to bfloat16's precision."""
+    def smooth_cnn():  # tanh: no ReLU kink for bfloat16 rounding to flip
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2, stride=2), nn.Tanh(),
+                             nn.Flatten(), nn.Linear(8, 3)).float()
+
+    model = smooth_cnn()
+    g = torch.Generator().manual_seed(5)
+    X, y = torch.randn(6, 2, 4, 4, generator=g, dtype=torch.float32), torch.randint(0, 3, (6,), generator=g)
+    reference = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    low = kh.compute_kfac(smooth_cnn().to(torch.bfloat16), nn.CrossEntropyLoss(), (X.to(torch.bfloat16), y))
+    assert all(b.dtype == torch.float32 for b in low.values())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    for kfac in (low, autocast):
+        for name, block in kfac.items():
+            assert block.dtype == torch.float32
+            assert rel_err(block.to_dense(), reference[name].to_dense()) < 0.05, name
+            assert torch.isfinite(block.eig().topk(3)[0]).all()
+    bf16_block = kh.KroneckerBlock(reference["5"].A.bfloat16(), reference["5"].G.bfloat16(), reference["5"].layout)
+    assert bf16_block.eig().eigenvalues().dtype == torch.float32  # decomposed in float32

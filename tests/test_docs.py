@@ -1,0 +1,29 @@
+"""The documentation's code runs as written, and the docs stand alone."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_usage_example_runs():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Usage\n\n```python\n(.*?)```", readme, re.S).group(1)
+    assert len(block.strip().splitlines()) <= 12
+    exec(compile(block, "README.md", "exec"), {})
+
+
+def test_the_transformers_examples_of_the_layer_kinds_page_run():
+    pytest.importorskip("transformers")
+    text = (ROOT / "docs" / "layer_kinds.md").read_text()
+    blocks = re.findall(r"```python\n(import torch, transformers.*?)```", text, re.S)
+    assert len(blocks) == 2  # GPT-2 and BERT
+    for block in blocks:
+        exec(compile(block, "docs/layer_kinds.md", "exec"), {})
+
+
+def test_docs_do_not_point_outside_the_repository():
+    for path in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]:
+        assert "shared/" not in path.read_text(), path
