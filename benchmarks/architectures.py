@@ -30,14 +30,14 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def overlaps(kfac, model, loss_fn, data, layers, k):
+def overlaps(kfac, model, loss_fn, data, layers, k, dense_limit=2000):
     rows = []
     for name in layers:
         factor = kfac[name]
         k_layer = min(k, factor.num_params - 1)
         k_vals, k_vecs = factor.eig().topk(k_layer)
         op = kh.layer_operator(model, loss_fn, data, name, kind="ggn")
-        result, seconds = timed(lambda: kh.lanczos(op, k_layer, tol=1e-3, seed=0, dense_limit=2000))
+        result, seconds = timed(lambda: kh.lanczos(op, k_layer, tol=1e-3, seed=0, dense_limit=dense_limit))
         rows.append({
             "layer": name, "structure": type(factor).__name__, "P": factor.num_params, "k": k_layer,
             "overlap": kh.eigenspace_overlap(k_vecs, result.eigenvectors),
@@ -99,10 +99,12 @@ def gpt_section(args):
     layers = ["blocks.0.q", "blocks.1.mlp.0", "ln", "pos", "tok", "head"]
     # the same batch as the exact path, per-position columns: the factors of the exact GGN's outer products
     kfac_small = kh.compute_kfac(model, loss_fn, data[:1], per_position=True)
-    rows = overlaps(kfac_small, model, loss_fn, data[:1], layers if not args.quick else layers[:2], args.k)
+    rows = overlaps(kfac_small, model, loss_fn, data[:1], layers if not args.quick else layers[:2], args.k,
+                    dense_limit=200 if args.quick else 2000)
     extra = (f"Trained {steps} AdamW steps in {args.train_seconds:.0f} s on {len(text)} characters of argparse's source "
-             f"(vocabulary {len(chars)}): training loss {first:.2f} → {loss.item():.2f}. Factors with per-position "
-             f"columns (`per_position=True`, used for the overlaps): {t_per_position:.1f} s.")
+             f"(vocabulary {len(chars)}): training loss {first:.2f} → {loss.item():.2f}."
+             + ("" if args.quick else f" Factors with per-position columns (`per_position=True`, used for the overlaps): "
+                                      f"{t_per_position:.1f} s."))
     return {"name": f"TinyGPT (dim {dim}, 2 blocks, context {context}, tied head)", "params": sum(p.numel() for p in model.parameters()),
             "t_factors": t_factors, "t_eig": t_eig, "t_eig_values": t_eig_values, "summary": kfac.summary().splitlines()[-1],
             "rows": rows, "exact_n": 32, "extra": extra}

@@ -21,6 +21,8 @@ from torch import Tensor
 
 from ..distributed import require_seed_for
 
+DENSE_COLUMNS = 128  # columns per product when an operator is formed densely (memory: one tangent per column)
+
 
 @dataclass
 class LanczosResult:
@@ -176,7 +178,9 @@ def lanczos(
     k_hi = {"largest": k, "smallest": 0, "both": k - k // 2}[which]
     k_lo = k - k_hi
     if n <= dense_limit:
-        dense = op @ torch.eye(n, dtype=dtype, device=device)
+        eye = torch.eye(n, dtype=dtype, device=device)
+        # a few columns per product: each column of a curvature operator carries its own activations' tangents
+        dense = torch.cat([op @ eye[:, start : start + DENSE_COLUMNS] for start in range(0, n, DENSE_COLUMNS)], dim=1)
         theta, vecs = torch.linalg.eigh(0.5 * (dense + dense.T))
         largest, smallest = torch.arange(n - 1, n - 1 - k_hi, -1), torch.arange(k_lo)
         idx = torch.cat([largest, smallest.flip(0) if which == "both" else smallest]).to(device)

@@ -175,7 +175,7 @@ class CurvatureOperator:
         jacobian_products = vmap(lambda *t: jvp(forward, theta, t)[1])(*tangents)
         return vmap(pullback)(hessian_vector_product(self.spec, output, jacobian_products)), output
 
-    def to_dense(self, max_params: int = DENSE_LIMIT, chunk: int = 512) -> Tensor:
+    def to_dense(self, max_params: int = DENSE_LIMIT, chunk: int = 128) -> Tensor:
         """The ``(P, P)`` matrix, ``chunk`` columns per pass over the data — small blocks and tests only."""
         if self.num_params > max_params:
             raise ValueError(
