@@ -88,7 +88,8 @@ def main() -> None:
                       f"({time.perf_counter() - start:.1f} s)", flush=True)
                 if dataset == "digits" and seed == 0:
                     path = args.figure.with_name(f"{args.figure.stem}_{regime}{args.figure.suffix}")
-                    tracker.plot(path)
+                    tracker.plot(path, title=f"digits, {regime} regime ({REGIMES[regime]}): per-layer MC Fisher "
+                                              "spectra through training")
     text = render(runs, costs, args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)

@@ -141,6 +141,10 @@ def plot_tracked_metrics(records: list[dict], metrics: tuple[str, ...], path: Pa
         if all(r.get(metric, 0) > 0 for r in records):
             ax.set_yscale("log")
         panel, unit = METRIC_LABELS.get(metric, (metric, metric))
+        if unit == "count":
+            from matplotlib.ticker import MaxNLocator
+
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(panel, fontsize=10)
         ax.set_ylabel(unit)
         ax.set_xlabel("step")

@@ -136,9 +136,10 @@ class SpectrumTracker:
         path.write_text(json.dumps(self.records, indent=1))
         return path
 
-    def plot(self, path: str | Path, metrics: tuple[str, ...] = METRICS) -> Path:
-        """One panel per metric, one line per layer, over the recorded steps (needs matplotlib)."""
+    def plot(self, path: str | Path, metrics: tuple[str, ...] = METRICS, title: str | None = None) -> Path:
+        """One panel per metric, one line per layer, over the recorded steps (needs matplotlib); ``title`` above
+        them (default: what the blocks are)."""
         from ..plotting import plot_tracked_metrics
 
-        title = f"per-layer spectra through training ({self.curvature} blocks)"
+        title = title or f"per-layer spectra through training ({self.curvature} blocks)"
         return plot_tracked_metrics(self.records, metrics, Path(path), title)
