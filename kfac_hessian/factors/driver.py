@@ -359,8 +359,11 @@ class _Pass:
     def check_gradient_sums(self, index: int) -> None:
         for acc in self.accumulators.values():
             if acc.called and acc.skip_reason is None:
+                checked = acc.input_state()  # already checked after the forward half
                 for tensor in acc.state():
-                    _require_finite(tensor, f"curvature sums of layer {acc.name!r} after batch {index} (its output gradients)")
+                    if not any(tensor is t for t in checked):
+                        _require_finite(tensor, f"curvature sums of layer {acc.name!r} after batch {index} (its output "
+                                                "gradients)")
 
     def result(self, scale: float, device, curvature: str, approx: str, spec, n_samples: int) -> KFAC:
         blocks, skipped, parameter_names = {}, dict(self.selection.skipped), {}
