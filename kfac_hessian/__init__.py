@@ -22,7 +22,8 @@ from .analyses import (
 )
 from .analyses.report import ValidationReport, compare
 from .data import sequence_logits
-from .blocks import BlockEigen, CurvatureBlock, DenseBlocks, DenseBlocksEigen, KroneckerBlock, KroneckerEigen
+from .blocks import (BlockEigen, CurvatureBlock, DenseBlocks, DenseBlocksEigen, EKFACBlock, EKFACEigen,
+                     KroneckerBlock, KroneckerEigen)
 from .bounds import pac_bayes_bound
 from .exact import (
     CurvatureOperator,
@@ -34,7 +35,7 @@ from .exact import (
     layer_operator,
     slq_density,
 )
-from .factors import KFAC, compute_kfac, input_second_moments
+from .factors import KFAC, compute_ekfac, compute_kfac, input_second_moments
 from .layout import BlockLayout
 from .spectra import SpectralDensity
 
@@ -48,6 +49,8 @@ __all__ = [
     "CurvatureOperator",
     "DenseBlocks",
     "DenseBlocksEigen",
+    "EKFACBlock",
+    "EKFACEigen",
     "KroneckerBlock",
     "KroneckerEigen",
     "LanczosResult",
@@ -60,6 +63,7 @@ __all__ = [
     "back_matching_hessians",
     "bounds",
     "compare",
+    "compute_ekfac",
     "compute_kfac",
     "count_outliers",
     "eigenspace_overlap",

@@ -218,6 +218,16 @@ def histogram(chunks: Callable[[], Iterator[Tensor]], extent: tuple[float, float
     return SpectralDensity(edges, counts, n_zero, log)
 
 
+def values_density(values: Tensor, bins: int, log: bool, range: tuple[float, float] | None, chunk: int) -> SpectralDensity:
+    """``SpectralDensity`` of explicitly given (non-negative) eigenvalues, in chunks of ``chunk``."""
+    n_zero = 0
+    if log:
+        positive = values[values > 0]
+        n_zero, values = values.numel() - positive.numel(), positive.log10()
+    extent = (float(values.min()), float(values.max())) if values.numel() else None
+    return histogram(lambda: iter(values.split(chunk)), extent, n_zero, bins, log, range, values.device)
+
+
 def entropy(values: Tensor) -> float:
     """``−Σ p log p`` of ``p = values / Σ values`` over the positive values (0 for an all-zero spectrum)."""
     p = values[values > 0].double()

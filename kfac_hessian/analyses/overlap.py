@@ -13,7 +13,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ..blocks import BlockEigen, KroneckerEigen
+from ..blocks import BlockEigen, EKFACEigen, KroneckerEigen
+
+RANK_ONE = (KroneckerEigen, EKFACEigen)  # eigenvectors v ⊗ u per group: ``top_pairs``
 
 
 def eigenspace_overlap(V1: Tensor, V2: Tensor) -> float:
@@ -38,8 +40,8 @@ def eigenspace_overlap(V1: Tensor, V2: Tensor) -> float:
     return float((V1 @ V2.T.to(V1.dtype)).pow(2).sum() / k)
 
 
-def kronecker_overlap(e1: KroneckerEigen, e2: KroneckerEigen, k: int) -> float:
-    """Overlap of the top-k eigenspaces of two Kronecker spectra from the factors' eigenvectors alone."""
+def kronecker_overlap(e1: KroneckerEigen | EKFACEigen, e2: KroneckerEigen | EKFACEigen, k: int) -> float:
+    """Overlap of the top-k eigenspaces of two Kronecker (or EKFAC) spectra from the factors' eigenvectors alone."""
     if e1.layout != e2.layout:
         raise ValueError(f"layers differ in shape: {e1.layout} vs {e2.layout}")
     p1, p2 = e1.top_pairs(k), e2.top_pairs(k)
@@ -50,9 +52,9 @@ def kronecker_overlap(e1: KroneckerEigen, e2: KroneckerEigen, k: int) -> float:
 
 
 def block_overlap(e1: BlockEigen, e2: BlockEigen, k: int) -> float:
-    """Top-k eigenspace overlap of two eigen-structures of the same block: from the factors for Kronecker blocks,
-    from the explicit eigenvectors otherwise."""
-    if isinstance(e1, KroneckerEigen) and isinstance(e2, KroneckerEigen):
+    """Top-k eigenspace overlap of two eigen-structures of the same block: from the factors for Kronecker and EKFAC
+    blocks, from the explicit eigenvectors otherwise."""
+    if isinstance(e1, RANK_ONE) and isinstance(e2, RANK_ONE):
         return kronecker_overlap(e1, e2, k)
     if e1.num_params != e2.num_params:
         raise ValueError(f"blocks differ in size: {e1.num_params} vs {e2.num_params}")

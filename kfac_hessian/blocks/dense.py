@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..spectra import ClampReport, SpectralDensity, entropy, histogram, symmetric_eig
+from ..spectra import ClampReport, SpectralDensity, entropy, symmetric_eig, values_density
 from .base import BlockEigen, CurvatureBlock
 
 
@@ -144,10 +144,4 @@ class DenseBlocksEigen(BlockEigen):
 
     def density(self, bins: int = 100, log: bool = True, range: tuple[float, float] | None = None,
                 chunk: int = 2**22) -> SpectralDensity:
-        values = self.values
-        n_zero = 0
-        if log:
-            positive = values[values > 0]
-            n_zero, values = values.numel() - positive.numel(), positive.log10()
-        extent = (float(values.min()), float(values.max())) if values.numel() else None
-        return histogram(lambda: iter(values.split(chunk)), extent, n_zero, bins, log, range, values.device)
+        return values_density(self.values, bins, log, range, chunk)

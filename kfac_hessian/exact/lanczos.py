@@ -57,8 +57,20 @@ def _random_block(shape, generator, dtype, device, bases: list[Tensor]) -> Tenso
     return torch.linalg.qr(_orthogonalize(block, bases)).Q
 
 
-def _run(apply, n: int, block_size: int, max_dim: int, n_want: int, tol: float, locked: Tensor, generator, start: Tensor | None):
-    """One block Lanczos run on the complement of ``locked`` from ``start`` (random when ``None``).
+def _fold(vectors: Tensor, b: int) -> Tensor:
+    """``b`` start columns holding every given direction: column ``j`` of ``vectors`` is added into column ``j mod b``
+    (a Krylov space of one vector that mixes the wanted eigenvectors holds all of them)."""
+    if vectors.shape[1] <= b:
+        return vectors
+    padded = torch.cat([vectors, vectors.new_zeros(vectors.shape[0], -vectors.shape[1] % b)], dim=1)
+    return padded.reshape(vectors.shape[0], -1, b).sum(1)
+
+
+def _run(apply, n: int, block_size: int, max_dim: int, n_want: int, tol: float, locked: Tensor, generator, start: Tensor | None,
+         norm: float = 0.0):
+    """One block Lanczos run on the complement of ``locked`` from ``start`` (random when ``None``); ``norm``: the
+    largest eigenvalue magnitude found so far (a run on a deflated operator judges its residuals against ``‖A‖``,
+    not against what is left).
 
     Returns Ritz values (descending), Ritz vectors, residual norms, convergence flags and the matvec count.
     """
@@ -70,21 +82,28 @@ def _run(apply, n: int, block_size: int, max_dim: int, n_want: int, tol: float, 
     if start is None:
         basis[:, :b] = _random_block((n, b), generator, dtype, device, [locked])
     else:
-        basis[:, :b] = torch.linalg.qr(_orthogonalize(start, [locked])).Q
+        given = torch.linalg.qr(_orthogonalize(_fold(start, b), [locked])).Q
+        basis[:, : given.shape[1]] = given
+        if given.shape[1] < b:  # fewer start vectors than the block: random directions complete it
+            basis[:, given.shape[1] : b] = _random_block((n, b - given.shape[1]), generator, dtype, device, [locked, given])
     j, matvecs = 0, 0
     while True:
         current = basis[:, j : j + b]
         w = apply(current)
         matvecs += b
-        diag = current.T @ w
-        proj[j : j + b, j : j + b] = 0.5 * (diag + diag.T)
+        # the projection column of this block against the whole basis, not only the three-term entries: fresh
+        # vectors that replace a deficient block (below) couple to every earlier block
+        coef = basis[:, : j + b].T @ w
+        coef[j:] = 0.5 * (coef[j:] + coef[j:].T)
+        proj[: j + b, j : j + b] = coef
+        proj[j : j + b, : j + b] = coef.T
         w = _orthogonalize(w, [basis[:, : j + b], locked])
         j += b
         theta, y = torch.linalg.eigh(proj[:j, :j])
         theta, y = theta.flip(0), y.flip(1)
         q, r = torch.linalg.qr(w)
         residuals = torch.linalg.vector_norm(r @ y[j - b : j, :], dim=0)
-        scale = theta.abs().max().clamp_min(torch.finfo(dtype).tiny)
+        scale = theta.abs().max().clamp_min(max(norm, torch.finfo(dtype).tiny))
         # relative to each Ritz value (as ARPACK), floored so that eigenvalues near 0 can converge
         converged = residuals <= tol * theta.abs().clamp_min(1e-6 * scale)
         next_b = min(b, max_dim - j)
@@ -99,22 +118,23 @@ def _run(apply, n: int, block_size: int, max_dim: int, n_want: int, tol: float, 
             r = r.clone()
             r[deficient] = 0
         basis[:, j : j + next_b] = q[:, :next_b]
-        proj[j : j + next_b, j - b : j] = r[:next_b]
-        proj[j - b : j, j : j + next_b] = r[:next_b].T
         b = next_b
 
 
-def _largest(apply, n: int, k: int, tol: float, max_dim: int, block_size: int, max_runs: int, generator, dtype, device):
+def _largest(apply, n: int, k: int, tol: float, max_dim: int, block_size: int, max_runs: int, generator, dtype, device,
+             start: Tensor | None = None):
     """Top-k eigenpairs by repeated runs: converged pairs are locked; a run that ran out of Krylov dimension
-    is restarted from its unconverged wanted Ritz vectors (explicit restart), a finished one from random."""
+    is restarted from its unconverged wanted Ritz vectors (explicit restart), a finished one from random. The first
+    run starts from ``start`` (columns) when given."""
     values = torch.zeros(0, dtype=dtype, device=device)
     vectors = torch.zeros(n, 0, dtype=dtype, device=device)
     residuals = torch.zeros(0, dtype=dtype, device=device)
-    matvecs, runs, notes, start, finished = 0, 0, [], None, False
+    matvecs, runs, notes, finished = 0, 0, [], False
     while runs < max_runs and vectors.shape[1] < n:
         have = len(values)
         n_want = k - have if have < k else 1
-        theta, ritz, res, conv, used = _run(apply, n, block_size, max_dim, n_want, tol, vectors, generator, start)
+        norm = float(values.abs().max()) if len(values) else 0.0
+        theta, ritz, res, conv, used = _run(apply, n, block_size, max_dim, n_want, tol, vectors, generator, start, norm)
         matvecs, runs = matvecs + used, runs + 1
         threshold = values.topk(k).values[-1] if have >= k else -torch.inf
         accept = conv & (theta > threshold + res)  # above the k-th value by more than its own uncertainty
@@ -123,8 +143,7 @@ def _largest(apply, n: int, k: int, tol: float, max_dim: int, block_size: int, m
         residuals = torch.cat([residuals, res[accept]])
         pending = (~conv[:n_want]).nonzero().flatten()
         if len(pending):  # restart from what was not yet converged
-            chosen = ritz[:, pending]
-            start = chosen[:, :block_size] if block_size > 1 else chosen.sum(1, keepdim=True)
+            start = ritz[:, pending]
             continue
         start = None
         if not accept.any():  # a complete run found nothing above the k-th value: done
@@ -147,6 +166,7 @@ def lanczos(
     seed: int | None = None,
     dense_limit: int = 512,
     max_runs: int | None = None,
+    start: Tensor | None = None,
 ) -> LanczosResult:
     """The ``k`` extreme eigenpairs of a symmetric operator.
 
@@ -162,6 +182,9 @@ def lanczos(
         seed: seeds the random start blocks.
         dense_limit: at or below this ``P`` the operator is formed densely (``op @ I``) and ``eigh`` is used.
         max_runs: bound on the locking restarts (default ``2k + 4``).
+        start: ``(m, P)`` vectors (rows, as ``topk`` returns them) for the first run's start block — a warm start,
+            e.g. the exact eigenvectors at an earlier checkpoint, or the top Kronecker or EKFAC eigenvectors; with ``m > block_size``
+            vector ``j`` is added into start column ``j mod block_size`` (``which="largest"`` only).
 
     A result that did not converge is returned with ``converged=False``, its residuals and notes, and a
     ``RuntimeWarning``.
@@ -175,12 +198,18 @@ def lanczos(
         raise ValueError(f"block_size must be ≥ 1, got {block_size}")
     require_seed_for(op, seed)
     dtype, device = op.dtype, op.device
+    if start is not None:
+        if which != "largest":
+            raise ValueError("start= warm-starts the search for the largest eigenpairs (which='largest')")
+        if start.dim() != 2 or start.shape[1] != n or not 1 <= start.shape[0] <= n:
+            raise ValueError(f"start must be (m, {n}) row vectors with 1 ≤ m ≤ {n}, got {tuple(start.shape)}")
+        start = start.to(device, dtype).T
     k_hi = {"largest": k, "smallest": 0, "both": k - k // 2}[which]
     k_lo = k - k_hi
     if n <= dense_limit:
         eye = torch.eye(n, dtype=dtype, device=device)
         # a few columns per product: each column of a curvature operator carries its own activations' tangents
-        dense = torch.cat([op @ eye[:, start : start + DENSE_COLUMNS] for start in range(0, n, DENSE_COLUMNS)], dim=1)
+        dense = torch.cat([op @ eye[:, i : i + DENSE_COLUMNS] for i in range(0, n, DENSE_COLUMNS)], dim=1)
         theta, vecs = torch.linalg.eigh(0.5 * (dense + dense.T))
         largest, smallest = torch.arange(n - 1, n - 1 - k_hi, -1), torch.arange(k_lo)
         idx = torch.cat([largest, smallest.flip(0) if which == "both" else smallest]).to(device)
@@ -192,7 +221,8 @@ def lanczos(
     for count, sign in ((k_hi, 1.0), (k_lo, -1.0)):
         if count:
             apply = (lambda x: op @ x) if sign > 0 else (lambda x: -(op @ x))
-            parts.append((sign, _largest(apply, n, count, tol, max_dim, block_size, max_runs, generator, dtype, device)))
+            parts.append((sign, _largest(apply, n, count, tol, max_dim, block_size, max_runs, generator, dtype, device,
+                                         start if sign > 0 else None)))
     values = torch.cat([sign * p[0] for sign, p in parts])
     vectors = torch.cat([p[1] for _, p in parts], dim=1).T
     residuals = torch.cat([p[2] for _, p in parts])
@@ -207,3 +237,4 @@ def lanczos(
     if not converged:
         warnings.warn("lanczos did not converge: " + "; ".join(notes), RuntimeWarning, stacklevel=2)
     return result
+

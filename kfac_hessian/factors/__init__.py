@@ -2,6 +2,7 @@
 accumulators (``kfac_hessian.layers``) gather their sums, and ``KFAC`` holds the resulting blocks."""
 
 from .driver import compute_kfac, input_second_moments
+from .ekfac import compute_ekfac
 from .result import KFAC
 
-__all__ = ["KFAC", "compute_kfac", "input_second_moments"]
+__all__ = ["KFAC", "compute_ekfac", "compute_kfac", "input_second_moments"]

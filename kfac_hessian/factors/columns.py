@@ -27,15 +27,28 @@ def output_columns(spec: LossSpec, curvature: Curvature, output: Tensor, target:
     return output_gradient(spec, output.detach(), target).unsqueeze(0)
 
 
-def column_chunks(columns: Tensor, size: int, per_position: bool) -> tuple[int, Iterator[Tensor]]:
-    """``(count, chunks of ≤ size columns)``. ``per_position``: every column is split into one column per output
-    position (zero elsewhere), built lazily chunk by chunk — ``K·T`` columns instead of ``K``."""
-    if not per_position or columns.dim() <= 3:  # (K, N) or (K, N, C): one position per sample
+def column_chunks(columns: Tensor, size: int, per_position: bool = False, position_signs: int = 0,
+                  generator: torch.Generator | None = None) -> tuple[int, Iterator[Tensor]]:
+    """``(count, chunks of ≤ size columns)``, built lazily chunk by chunk. ``per_position``: every column is split into
+    one column per output position (zero elsewhere) — ``K·T`` columns instead of ``K``. ``position_signs = R``: ``R``
+    draws of every column with independent random signs at each (sample, position), scaled by ``1/√R`` — ``K·R``
+    columns whose outer products average the ``R`` draws."""
+    if columns.dim() <= 3 or not (per_position or position_signs):  # (K, N) or (K, N, C): one position per sample
         chunks = columns.split(size)
         return len(chunks), iter(chunks)
     k, n, c = columns.shape[:3]
     flat = columns.reshape(k, n, c, -1)
     positions = flat.shape[-1]
+    if position_signs:
+        def signed() -> Iterator[Tensor]:
+            draws = [(col, r) for r in range(position_signs) for col in range(k)]
+            for start in range(0, len(draws), size):
+                part = draws[start : start + size]
+                signs = torch.randint(0, 2, (len(part), n, 1, positions), generator=generator, device=columns.device)
+                chunk = flat[[col for col, _ in part]] * ((2 * signs - 1) / position_signs**0.5).to(columns.dtype)
+                yield chunk.reshape(len(part), *columns.shape[1:])
+
+        return -(-k * position_signs // size), signed()
     pairs = torch.cartesian_prod(torch.arange(k), torch.arange(positions)).to(columns.device)
 
     def generate() -> Iterator[Tensor]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -70,6 +71,7 @@ def compute_kfac(
     batch_norm_eval: bool = True,
     per_position: bool = False,
     output: OutputSelector | None = None,
+    position_signs: int = 0,
 ) -> KFAC:
     """Curvature blocks of every selected layer (see the module docstring; the kinds: ``kfac_hessian.layers``).
 
@@ -111,30 +113,64 @@ def compute_kfac(
             output positions (attention, ``approx="reduce"``, normalization and embedding parameters shared
             over positions; docs/conventions.md §3); per-position columns give the exact GGN outer products,
             at ``T`` times the backward passes. No effect with one output position per sample.
+        position_signs: ``"ggn"`` only; ``R > 0``: every loss-Hessian square-root column is multiplied by independent
+            random signs at each output position, ``R`` draws (``K·R`` columns, each scaled by ``1/√R``). The
+            cross-position products then vanish in expectation: an unbiased estimate of the per-position (exact)
+            outer products at ``R/T`` of their passes. The signs come from a generator seeded with ``seed`` (the
+            global RNG without one).
         output: picks the output tensor from what the model returns (default: the tensor itself, or ``.logits``);
             ``kfac_hessian.sequence_logits`` presents language-model logits ``(N, T, V)`` as ``(N, V, T)``.
     """
-    _check_settings(curvature, approx, mc_samples, per_position)
+    _check_settings(curvature, approx, mc_samples, per_position, position_signs)
     spec = loss_spec(loss_fn)
     model = eager_model(model)
     _warn_about_dropout(model, seed)
     selection = select(model, layers)
     settings = _settings(selection, approx, dtype)
     accumulators = _accumulators(selection, settings)
-    generator = torch.Generator(settings.device).manual_seed(seed) if (seed is not None and curvature == "mc") else None
-    stream = one_column_per_pass(column_chunk, settings.device, curvature, mc_samples)
-    router = GradientRouter(accumulators)
+    options = PassOptions(curvature, mc_samples, seed, column_chunk, per_position, position_signs, batch_norm_eval,
+                          progress, distributed, output)
     pass_ = _Pass(model, accumulators, selection, settings, layers is not None, output)
+    n_samples, scale = stream_pass(model, spec, data, pass_, options)
+    return pass_.result(scale, device, curvature, approx, spec, n_samples)
+
+
+@dataclass(frozen=True)
+class PassOptions:
+    """How one curvature pass runs (``compute_kfac``'s arguments of the same names)."""
+
+    curvature: str
+    mc_samples: int = 1
+    seed: int | None = None
+    column_chunk: int | None = None
+    per_position: bool = False
+    position_signs: int = 0
+    batch_norm_eval: bool = True
+    progress: bool = False
+    distributed: bool = False
+    output: OutputSelector | None = None
+
+
+def stream_pass(model: nn.Module, spec, data: Data, pass_: "_Pass", options: PassOptions) -> tuple[int, float]:
+    """Stream ``data`` once through ``model``: every batch's recorded calls to the accumulators' forward half, then the
+    output columns backpropagated to them; returns ``(N, scale)``, the number of samples and the factor that turns
+    the sums into the objective's curvature (module docstring)."""
+    curvature, settings = options.curvature, pass_.settings
+    generator = None
+    if options.seed is not None and (curvature == "mc" or options.position_signs):
+        generator = torch.Generator(settings.device).manual_seed(options.seed)
+    stream = one_column_per_pass(options.column_chunk, settings.device, curvature, options.mc_samples)
+    router = GradientRouter(pass_.accumulators)
     n_samples, tau = 0, None
     with (
-        _seeded_model_randomness(seed, settings.device),
+        _seeded_model_randomness(options.seed, settings.device),
         pass_.contexts(),
-        preserved_model_state(model, batch_norm_eval),
+        preserved_model_state(model, options.batch_norm_eval),
         eager_calls(model),
         LayerRecorder(pass_.hooked(), router.receive_one if stream else None) as recorder,
         torch.enable_grad(),
     ):
-        for index, inputs, target in _batches(data, settings.device, progress, curvature):
+        for index, inputs, target in _batches(data, settings.device, options.progress, curvature):
             output = pass_.forward(recorder, index, inputs, target.shape[0])
             check_batch(spec, output, target)
             _require_finite(output, f"model output at batch {index}")
@@ -148,8 +184,9 @@ def compute_kfac(
             router.start_batch(recorder.calls)
             with no_autocast():  # the columns in (at least) float32, handed to the backward in the output's dtype
                 columns = output_columns(spec, curvature, output.detach().to(compute_dtype(output.dtype)), target,
-                                         mc_samples, generator).to(output.dtype)
-            n_chunks, chunks = column_chunks(columns, 1 if stream else column_chunk or len(columns), per_position)
+                                         options.mc_samples, generator).to(output.dtype)
+            n_chunks, chunks = column_chunks(columns, 1 if stream else options.column_chunk or len(columns),
+                                             options.per_position, options.position_signs, generator)
             for chunk_index, chunk in enumerate(chunks):
                 retain = chunk_index < n_chunks - 1
                 if stream:  # the recorder hands each output gradient to the router inside the pass
@@ -160,14 +197,14 @@ def compute_kfac(
                     router.flush(len(chunk), output.dtype, output.device)
             pass_.check_gradient_sums(index)
             recorder.clear()
-    if distributed:
-        n_samples, tau = _all_reduce_sums(accumulators, n_samples, tau, settings.device)
+    if options.distributed:
+        n_samples, tau = _all_reduce_sums(pass_.accumulators, n_samples, tau, settings.device)
     scale = spec.scale(n_samples, tau)
     if curvature == "mc":
-        scale /= mc_samples
+        scale /= options.mc_samples
     elif curvature == "empirical" and spec.reduction == "mean":
         scale /= tau
-    return pass_.result(scale, device, curvature, approx, spec, n_samples)
+    return n_samples, scale
 
 
 def input_second_moments(
@@ -209,12 +246,16 @@ def input_second_moments(
     return {acc.name: acc.input_factor() for acc in accumulators.values()}
 
 
-def _check_settings(curvature: str, approx: str, mc_samples: int, per_position: bool) -> None:
+def _check_settings(curvature: str, approx: str, mc_samples: int, per_position: bool, position_signs: int) -> None:
     if curvature not in ("ggn", "mc", "empirical"):
         raise ValueError(f"curvature must be 'ggn', 'mc' or 'empirical', got {curvature!r}")
-    if per_position and curvature != "ggn":
-        raise ValueError("per_position=True applies to curvature='ggn' (Monte-Carlo labels are drawn per position, "
-                         "and the empirical Fisher is defined with the per-sample gradient)")
+    if (per_position or position_signs) and curvature != "ggn":
+        raise ValueError("per_position and position_signs apply to curvature='ggn' (Monte-Carlo labels are drawn per "
+                         "position, and the empirical Fisher is defined with the per-sample gradient)")
+    if isinstance(position_signs, bool) or not isinstance(position_signs, int) or position_signs < 0:
+        raise ValueError(f"position_signs must be a non-negative integer (draws), got {position_signs!r}")
+    if per_position and position_signs:
+        raise ValueError("per_position=True and position_signs are two ways to remove the cross-position terms: pick one")
     if approx not in ("expand", "reduce"):
         raise ValueError(f"approx must be 'expand' or 'reduce', got {approx!r}")
     if not isinstance(mc_samples, int) or mc_samples < 1:
@@ -274,11 +315,12 @@ class _Pass:
     half (recorded calls → input sums, first-batch checks), the finiteness checks and the result."""
 
     def __init__(self, model: nn.Module, accumulators: dict[str, Accumulator], selection: Selection,
-                 settings: PassSettings, named: bool, output: OutputSelector | None):
+                 settings: PassSettings, named: bool, output: OutputSelector | None, check_formulas: bool = True):
         self.model, self.accumulators, self.selection, self.named = model, accumulators, selection, named
         self.settings, self.output = settings, output
         self.entries = dict(zip(accumulators, selection.entries))
-        self.checked: set[str] = set()
+        # a later pass over layers a first one has checked (the eigenvalue correction) does not check again
+        self.checked: set[str] = set() if check_formulas else set(accumulators)
 
     def hooked(self) -> dict[str, nn.Module]:
         return {key: acc.hooked_module() for key, acc in self.accumulators.items()}

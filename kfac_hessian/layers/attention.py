@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..layout import BlockLayout
 from .base import PassSettings, forward_is
-from .kronecker import KroneckerSums
+from .kronecker import EKFACSums, KroneckerSums
 from .linear import LinearKind, linear_rows
 
 
@@ -88,16 +88,31 @@ def projection_layer(mha: nn.MultiheadAttention) -> nn.Linear:
     return helper
 
 
-class AttentionSums(KroneckerSums):
-    """The in-projection's factor sums, recorded at its helper ``Linear``."""
+class _RecordedAtHelper:
+    """What the decomposed forward needs of an accumulator: the module, its helper ``Linear``, and where to say that
+    the module was called as cross-attention."""
 
-    def __init__(self, name: str, module: nn.MultiheadAttention, settings: PassSettings):
+    def _attach(self, module: nn.MultiheadAttention) -> nn.Linear:
         self.attention, self.helper = module, projection_layer(module)
-        super().__init__(LinearKind(), name, self.helper, settings)  # recorded at the helper
+        return self.helper
 
     def called_as_cross_attention(self) -> None:
         self.skip_reason = ("called as cross-attention (query, key, value differ): its q/k/v projections have different "
                             "inputs and no single Kronecker block")
+
+
+class AttentionSums(_RecordedAtHelper, KroneckerSums):
+    """The in-projection's factor sums, recorded at its helper ``Linear``."""
+
+    def __init__(self, name: str, module: nn.MultiheadAttention, settings: PassSettings):
+        super().__init__(LinearKind(), name, self._attach(module), settings)
+
+
+class AttentionEKFACSums(_RecordedAtHelper, EKFACSums):
+    """The in-projection's eigenvalue correction, recorded at its helper ``Linear``."""
+
+    def __init__(self, name: str, module: nn.MultiheadAttention, settings: PassSettings, g_vectors, a_vectors):
+        super().__init__(LinearKind(), name, self._attach(module), settings, g_vectors, a_vectors)
 
 
 class AttentionKind(LinearKind):
@@ -130,8 +145,11 @@ class AttentionKind(LinearKind):
     def accumulator(self, name: str, module: nn.Module, settings: PassSettings) -> AttentionSums:
         return AttentionSums(name, module, settings)
 
+    def ekfac_accumulator(self, name: str, module: nn.Module, settings: PassSettings, g_vectors, a_vectors):
+        return AttentionEKFACSums(name, module, settings, g_vectors, a_vectors)
+
     @contextlib.contextmanager
-    def pass_context(self, accumulators: Mapping[str, AttentionSums]) -> Iterator[None]:
+    def pass_context(self, accumulators: Mapping[str, _RecordedAtHelper]) -> Iterator[None]:
         """Route each module's forward through its helper and ``out_proj`` as module calls; the original forward is
         restored on exit, also on error."""
         try:

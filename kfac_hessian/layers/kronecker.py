@@ -20,7 +20,7 @@ from abc import abstractmethod
 import torch
 from torch import Tensor, nn
 
-from ..blocks import KroneckerBlock
+from ..blocks import CurvatureBlock, KroneckerBlock
 from ..capture import LayerCall
 from ..gram import add_gram, feature_major, symmetrize_
 from ..layout import BlockLayout
@@ -55,6 +55,11 @@ class KroneckerKind(LayerKind):
 
     def accumulator(self, name: str, module: nn.Module, settings: PassSettings) -> "KroneckerSums":
         return KroneckerSums(self, name, module, settings)
+
+    def ekfac_accumulator(self, name: str, module: nn.Module, settings: PassSettings, g_vectors: Tensor,
+                          a_vectors: Tensor | None) -> "EKFACSums":
+        """The eigenvalue correction's sums in the eigenbasis ``V ⊗ U`` of this layer's Kronecker block."""
+        return EKFACSums(self, name, module, settings, g_vectors, a_vectors)
 
 
 class KroneckerSums(Accumulator):
@@ -147,3 +152,91 @@ class KroneckerSums(Accumulator):
 def _concat_locations(rows: list[Tensor], axis: int = 1) -> Tensor:
     """Several calls of one layer are further locations (no copy for the usual single call)."""
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=axis)
+
+
+EKFAC_BUDGET = 2**24  # elements of per-sample gradient matrices materialized at once
+
+
+class EKFACSums(Accumulator):
+    """``Σ_{n,k} (Vᵀ ∇W̄_{nk} U)²`` of one Kronecker layer in a given eigenbasis (``blocks.ekfac``): ``V`` ``(groups,
+    d_out, d_out)``, ``U`` ``(groups, width, width)`` or ``None`` for a diagonal ``A``. The rows are rotated once —
+    ``ã = Uᵀ ā``, ``g̃ = Vᵀ g`` — so the per-sample gradient in the basis is ``Σ_t g̃_t ã_tᵀ``; with one location per
+    sample its squares sum to ``(g̃²)ᵀ ã²``, one product; with several they are formed a few samples at a time
+    (``EKFAC_BUDGET``), never all at once."""
+
+    def __init__(self, kind: KroneckerKind, name: str, module: nn.Module, settings: PassSettings, g_vectors: Tensor,
+                 a_vectors: Tensor | None):
+        self.kind, self.name, self.module = kind, name, module
+        self.layout = layout = kind.layout(module)
+        self.g_vectors = g_vectors.to(settings.device, settings.dtype)
+        self.a_vectors = None if a_vectors is None else a_vectors.to(settings.device, settings.dtype)
+        self.values = torch.zeros(layout.groups, layout.d_out, layout.width, dtype=settings.dtype, device=settings.device)
+        self.dtype = settings.dtype
+        self._inputs: Tensor | None = None
+        self._count = 0
+
+    @property
+    def called(self) -> bool:
+        return self._count > 0
+
+    def add_inputs(self, calls: list[LayerCall]) -> None:
+        layout = self.layout
+        if self.kind.diagonal_a:  # token indices (N, T); the padding row gets no gradient
+            indices = _concat_locations([c.inputs.reshape(c.inputs.shape[0], -1) for c in calls])
+            padding = getattr(self.module, "padding_idx", None)
+            self._inputs = indices if padding is None else indices.masked_fill(indices == padding, -1)
+        else:
+            rows = _concat_locations([self.kind.input_rows(self.module, c.inputs) for c in calls]).to(self.dtype)
+            n, t = rows.shape[:2]
+            rows = rows.reshape(n, t, layout.groups, layout.d_in)
+            if layout.has_bias:
+                rows = torch.cat([rows, rows.new_ones(n, t, layout.groups, 1)], dim=-1)
+            self._inputs = torch.einsum("ntbi,bij->ntbj", rows, self.a_vectors)  # ã = Uᵀ ā per group
+        self._count += len(calls)
+        for call in calls:
+            call.args = call.kwargs = None
+
+    def add_gradients(self, grads: list[list[Tensor]]) -> None:
+        layout = self.layout
+        rows = _concat_locations([self.kind.output_rows(self.module, g[0]) for g in grads], axis=2).to(self.dtype)
+        k, n, t = rows.shape[:3]
+        rotated = torch.einsum("kntbo,boj->kntbj", rows.reshape(k, n, t, layout.groups, layout.d_out), self.g_vectors)
+        if self.kind.diagonal_a:
+            self._add_token_squares(rotated)
+            return
+        inputs = self._inputs.expand(n, *self._inputs.shape[1:])  # an unbatched call (expanded output): broadcast
+        if t == 1:  # Σ_n (g̃_n ã_nᵀ)² = (g̃²)ᵀ ã²
+            self.values += torch.einsum("knbo,nbw->bow", rotated[:, :, 0].square(), inputs[:, 0].square())
+            return
+        size = max(1, EKFAC_BUDGET // max(1, k * layout.groups * layout.d_out * layout.width))
+        for start in range(0, n, size):
+            per_sample = torch.einsum("kntbo,ntbw->knbow", rotated[:, start : start + size], inputs[start : start + size])
+            self.values += per_sample.square().sum((0, 1))
+
+    def _add_token_squares(self, rotated: Tensor) -> None:
+        """A diagonal ``A`` (one-hot inputs): the per-sample gradient puts ``Σ_{t: token v} g̃_t`` in column ``v``."""
+        k, n, t, _, d = rotated.shape
+        tokens = self._inputs.expand(n, t).reshape(-1)
+        keep = tokens >= 0
+        vocabulary = self.layout.width
+        keys = (torch.arange(n, device=tokens.device).repeat_interleave(t) * vocabulary + tokens)[keep]
+        unique, inverse = torch.unique(keys, return_inverse=True)
+        for column in rotated.reshape(k, n * t, d)[:, keep]:
+            sums = column.new_zeros(len(unique), d).index_add_(0, inverse, column)
+            self.values[0].index_add_(1, unique % vocabulary, sums.square().T)
+
+    def input_state(self) -> list[Tensor]:
+        return []
+
+    def state(self) -> list[Tensor]:
+        return [self.values]
+
+    def set_state(self, tensors: list[Tensor]) -> None:
+        (self.values,) = tensors
+
+    def finalize(self, scale: float, device) -> dict[str, CurvatureBlock]:
+        from ..blocks.ekfac import EKFACBlock
+
+        a_vectors = None if self.a_vectors is None else self.a_vectors.to(device)
+        return {self.name: EKFACBlock(self.g_vectors.to(device), a_vectors, self.values.mul_(scale).to(device),
+                                      self.layout, self.name)}

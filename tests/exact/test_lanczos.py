@@ -99,3 +99,46 @@ def test_bad_arguments(hessian_op):
         kh.lanczos(hessian_op, 0)
     with pytest.raises(ValueError, match="which"):
         kh.lanczos(hessian_op, 2, which="middle")
+
+
+def test_warm_start_from_the_wanted_eigenvectors():
+    """A start in the span of the top-k eigenvectors: the first run's Krylov space is that invariant subspace after k
+    products (the vectors are folded into one start column), so only the confirming run remains; the answer is the
+    same from any start, also when fewer start vectors than the block are given."""
+    n, k = 300, 6
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    values = torch.cat([torch.tensor([5.0, 4.0, 3.5, 3.0, 2.5, 2.2], dtype=torch.float64),
+                        0.9 ** torch.arange(n - k, dtype=torch.float64)])
+    op = Dense((Q * values) @ Q.T)
+    exact = values[:k]
+    cold = kh.lanczos(op, k, tol=1e-8, seed=0, dense_limit=0)
+    warm = kh.lanczos(op, k, tol=1e-8, seed=0, dense_limit=0, start=Q[:, :k].T)
+    fewer = kh.lanczos(op, k, tol=1e-8, seed=0, dense_limit=0, start=Q[:, :2].T, block_size=4)
+    for result in (cold, warm, fewer):
+        assert result.converged and torch.allclose(result.eigenvalues, exact, rtol=1e-8)
+        V = result.eigenvectors  # the residuals are the true ones (a fresh block once hid couplings from them)
+        assert torch.allclose((op.matrix @ V.T - V.T * result.eigenvalues).norm(dim=0), result.residuals, atol=1e-12)
+    assert warm.n_matvecs < cold.n_matvecs
+
+
+def test_low_rank_operator_with_blocks_that_exhaust_the_range():
+    """Rank 5 with block size 3: the Krylov space becomes invariant after one block, fresh directions continue in the
+    null space, and the confirming run there converges against ‖A‖ (not against the zeros that remain)."""
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64)).Q
+    values = torch.zeros(200, dtype=torch.float64)
+    values[:5] = torch.tensor([3.0, 2.5, 2.0, 1.5, 1.0])
+    matrix = (Q * values) @ Q.T
+    result = kh.lanczos(Dense(matrix), 4, block_size=3, tol=1e-10, seed=0, dense_limit=0)
+    assert result.converged and torch.allclose(result.eigenvalues, values[:4], rtol=1e-10)
+    V = result.eigenvectors
+    assert torch.allclose((matrix @ V.T - V.T * result.eigenvalues).norm(dim=0), result.residuals, atol=1e-12)
+
+
+def test_start_is_validated():
+    op = Dense(torch.eye(40, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"start must be \(m, 40\)"):
+        kh.lanczos(op, 2, start=torch.zeros(3, 41, dtype=torch.float64), dense_limit=0)
+    with pytest.raises(ValueError, match="which='largest'"):
+        kh.lanczos(op, 2, which="both", start=torch.zeros(3, 40, dtype=torch.float64), dense_limit=0)

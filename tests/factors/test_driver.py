@@ -416,6 +416,44 @@ def test_per_position_columns_remove_cross_position_terms():
         kh.compute_kfac(model, nn.CrossEntropyLoss(), (X.double(), y), curvature="mc", per_position=True)
 
 
+def test_position_signs_estimate_the_per_position_blocks():
+    """Random signs per (sample, position): the cross-position products vanish in expectation, so the estimate
+    approaches the per-position (exact) blocks as 1/√R — and is exact for every draw where there are no cross terms."""
+    import warnings
+
+    from kfac_hessian.models import TinyGPT
+
+    torch.manual_seed(0)
+    model = TinyGPT(9, dim=8, depth=1, heads=2, context=5).double()
+    tokens = torch.randint(0, 9, (3, 6), generator=torch.Generator().manual_seed(1))
+    data = (tokens[:, :-1], tokens[:, 1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        joint = kh.compute_kfac(model, nn.CrossEntropyLoss(), data)
+        exact = kh.compute_kfac(model, nn.CrossEntropyLoss(), data, per_position=True)
+        few = kh.compute_kfac(model, nn.CrossEntropyLoss(), data, position_signs=4, seed=0)
+        many = kh.compute_kfac(model, nn.CrossEntropyLoss(), batches(*data, [2, 1]), position_signs=256, seed=0)
+        again = kh.compute_kfac(model, nn.CrossEntropyLoss(), data, position_signs=4, seed=0)
+    for name in ("ln", "blocks.0.ln1", "tok"):
+        err = {label: rel_err(r[name].to_dense(), exact[name].to_dense()) for label, r in
+               (("joint", joint), ("few", few), ("many", many))}
+        assert err["many"] < 0.06 and err["many"] < err["few"] < err["joint"] / 3, (name, err)
+        assert torch.equal(few[name].to_dense(), again[name].to_dense())  # seeded
+    for name in ("blocks.0.q", "head"):  # position-local layers: no cross terms, every draw is exact
+        assert rel_err(few[name].to_dense(), exact[name].to_dense()) < EXACT
+    # one output position per sample: no signs to draw, the default blocks
+    model = mlp(nn.Tanh)
+    X, y = classification_data()
+    a = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    b = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), position_signs=3, seed=0)
+    assert all(torch.equal(a[name].G, b[name].G) for name in a)
+    for bad, message in ((dict(position_signs=-1), "non-negative integer"), (dict(position_signs=True), "integer"),
+                         (dict(position_signs=2, per_position=True), "pick one"),
+                         (dict(position_signs=2, curvature="mc"), "apply to curvature='ggn'")):
+        with pytest.raises(ValueError, match=message):
+            kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), **bad)
+
+
 def _inplace_mlp() -> nn.Sequential:
     """An MLP whose activations (ReLU(inplace=True), ``mul_``) overwrite the layer outputs they act on."""
 

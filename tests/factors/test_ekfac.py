@@ -1,0 +1,103 @@
+"""EKFAC: the Kronecker eigenbasis with the exact second moments of the per-sample gradients as eigenvalues —
+``Λ = diag(Qᵀ H Q)`` for the dense float64 GGN block ``H`` and ``Q`` the Kronecker eigenbasis, on every Kronecker kind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import kfac_hessian as kh
+
+from ..conftest import TinyCNN, batches, classification_data, mlp
+from ..references import check_factor_spectra, dense_ggn, rel_err
+
+
+def _basis(block: kh.KroneckerBlock) -> torch.Tensor:
+    """The Kronecker eigenvectors of ``block`` as columns in public order (all ``P`` of them, from ``topk``)."""
+    return block.eig(vectors=True).topk(block.num_params)[1].T
+
+
+def _check(model, loss_fn, X, y, names, **options):
+    kfac = kh.compute_kfac(model, loss_fn, batches(X, y, [len(X) - len(X) // 3, len(X) // 3]), **options)
+    ekfac = kh.compute_ekfac(model, loss_fn, batches(X, y, [len(X) - len(X) // 3, len(X) // 3]), kfac=kfac,
+                             per_position=options.get("per_position", False))
+    for name in names:
+        block = ekfac[name]
+        assert isinstance(block, kh.EKFACBlock), name
+        H = dense_ggn(model, loss_fn, X, y, kfac.parameter_names[name])
+        Q = _basis(kfac[name])
+        assert torch.allclose(Q.T @ Q, torch.eye(len(Q)), atol=1e-10)
+        dense = block.to_dense()
+        # Λ = diag(Qᵀ H Q): the block is Q diag(Qᵀ H Q) Qᵀ
+        assert rel_err(dense, Q @ torch.diag((Q.T @ H @ Q).diagonal()) @ Q.T) < 1e-10, name
+        assert abs(float(block.trace()) - float(torch.trace(H))) <= 1e-10 * float(torch.trace(H)), name
+        # the best approximation diagonal in the Kronecker basis: never further from H than KFAC's
+        assert float((dense - H).norm()) <= float((kfac[name].to_dense() - H).norm()) * (1 + 1e-12)
+        check_factor_spectra(block, dense)
+    return kfac, ekfac
+
+
+def test_mlp_and_cnn_blocks():
+    X, y = classification_data(n=9)
+    _check(mlp(nn.Tanh), nn.CrossEntropyLoss(), X, y, ["0", "2"])
+    g = torch.Generator().manual_seed(1)
+    Xc, yc = torch.randn(7, 2, 4, 4, generator=g), torch.randint(0, 3, (7,), generator=g)
+    kfac, ekfac = _check(TinyCNN(), nn.CrossEntropyLoss(), Xc, yc, ["conv1", "conv2", "fc"])
+    # every EKFAC eigenvalue is a Rayleigh quotient qᵀ H q of the exact block, so none exceeds λ_max(H) — with weight
+    # sharing the Kronecker eigenvalues need not obey that bound
+    for name in ["conv1", "conv2"]:
+        H = dense_ggn(TinyCNN(), nn.CrossEntropyLoss(), Xc, yc, kfac.parameter_names[name])
+        exact = torch.linalg.eigvalsh(H)
+        values = ekfac[name].eig().eigenvalues()
+        assert float(values[0]) <= float(exact[-1]) * (1 + 1e-12) and float(values[-1]) >= -1e-15, name
+
+class _Kinds(nn.Module):
+    """An embedding (diagonal A), self-attention, a grouped convolution and transformers' Conv1D on sequences."""
+
+    def __init__(self):
+        super().__init__()
+        from ..layers.test_transposed_linear import Conv1D
+
+        torch.manual_seed(2)
+        self.embed = nn.Embedding(6, 4, padding_idx=0)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.conv = nn.Conv1d(4, 4, 3, padding=1, groups=2)
+        self.proj = Conv1D(3, 4)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        h = torch.tanh(self.conv(h.transpose(1, 2))).transpose(1, 2).contiguous()
+        return self.proj(h).transpose(1, 2)
+
+
+def test_every_kronecker_kind_with_per_position_columns():
+    """Several output positions: with per-position columns the per-sample gradients are the exact GGN's."""
+    g = torch.Generator().manual_seed(3)
+    tokens, labels = torch.randint(0, 6, (5, 3), generator=g), torch.randint(0, 3, (5, 3), generator=g)
+    tokens[0, 0] = 0  # the padding token occurs
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        _check(_Kinds().double().eval(), nn.CrossEntropyLoss(), tokens, labels, ["embed", "attn", "conv", "proj"],
+               per_position=True)
+
+
+def test_other_blocks_are_kept_and_the_result_behaves_like_kfac(tmp_path):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    X, y = classification_data(n=10)
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    ekfac = kh.compute_ekfac(model, nn.CrossEntropyLoss(), (X, y), kfac=kfac)
+    assert ekfac["1"] is kfac["1"] and ekfac.layer_names == kfac.layer_names
+    assert "EKFAC: the Kronecker eigenbasis V ⊗ U" in ekfac.summary()
+    ekfac.save(tmp_path / "e.pt")
+    loaded = kh.KFAC.load(tmp_path / "e.pt")
+    assert torch.equal(loaded["0"].values, ekfac["0"].values)
+    rows = kh.overlap_by_layer(kfac.eig(), ekfac.eig(), k=3)  # Kronecker and EKFAC eigenvectors: factor form
+    assert all(0 <= r["overlap"] <= 1 + 1e-12 for r in rows)
+    same = kh.compute_ekfac(model, nn.CrossEntropyLoss(), (X, y))  # computes its own KFAC
+    assert torch.allclose(same["0"].values, ekfac["0"].values, atol=1e-14)
+    with pytest.raises(ValueError, match="configure compute_kfac"):
+        kh.compute_ekfac(model, nn.CrossEntropyLoss(), (X, y), kfac=kfac, approx="reduce")
