@@ -35,7 +35,7 @@ from .exact import (
     layer_operator,
     slq_density,
 )
-from .factors import KFAC, compute_ekfac, compute_kfac, input_second_moments
+from .factors import KFAC, compute_ekfac, compute_kfac, compute_kronecker_fit, input_second_moments
 from .layout import BlockLayout
 from .spectra import SpectralDensity
 
@@ -65,6 +65,7 @@ __all__ = [
     "compare",
     "compute_ekfac",
     "compute_kfac",
+    "compute_kronecker_fit",
     "count_outliers",
     "eigenspace_overlap",
     "hutchinson_trace",

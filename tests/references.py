@@ -104,3 +104,20 @@ def check_factor_spectra(factor, dense: Tensor, k: int = 3, atol: float = 1e-12)
     v = torch.randn(factor.num_params, 2, dtype=dense.dtype, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(factor @ v, dense @ v, atol=1e-14)
     assert abs(float(factor.trace()) - float(torch.trace(dense))) <= 1e-12 * abs(float(torch.trace(dense)))
+
+
+def nearest_kronecker_error(H: Tensor, layout, diagonal_a: bool = False) -> float:
+    """``min ‖H − blockdiag_g(G_g ⊗ A_g)‖_F`` over Kronecker products (``A_g`` diagonal with ``diagonal_a``), from the
+    SVD of each group's rearranged block (Van Loan–Pitsianis), dense."""
+    kron = layout.to_matrices(torch.eye(layout.num_params, dtype=H.dtype))  # (P, groups, d_out, width)
+    H4 = torch.einsum("pq,pgoi,qhjk->goihjk", H, kron, kron)  # H in the layout's (group, row, column) order
+    removed = 0.0
+    for g in range(layout.groups):
+        block = H4[g, :, :, g]  # (o, i, o', i')
+        if diagonal_a:
+            R = torch.diagonal(block, dim1=1, dim2=3)  # (o, o', i): only A_ii enter
+        else:
+            R = block.permute(0, 2, 1, 3)  # (o, o', i, i')
+        R = R.reshape(layout.d_out**2, -1)
+        removed += float(torch.linalg.svdvals(R)[0]) ** 2
+    return max(float(H.square().sum()) - removed, 0.0) ** 0.5

@@ -1,21 +1,51 @@
 """``compute_ekfac``: eigenvalue-corrected Kronecker blocks (EKFAC; George et al., NeurIPS 2018; ``blocks.ekfac``).
 
-One more pass over the data after ``compute_kfac``: every Kronecker layer's per-sample (per-column) gradients are
-formed in the eigenbasis of its ``G ⊗ A`` and their second moments replace the Kronecker eigenvalues. The other
-blocks (normalization layers, per-sample parameter blocks) are exact already and are kept as they are.
+One more pass over the data after ``compute_kfac`` (``factors.per_sample``): every Kronecker layer's per-sample
+gradients are taken in the eigenbasis ``V ⊗ U`` of its ``G ⊗ A`` and their second moments,
+``Λ = scale · Σ_{n,k} (Vᵀ ∇W̄_{nk} U)²``, replace the Kronecker eigenvalues.
 """
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from ..blocks import KroneckerBlock, eig_blocks
+from ..blocks import CurvatureBlock, EKFACBlock, KroneckerBlock, eig_blocks
 from ..data import Data, OutputSelector
-from ..layers import KroneckerKind, Selection, select
-from ..losses import loss_spec
-from ..model_state import eager_model
-from .driver import PassOptions, _Pass, _settings, stream_pass
+from ..layers import Entry, PerSampleStatistic
+from ..layout import BlockLayout
+from .driver import PassOptions
+from .per_sample import base_kfac, per_sample_pass
 from .result import KFAC
+
+
+class EigenbasisSquares(PerSampleStatistic):
+    """``Σ (Vᵀ ∇W̄ U)²`` per group: ``V`` ``(groups, d_out, d_out)``, ``U`` ``(groups, width, width)`` or ``None``
+    for a diagonal ``A`` (``U = I``)."""
+
+    def __init__(self, g_vectors: Tensor, a_vectors: Tensor | None, layout: BlockLayout, dtype, device):
+        self.output_basis = g_vectors.to(device, dtype)
+        self.input_basis = None if a_vectors is None else a_vectors.to(device, dtype)
+        self.values = g_vectors.new_zeros((layout.groups, layout.d_out, layout.width), dtype=dtype, device=device)
+
+    def add_outer(self, grads: Tensor, inputs: Tensor) -> None:
+        self.values += torch.einsum("knbo,nbw->bow", grads.square(), inputs.square())  # Σ (g̃ ãᵀ)² = (g̃²)ᵀ ã²
+
+    def add_matrices(self, matrices: Tensor) -> None:
+        self.values += matrices.square().sum((0, 1))
+
+    def add_token_columns(self, columns: Tensor, tokens: Tensor) -> None:
+        self.values[0].index_add_(1, tokens, columns.square().T)
+
+    def state(self) -> list[Tensor]:
+        return [self.values]
+
+    def set_state(self, tensors: list[Tensor]) -> None:
+        (self.values,) = tensors
+
+    def finalize(self, scale: float, device, layout: BlockLayout, name: str) -> dict[str, CurvatureBlock]:
+        a = None if self.input_basis is None else self.input_basis.to(device)
+        return {name: EKFACBlock(self.output_basis.to(device), a, self.values.mul_(scale).to(device), layout, name)}
 
 
 def compute_ekfac(
@@ -43,51 +73,20 @@ def compute_ekfac(
     ``compute_kfac``, as do ``mc_samples``, ``seed``, ``column_chunk``, ``per_position``, ``position_signs``,
     ``batch_norm_eval``, ``distributed`` and ``output``; ``kfac_options`` go to ``compute_kfac`` (``layers``,
     ``approx``, ``dtype``, …). For ``"ggn"`` with one output position per sample (or ``per_position=True``) every
-    EKFAC block's trace equals the exact GGN block's. Cost: ``compute_kfac``, the factors' eigenvectors, and one pass
-    whose backward passes are those of ``compute_kfac`` plus, per layer and column, products of the size of a weight
-    gradient.
+    EKFAC block is ``Q diag(Qᵀ H Q) Qᵀ`` for the exact GGN block ``H``: the same trace, and the nearest matrix to
+    ``H`` in the Frobenius norm that is diagonal in the Kronecker eigenbasis ``Q`` (so never further from ``H`` than
+    ``G ⊗ A``). Cost: ``compute_kfac``, the factors' eigenvectors, and one pass whose backward passes are those of
+    ``compute_kfac`` plus, per layer and column, products of the size of a weight gradient.
     """
     curvature = curvature or (kfac.curvature if kfac is not None else "ggn")
-    if kfac is None:
-        kfac = _kfac(model, loss_fn, data, curvature, mc_samples, seed, column_chunk, per_position, position_signs,
-                     batch_norm_eval, progress, distributed, output, kfac_options)
-    elif kfac_options:
-        raise ValueError(f"{sorted(kfac_options)} configure compute_kfac, which does not run when kfac= is given")
-    spec = loss_spec(loss_fn)
-    model = eager_model(model)
-    kronecker = [name for name, block in kfac.items() if isinstance(block, KroneckerBlock)]
-    if not kronecker:
-        raise ValueError("the KFAC result has no Kronecker block to correct")
-    selection = select(model, kronecker)
-    entries = [e for e in selection.entries if isinstance(e.kind, KroneckerKind) and e.module_name in kronecker]
-    if len(entries) != len(kronecker):
-        missing = sorted(set(kronecker) - {e.module_name for e in entries})
-        raise ValueError(f"the model's layers {missing} are not the Kronecker layers the KFAC result was computed on")
-    selection = Selection(entries)
-    settings = _settings(selection, "expand", kfac[kronecker[0]].dtype)
-    eigs = eig_blocks({name: kfac[name] for name in kronecker}, vectors=True)
-    accumulators = {}
-    for entry in entries:
-        eig = eigs[entry.module_name]
-        g_vectors = eig.factor_vectors("G", entry.kind.layout(entry.module).d_out)
-        a_vectors = None if eig.a_is_diagonal else eig.factor_vectors("A", entry.kind.layout(entry.module).width)
-        accumulators[entry.module_name] = entry.kind.ekfac_accumulator(entry.module_name, entry.module, settings,
-                                                                       g_vectors, a_vectors)
     options = PassOptions(curvature, mc_samples, seed, column_chunk, per_position, position_signs, batch_norm_eval,
                           progress, distributed, output)
-    pass_ = _Pass(model, accumulators, selection, settings, True, output, check_formulas=False)
-    n_samples, scale = stream_pass(model, spec, data, pass_, options)
-    corrected = pass_.result(scale, kfac[kronecker[0]].device, curvature, kfac.approx, spec, n_samples).blocks
-    blocks = {name: corrected.get(name, block) for name, block in kfac.items()}
-    return KFAC(blocks, curvature, kfac.approx, kfac.loss, kfac.reduction, n_samples, dict(kfac.skipped),
-                dict(kfac.parameter_names), dict(kfac.counts), kfac.total_params, dict(kfac.tied))
+    kfac = base_kfac(model, loss_fn, data, kfac, options, kfac_options)
+    eigs = eig_blocks({name: block for name, block in kfac.items() if isinstance(block, KroneckerBlock)}, vectors=True)
 
+    def statistic(entry: Entry, block: KroneckerBlock) -> EigenbasisSquares:
+        eig, layout = eigs[entry.module_name], block.layout
+        a_vectors = None if eig.a_is_diagonal else eig.factor_vectors("A", layout.width)
+        return EigenbasisSquares(eig.factor_vectors("G", layout.d_out), a_vectors, layout, block.dtype, block.device)
 
-def _kfac(model, loss_fn, data, curvature, mc_samples, seed, column_chunk, per_position, position_signs,
-          batch_norm_eval, progress, distributed, output, kfac_options) -> KFAC:
-    from .driver import compute_kfac
-
-    return compute_kfac(model, loss_fn, data, curvature=curvature, mc_samples=mc_samples, seed=seed,
-                        column_chunk=column_chunk, per_position=per_position, position_signs=position_signs,
-                        batch_norm_eval=batch_norm_eval, progress=progress, distributed=distributed, output=output,
-                        **kfac_options)
+    return per_sample_pass(model, loss_fn, data, kfac, statistic, options)

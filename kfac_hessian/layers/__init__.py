@@ -30,7 +30,7 @@ from .attention import AttentionKind
 from .base import DENSE_BLOCK_LIMIT, Accumulator, LayerKind, PassSettings, forward_is, outputs_match
 from .conv import ConvKind
 from .embedding import EmbeddingKind
-from .kronecker import KroneckerKind, KroneckerSums
+from .kronecker import KroneckerKind, KroneckerSums, PerSampleStatistic, PerSampleSums
 from .linear import LinearKind
 from .normalization import BATCH_NORM, GROUP_NORM, LAYER_NORM, RMS_NORM, NormalizationKind
 from .parameters import ParameterSums, full_name
@@ -220,6 +220,8 @@ __all__ = [
     "Entry",
     "KroneckerKind",
     "KroneckerSums",
+    "PerSampleStatistic",
+    "PerSampleSums",
     "LayerKind",
     "NormalizationKind",
     "ParameterSums",

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..layout import BlockLayout
 from .base import PassSettings, forward_is
-from .kronecker import EKFACSums, KroneckerSums
+from .kronecker import KroneckerSums, PerSampleStatistic, PerSampleSums
 from .linear import LinearKind, linear_rows
 
 
@@ -108,11 +108,11 @@ class AttentionSums(_RecordedAtHelper, KroneckerSums):
         super().__init__(LinearKind(), name, self._attach(module), settings)
 
 
-class AttentionEKFACSums(_RecordedAtHelper, EKFACSums):
-    """The in-projection's eigenvalue correction, recorded at its helper ``Linear``."""
+class AttentionPerSampleSums(_RecordedAtHelper, PerSampleSums):
+    """The in-projection's per-sample gradient sums, recorded at its helper ``Linear``."""
 
-    def __init__(self, name: str, module: nn.MultiheadAttention, settings: PassSettings, g_vectors, a_vectors):
-        super().__init__(LinearKind(), name, self._attach(module), settings, g_vectors, a_vectors)
+    def __init__(self, name: str, module: nn.MultiheadAttention, settings: PassSettings, statistic: PerSampleStatistic):
+        super().__init__(LinearKind(), name, self._attach(module), settings, statistic)
 
 
 class AttentionKind(LinearKind):
@@ -145,8 +145,9 @@ class AttentionKind(LinearKind):
     def accumulator(self, name: str, module: nn.Module, settings: PassSettings) -> AttentionSums:
         return AttentionSums(name, module, settings)
 
-    def ekfac_accumulator(self, name: str, module: nn.Module, settings: PassSettings, g_vectors, a_vectors):
-        return AttentionEKFACSums(name, module, settings, g_vectors, a_vectors)
+    def per_sample_accumulator(self, name: str, module: nn.Module, settings: PassSettings,
+                               statistic: PerSampleStatistic) -> AttentionPerSampleSums:
+        return AttentionPerSampleSums(name, module, settings, statistic)
 
     @contextlib.contextmanager
     def pass_context(self, accumulators: Mapping[str, _RecordedAtHelper]) -> Iterator[None]:

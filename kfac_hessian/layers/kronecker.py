@@ -15,7 +15,7 @@ Several calls of a module in one batch are further locations. The layer's weight
 
 from __future__ import annotations
 
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor, nn
@@ -56,10 +56,10 @@ class KroneckerKind(LayerKind):
     def accumulator(self, name: str, module: nn.Module, settings: PassSettings) -> "KroneckerSums":
         return KroneckerSums(self, name, module, settings)
 
-    def ekfac_accumulator(self, name: str, module: nn.Module, settings: PassSettings, g_vectors: Tensor,
-                          a_vectors: Tensor | None) -> "EKFACSums":
-        """The eigenvalue correction's sums in the eigenbasis ``V ⊗ U`` of this layer's Kronecker block."""
-        return EKFACSums(self, name, module, settings, g_vectors, a_vectors)
+    def per_sample_accumulator(self, name: str, module: nn.Module, settings: PassSettings,
+                               statistic: "PerSampleStatistic") -> "PerSampleSums":
+        """Sums over this layer's per-sample gradients (EKFAC, the Kronecker fit)."""
+        return PerSampleSums(self, name, module, settings, statistic)
 
 
 class KroneckerSums(Accumulator):
@@ -154,23 +154,53 @@ def _concat_locations(rows: list[Tensor], axis: int = 1) -> Tensor:
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=axis)
 
 
-EKFAC_BUDGET = 2**24  # elements of per-sample gradient matrices materialized at once
+PER_SAMPLE_BUDGET = 2**24  # elements of per-sample gradient matrices materialized at once
 
 
-class EKFACSums(Accumulator):
-    """``Σ_{n,k} (Vᵀ ∇W̄_{nk} U)²`` of one Kronecker layer in a given eigenbasis (``blocks.ekfac``): ``V`` ``(groups,
-    d_out, d_out)``, ``U`` ``(groups, width, width)`` or ``None`` for a diagonal ``A``. The rows are rotated once —
-    ``ã = Uᵀ ā``, ``g̃ = Vᵀ g`` — so the per-sample gradient in the basis is ``Σ_t g̃_t ã_tᵀ``; with one location per
-    sample its squares sum to ``(g̃²)ᵀ ã²``, one product; with several they are formed a few samples at a time
-    (``EKFAC_BUDGET``), never all at once."""
+class PerSampleStatistic(ABC):
+    """What a pass over one Kronecker layer's per-sample (per-column) gradients ``∇W̄_{nk} = Σ_t g_{nkt} ā_{nt}ᵀ``
+    accumulates (the eigenvalue correction, the Kronecker fit). The gradients may be taken in a basis: ``Vᵀ ∇W̄ U``
+    with ``V = output_basis`` ``(groups, d_out, d_out)`` and ``U = input_basis`` ``(groups, width, width)`` (``None``:
+    the identity)."""
 
-    def __init__(self, kind: KroneckerKind, name: str, module: nn.Module, settings: PassSettings, g_vectors: Tensor,
-                 a_vectors: Tensor | None):
-        self.kind, self.name, self.module = kind, name, module
-        self.layout = layout = kind.layout(module)
-        self.g_vectors = g_vectors.to(settings.device, settings.dtype)
-        self.a_vectors = None if a_vectors is None else a_vectors.to(settings.device, settings.dtype)
-        self.values = torch.zeros(layout.groups, layout.d_out, layout.width, dtype=settings.dtype, device=settings.device)
+    output_basis: Tensor | None = None
+    input_basis: Tensor | None = None
+
+    @abstractmethod
+    def add_outer(self, grads: Tensor, inputs: Tensor) -> None:
+        """One location per sample: ``∇W̄_{nk} = g_{nk} ā_nᵀ`` for ``grads`` ``(K, N, groups, d_out)`` and ``inputs``
+        ``(N, groups, width)`` — statistics of rank-one matrices, without forming them."""
+
+    @abstractmethod
+    def add_matrices(self, matrices: Tensor) -> None:
+        """Per-sample gradients ``(K, n, groups, d_out, width)`` of a few samples."""
+
+    @abstractmethod
+    def add_token_columns(self, columns: Tensor, tokens: Tensor) -> None:
+        """A diagonal ``A`` (one group): column ``tokens[m]`` of one per-sample gradient is ``columns[m]``
+        ``(d_out,)``; the other columns are zero."""
+
+    @abstractmethod
+    def state(self) -> list[Tensor]: ...
+
+    @abstractmethod
+    def set_state(self, tensors: list[Tensor]) -> None: ...
+
+    @abstractmethod
+    def finalize(self, scale: float, device, layout: BlockLayout, name: str) -> dict[str, CurvatureBlock]: ...
+
+
+class PerSampleSums(Accumulator):
+    """Feeds a ``PerSampleStatistic`` the per-sample gradients of one Kronecker layer. The rows are taken into the
+    statistic's bases once — ``ã = Uᵀ ā``, ``g̃ = Vᵀ g`` — so the per-sample gradient in the basis is ``Σ_t g̃_t ã_tᵀ``;
+    with one location per sample the statistic gets the rows themselves; with several the matrices are formed a few
+    samples at a time (``PER_SAMPLE_BUDGET``), never all at once; for a diagonal ``A`` (token inputs) as the sums of
+    ``g̃`` over each sample's occurrences of a token."""
+
+    def __init__(self, kind: KroneckerKind, name: str, module: nn.Module, settings: PassSettings,
+                 statistic: PerSampleStatistic):
+        self.kind, self.name, self.module, self.statistic = kind, name, module, statistic
+        self.layout = kind.layout(module)
         self.dtype = settings.dtype
         self._inputs: Tensor | None = None
         self._count = 0
@@ -191,7 +221,8 @@ class EKFACSums(Accumulator):
             rows = rows.reshape(n, t, layout.groups, layout.d_in)
             if layout.has_bias:
                 rows = torch.cat([rows, rows.new_ones(n, t, layout.groups, 1)], dim=-1)
-            self._inputs = torch.einsum("ntbi,bij->ntbj", rows, self.a_vectors)  # ã = Uᵀ ā per group
+            basis = self.statistic.input_basis
+            self._inputs = rows if basis is None else torch.einsum("ntbi,bij->ntbj", rows, basis)
         self._count += len(calls)
         for call in calls:
             call.args = call.kwargs = None
@@ -200,43 +231,42 @@ class EKFACSums(Accumulator):
         layout = self.layout
         rows = _concat_locations([self.kind.output_rows(self.module, g[0]) for g in grads], axis=2).to(self.dtype)
         k, n, t = rows.shape[:3]
-        rotated = torch.einsum("kntbo,boj->kntbj", rows.reshape(k, n, t, layout.groups, layout.d_out), self.g_vectors)
+        rows = rows.reshape(k, n, t, layout.groups, layout.d_out)
+        basis = self.statistic.output_basis
+        if basis is not None:
+            rows = torch.einsum("kntbo,boj->kntbj", rows, basis)
         if self.kind.diagonal_a:
-            self._add_token_squares(rotated)
+            self._add_token_columns(rows)
             return
         inputs = self._inputs.expand(n, *self._inputs.shape[1:])  # an unbatched call (expanded output): broadcast
-        if t == 1:  # Σ_n (g̃_n ã_nᵀ)² = (g̃²)ᵀ ã²
-            self.values += torch.einsum("knbo,nbw->bow", rotated[:, :, 0].square(), inputs[:, 0].square())
+        if t == 1:
+            self.statistic.add_outer(rows[:, :, 0], inputs[:, 0])
             return
-        size = max(1, EKFAC_BUDGET // max(1, k * layout.groups * layout.d_out * layout.width))
+        size = max(1, PER_SAMPLE_BUDGET // max(1, k * layout.groups * layout.d_out * layout.width))
         for start in range(0, n, size):
-            per_sample = torch.einsum("kntbo,ntbw->knbow", rotated[:, start : start + size], inputs[start : start + size])
-            self.values += per_sample.square().sum((0, 1))
+            self.statistic.add_matrices(torch.einsum("kntbo,ntbw->knbow", rows[:, start : start + size],
+                                                     inputs[start : start + size]))
 
-    def _add_token_squares(self, rotated: Tensor) -> None:
-        """A diagonal ``A`` (one-hot inputs): the per-sample gradient puts ``Σ_{t: token v} g̃_t`` in column ``v``."""
-        k, n, t, _, d = rotated.shape
+    def _add_token_columns(self, rows: Tensor) -> None:
+        """The per-sample gradient of an embedding puts ``Σ_{t: token v} g̃_t`` in column ``v``."""
+        k, n, t, _, d = rows.shape
         tokens = self._inputs.expand(n, t).reshape(-1)
         keep = tokens >= 0
         vocabulary = self.layout.width
         keys = (torch.arange(n, device=tokens.device).repeat_interleave(t) * vocabulary + tokens)[keep]
         unique, inverse = torch.unique(keys, return_inverse=True)
-        for column in rotated.reshape(k, n * t, d)[:, keep]:
+        for column in rows.reshape(k, n * t, d)[:, keep]:
             sums = column.new_zeros(len(unique), d).index_add_(0, inverse, column)
-            self.values[0].index_add_(1, unique % vocabulary, sums.square().T)
+            self.statistic.add_token_columns(sums, unique % vocabulary)
 
     def input_state(self) -> list[Tensor]:
         return []
 
     def state(self) -> list[Tensor]:
-        return [self.values]
+        return self.statistic.state()
 
     def set_state(self, tensors: list[Tensor]) -> None:
-        (self.values,) = tensors
+        self.statistic.set_state(tensors)
 
     def finalize(self, scale: float, device) -> dict[str, CurvatureBlock]:
-        from ..blocks.ekfac import EKFACBlock
-
-        a_vectors = None if self.a_vectors is None else self.a_vectors.to(device)
-        return {self.name: EKFACBlock(self.g_vectors.to(device), a_vectors, self.values.mul_(scale).to(device),
-                                      self.layout, self.name)}
+        return self.statistic.finalize(scale, device, self.layout, self.name)
