@@ -120,7 +120,7 @@ def peer_cases(model, loss_fn, data) -> dict:
     """curvlinops' KFACLinearOperator computing the same factors (when curvlinops is installed), and the user's job
     on its side: factors, then ``torch.linalg.eigh`` of every factor (eigenvalues and eigenvectors)."""
     try:
-        from curvlinops import KFACLinearOperator
+        from curvlinops import EKFACLinearOperator, KFACLinearOperator
     except ImportError:
         return {}
     params = [p for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for p in m.parameters()]
@@ -134,7 +134,16 @@ def peer_cases(model, loss_fn, data) -> dict:
                 for matrix in factors.values():
                     torch.linalg.eigh(matrix)
 
+    def ekfac(fisher_type):
+        op = EKFACLinearOperator(model, loss_fn, params, data, fisher_type=fisher_type, separate_weight_and_bias=False,
+                                 check_deterministic=False)
+        op._maybe_compute_ekfac()  # its factors, their eigenvectors and the eigenvalue correction
+
     cases = {f"curvlinops KFAC {t}": (lambda t=t: run(t)) for t in ("type-2", "mc", "empirical")}
+    with torch.no_grad():
+        two_dimensional = model(data[0][0][:1]).dim() == 2
+    if two_dimensional:  # its EKFAC takes 2d outputs only
+        cases |= {f"curvlinops EKFAC {t}": (lambda t=t: ekfac(t)) for t in ("mc", "empirical")}
     cases |= {f"user's job, curvlinops {t}: factors + eigh of every factor": (lambda t=t: run(t, eigh=True))
               for t in ("type-2", "mc")}
     return cases
@@ -176,6 +185,8 @@ def main(argv=None):
     parser.add_argument("--exact-n", type=int, default=512, help="samples for the exact-path comparison")
     parser.add_argument("--workloads", default="mlp,cnn", help="comma-separated: mlp, cnn, seq (empty for none)")
     parser.add_argument("--skip-exact", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated substrings: run only the cases naming one (and the "
+                                                   "floor and compute_kfac mc/empirical they are compared with)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     lines = [f"# kfac_hessian benchmark ({device}, torch {torch.__version__}, {torch.get_num_threads()} threads)", ""]
@@ -195,6 +206,11 @@ def main(argv=None):
             ),
             "compute_kfac mc": lambda: kh.compute_kfac(model, loss_fn, data, curvature="mc", seed=0),
             "compute_kfac empirical": lambda: kh.compute_kfac(model, loss_fn, data, curvature="empirical"),
+            "compute_ekfac mc (its compute_kfac, eigenvectors, correction pass)": lambda: kh.compute_ekfac(
+                model, loss_fn, data, curvature="mc", seed=0),
+            "compute_ekfac empirical": lambda: kh.compute_ekfac(model, loss_fn, data, curvature="empirical"),
+            "compute_kronecker_fit mc, 3 passes after compute_kfac": lambda: kh.compute_kronecker_fit(
+                model, loss_fn, data, curvature="mc", seed=0, iterations=3, tol=0.0),
         }
         cases.update(peer_cases(model, loss_fn, data))
         for curvature in ("ggn", "mc"):
@@ -203,6 +219,7 @@ def main(argv=None):
             cases[f"user's job, ours {curvature}: … + every sorted spectrum (eigenvalues())"] = (
                 lambda c=curvature: users_job(model, loss_fn, data, c, sorted_spectrum=True))
         kfac = kh.compute_kfac(model, loss_fn, data)
+        kfac_mc = kh.compute_kfac(model, loss_fn, data, curvature="mc", seed=0)
         cases["eig, all factors (values)"] = lambda: kfac.eig(vectors=False)
         cases["eig, all factors (values), one tridiagonalization at a time"] = lambda: serial_eig(kfac)
         cases["eig, all factors (vectors)"] = lambda: kfac.eig(vectors=True)
@@ -212,19 +229,32 @@ def main(argv=None):
             torch.linalg.eigvalsh(m) for f in kfac.values() for m in (f.A, f.G)]
         cases["eig values + top-10 eigenpairs of every layer"] = lambda: [
             e.topk(10) for e in kfac.eig(vectors=False).values()]
+        cases["compute_ekfac mc, kfac= given (eigenvectors + correction pass)"] = lambda: kh.compute_ekfac(
+            model, loss_fn, data, kfac=kfac_mc, seed=0)
+        if args.only:
+            keep = ["floor", "compute_kfac mc", "compute_kfac empirical"] + args.only.split(",")
+            cases = {c: fn for c, fn in cases.items() if any(c.startswith(k) or k in c for k in keep)}
         result = interleaved(cases, args.repeats, device)
         floor = result["floor: forward + 1 backward"][0]
         a_macs, g_macs = covariance_multiply_adds(model, data)
         columns = 9  # cross-entropy with 10 classes: rank C − 1
         result["counted floor, mc/empirical: floor + (A + G products) at the matmul rate"] = (
             (floor + 2 * (a_macs + g_macs) / (rate * 1e9),) * 3)
-        result["counted floor, ggn: forward + 10 backward + (A + 9·G products) at the matmul rate"] = (
-            (result["forward + 10 backward passes"][0] + 2 * (a_macs + columns * g_macs) / (rate * 1e9),) * 3)
+        if "forward + 10 backward passes" in result:
+            result["counted floor, ggn: forward + 10 backward + (A + 9·G products) at the matmul rate"] = (
+                (result["forward + 10 backward passes"][0] + 2 * (a_macs + columns * g_macs) / (rate * 1e9),) * 3)
         n_params = sum(p.numel() for p in model.parameters())
         lines += ["", f"## {name}: {n_params / 1e6:.2f}M parameters, N={n}, CE, float32", "",
                   "| what | seconds: median (min–max) | / floor |", "|---|---|---|"]
         for case, t in result.items():
             lines.append(f"| {case} | {fmt(t)} | {t[0] / floor:.2f} |")
+        for t in ("mc", "empirical"):
+            ours, factors, peer = (result.get(f"compute_ekfac {t}" + (" (its compute_kfac, eigenvectors, correction pass)"
+                                   if t == "mc" else "")), result.get(f"compute_kfac {t}"), result.get(f"curvlinops EKFAC {t}"))
+            if ours and factors:
+                lines.append(f"| → compute_ekfac {t} / compute_kfac {t} (medians; goal ≤ 2) | {ours[0] / factors[0]:.2f} | |")
+            if ours and peer:
+                lines.append(f"| → compute_ekfac {t}: ours / curvlinops EKFAC (medians) | {ours[0] / peer[0]:.2f} | |")
         for ours, theirs in (("ggn", "type-2"), ("mc", "mc")):
             peer = next((t for c, t in result.items() if c.startswith(f"user's job, curvlinops {theirs}:")), None)
             for case, t in result.items():

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__, compute_kfac
+from . import __version__, compute_ekfac, compute_kfac, compute_kronecker_fit
 from .analyses.overlap import overlap_by_layer
 from .analyses.report import ValidationReport, compare, json_ready
 
@@ -194,9 +194,16 @@ def _run_analyze(args) -> dict:
     kfac = compute_kfac(model, loss_fn, data, curvature=args.curvature, layers=args.layers, output=output,
                         device=args.device, progress=not args.quiet and not args.json)
     _log(args, kfac.summary())
+    also = {}
+    if "ekfac" in args.also:
+        _log(args, "EKFAC: eigenvalue correction pass …")
+        also["ekfac"] = compute_ekfac(model, loss_fn, data, kfac=kfac, seed=0, output=output)
+    if "fit" in args.also:
+        _log(args, "nearest Kronecker product: power-iteration passes …")
+        also["fit"] = compute_kronecker_fit(model, loss_fn, data, kfac=kfac, seed=0, output=output)
     _log(args, f"\nexact {args.kind} blocks (the longest phase):")
     report = compare(kfac, model, loss_fn, data, k=args.k, kind=args.kind, gauss_newton_residual=args.gauss_newton_residual,
-                     output=output, progress=lambda line: _log(args, line))
+                     output=output, progress=lambda line: _log(args, line), also=also)
     _log(args, "\n" + report.to_markdown())
     result = {"meta": _meta(args, description, model, type(model).__name__), **report.to_dict()}
     result["skipped"] = kfac.skipped
@@ -246,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--hidden", type=_positive, nargs="+", default=[64, 32], help="hidden widths of --arch")
     analyze.add_argument("--layers", nargs="+", default=None, help="block names to factor (default: every parameter)")
     analyze.add_argument("--gauss-newton-residual", action="store_true", help="also report the Hessian − GGN split")
+    analyze.add_argument("--also", nargs="+", choices=["ekfac", "fit"], default=[],
+                         help="measure further approximations beside KFAC: eigenvalue-corrected (EKFAC) and the "
+                              "nearest Kronecker product (fit); columns ekfac_…, fit_…")
     return parser
 
 

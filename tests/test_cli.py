@@ -52,6 +52,17 @@ def test_analyze_user_function(tmp_path, monkeypatch, capsys, as_path):
     assert result["meta"]["data"] == f"returned by {target}"
 
 
+def test_analyze_also_measures_ekfac_and_the_fit(tmp_path, monkeypatch, capsys):
+    (tmp_path / "user_problem.py").write_text(USER_PROBLEM)
+    monkeypatch.chdir(tmp_path)
+    assert main(["analyze", "user_problem:make", "--k", "3", "--json", "--no-plots", "--also", "ekfac", "fit",
+                 "--out", str(tmp_path / "o")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for row in result["layers"]:  # a ReLU network: the Hessian block is the GGN block the fit is nearest to
+        assert 0 <= row["ekfac_overlap"] <= 1 + 1e-9 and row["fit_frobenius_rel_err"] <= row["frobenius_rel_err"] + 1e-6
+    assert result["settings"]["also"] == ["ekfac", "fit"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["analyze", "no_colon_here"], "expected MODULE:FUNCTION"),
     (["analyze"], "analyze expects MODULE:FUNCTION"),

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -116,7 +116,12 @@ class ValidationReport:
 
     def to_markdown(self, legend: bool = True) -> str:
         """The rows as a markdown table whose headers are the row keys (as in ``report.json``), with a legend."""
-        columns = [c for c in self.COLUMNS if any(row.get(c[0]) is not None for row in self.rows)]
+        meanings = {key: meaning for key, _, meaning in self.COLUMNS}
+        extra = [(f"{label}_{key}", spec, f"{meanings[key]}, for {label}")
+                 for label in self.settings.get("also", []) for key, spec, _ in self.COLUMNS if key in ALSO_MEASURES]
+        at = next(i for i, c in enumerate(self.COLUMNS) if c[0] == "log_spectrum_w1") + 1
+        columns = [c for c in self.COLUMNS[:at] + extra + self.COLUMNS[at:]
+                   if any(row.get(c[0]) is not None for row in self.rows)]
         lines = ["| " + " | ".join(key for key, _, _ in columns) + " |", "|" + "---|" * len(columns)]
         for row in self.rows:
             cells = []
@@ -142,6 +147,7 @@ def compare(
     gauss_newton_residual: bool = False,
     output: OutputSelector | None = None,
     progress: Callable[[str], None] | None = None,
+    also: Mapping[str, KFAC] | None = None,
 ) -> ValidationReport:
     """Measure every layer of ``kfac`` against the exact ``kind`` block (``"hessian"`` or ``"ggn"``), with at most ``k``
     eigenpairs per layer (all ``P`` of a smaller one, as ``topk``; each row records the ``k`` it used).
@@ -150,7 +156,10 @@ def compare(
     ``residual_frobenius = ‖H − GGN‖_F/‖H‖_F`` (dense layers) and ``residual_trace_share = tr(H − GGN)/tr(H)``
     (Hutchinson on ``H − GGN`` for larger layers). It is zero for piecewise-linear activations. ``output`` picks the
     model's output tensor, as in ``compute_kfac``. ``progress`` receives a line per layer as it starts and ends (the
-    exact measurements take most of the time).
+    exact measurements take most of the time). ``also`` — e.g. ``{"ekfac": compute_ekfac(…), "fit":
+    compute_kronecker_fit(…)}`` — measures further approximations of the same blocks against the same exact blocks:
+    columns ``{label}_max_eig_rel_err``, ``{label}_overlap``, ``{label}_trace_ratio``, ``{label}_frobenius_rel_err``
+    and ``{label}_log_spectrum_w1``.
     """
     if gauss_newton_residual and kind != "hessian":
         raise ValueError("gauss_newton_residual needs kind='hessian'")
@@ -178,7 +187,6 @@ def compare(
             e_all, e_vecs_all = e_all.flip(0), e_vecs_all.flip(1)
             e_vals, e_vecs = e_all[:k_layer], e_vecs_all[:, :k_layer].T
             exact_trace, trace_stderr = float(torch.trace(dense)), 0.0
-            frob = float((block.to_dense(max_params=dense_limit) - dense).norm() / dense.norm())
             if gauss_newton_residual:
                 residual = dense - layer_operator(model, loss_fn, data, params, kind="ggn", output=output).to_dense(
                     max_params=dense_limit)
@@ -199,7 +207,7 @@ def compare(
             used = slq.weights > 0
             e_dist_values = slq.nodes[used].cpu().double().numpy()
             e_dist_weights = slq.weights[used].cpu().double().numpy()
-            frob = float("nan")
+            dense = None
             mode = "lanczos+slq"
             if gauss_newton_residual:
                 difference = _Difference(op, layer_operator(model, loss_fn, data, params, kind="ggn", output=output))
@@ -213,37 +221,74 @@ def compare(
         seconds_e = time.perf_counter() - start
         if progress is not None:
             progress(f"  … layer {name} done in {seconds_e:.1f}s ({op.n_matvecs} products)")
-        e_np, k_np = e_vals.cpu().double().numpy(), k_vals.cpu().double().numpy()
-        rel = np.abs(k_np - e_np) / np.maximum(np.abs(e_np), 1e-300)
-        top = float(max(k_all.max(), e_dist_values.max()))
-        w1 = wasserstein_distance(_log_floor(k_all, top), _log_floor(e_dist_values, top), None, e_dist_weights)
+        exact = _Exact(e_vals.cpu().double().numpy(), e_vecs, exact_trace, dense if mode == "dense" else None,
+                       e_dist_values, e_dist_weights)
+        measures = _measures(block, eig, k_vals, k_vecs, k_all, exact, dense_limit)
+        k_np = k_vals.cpu().double().numpy()
         energy = float(low_rank_structure(e_vecs, eig).energy_share.mean()) if isinstance(eig, KroneckerEigen) else None
+        others = {}
+        for label, approximation in (also or {}).items():
+            if name in approximation:
+                other = approximation[name]
+                other_eig = other.eig()
+                o_vals, o_vecs = other_eig.topk(k_layer)
+                o_all = other_eig.eigenvalues().cpu().double().numpy()
+                others |= {f"{label}_{key}": value for key, value in
+                           _measures(other, other_eig, o_vals, o_vecs, o_all, exact, dense_limit).items()
+                           if key in ALSO_MEASURES}
         rows.append(
             {
                 "layer": name,
                 "P": P,
                 "k": k_layer,
                 "exact": mode,
-                "max_eig_rel_err": float(rel.max()),
-                "median_eig_rel_err": float(np.median(rel)),
-                "overlap": eigenspace_overlap(k_vecs.to(e_vecs.dtype), e_vecs),
+                **measures,
                 "random_baseline": k_layer / P,
-                "trace_ratio": float(eig.trace()) / exact_trace,
                 "exact_trace": exact_trace,
                 "exact_trace_stderr": trace_stderr,
-                "frobenius_rel_err": frob,
-                "log_spectrum_w1": float(w1),
                 "outliers_kronecker": count_outliers(torch.as_tensor(k_all)),
-                "outliers_exact": count_outliers(torch.as_tensor(e_dist_values if mode == "dense" else e_np)),
+                "outliers_exact": count_outliers(torch.as_tensor(e_dist_values if mode == "dense" else exact.top)),
                 "n_classes": n_classes,
                 "energy_share": energy,
                 "seconds_kronecker": seconds_k,
                 "seconds_exact": seconds_e,
                 "matvecs_exact": op.n_matvecs,
                 "top_eigenvalues_kronecker": [float(v) for v in k_np],
-                "top_eigenvalues_exact": [float(v) for v in e_np],
+                "top_eigenvalues_exact": [float(v) for v in exact.top],
+                **others,
                 **split,
             }
         )
         spectra[name] = {"kronecker": k_all, "exact": e_dist_values, "exact_weights": e_dist_weights}
-    return ValidationReport(rows, {"k": k, "kind": kind, "curvature": kfac.curvature, "approx": kfac.approx, "dense_limit": dense_limit}, spectra)
+    settings = {"k": k, "kind": kind, "curvature": kfac.curvature, "approx": kfac.approx, "dense_limit": dense_limit}
+    if also:
+        settings["also"] = list(also)
+    return ValidationReport(rows, settings, spectra)
+
+
+ALSO_MEASURES = ("max_eig_rel_err", "overlap", "trace_ratio", "frobenius_rel_err", "log_spectrum_w1")
+
+
+@dataclass
+class _Exact:
+    """One exact block's measurements, shared by every approximation compared with it."""
+
+    top: np.ndarray  # top-k eigenvalues
+    vectors: torch.Tensor  # (k, P)
+    trace: float
+    dense: torch.Tensor | None  # the block itself where it was formed
+    distribution: np.ndarray  # all eigenvalues (dense) or SLQ nodes
+    weights: np.ndarray | None  # SLQ weights
+
+
+def _measures(block, eig, top_values, top_vectors, all_values: np.ndarray, exact: _Exact, dense_limit: int) -> dict:
+    """How one approximation of a block compares with the exact block (module docstring)."""
+    approx = top_values.cpu().double().numpy()
+    rel = np.abs(approx - exact.top) / np.maximum(np.abs(exact.top), 1e-300)
+    top = float(max(all_values.max(), exact.distribution.max()))
+    w1 = wasserstein_distance(_log_floor(all_values, top), _log_floor(exact.distribution, top), None, exact.weights)
+    frob = float("nan") if exact.dense is None else float(
+        (block.to_dense(max_params=dense_limit) - exact.dense).norm() / exact.dense.norm())
+    return {"max_eig_rel_err": float(rel.max()), "median_eig_rel_err": float(np.median(rel)),
+            "overlap": eigenspace_overlap(top_vectors.to(exact.vectors.dtype), exact.vectors),
+            "trace_ratio": float(eig.trace()) / exact.trace, "frobenius_rel_err": frob, "log_spectrum_w1": float(w1)}

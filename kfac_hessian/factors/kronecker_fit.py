@@ -59,8 +59,14 @@ class KroneckerFit(PerSampleStatistic):
         self.rg += torch.einsum("nbw,nb,nbv->bwv", inputs, g_weight, inputs)
 
     def add_matrices(self, matrices: Tensor) -> None:
-        self.ra += torch.einsum("knbow,bwv,knbpv->bop", matrices, self.A, matrices)
-        self.rg += torch.einsum("knbow,bop,knbpv->bwv", matrices, self.G, matrices)
+        # as four large products (not k·n small ones): Σ_m X_m A X_mᵀ = [X_1 A, X_2 A, …] [X_1, X_2, …]ᵀ, and alike
+        b, o, w = matrices.shape[2], matrices.shape[3], matrices.shape[4]
+        flat = matrices.transpose(0, 2).reshape(b, -1, o, w)  # (groups, m, d_out, width)
+        m = flat.shape[1]
+        side = flat.transpose(1, 2).reshape(b, o, m * w)  # [X_1, X_2, …]
+        self.ra += (flat.reshape(b, m * o, w) @ self.A).reshape(b, m, o, w).transpose(1, 2).reshape(b, o, m * w) @ side.mT
+        stacked = flat.reshape(b, m * o, w)  # [X_1; X_2; …]
+        self.rg += stacked.mT @ (self.G @ side).reshape(b, o, m, w).transpose(1, 2).reshape(b, m * o, w)
 
     def add_token_columns(self, columns: Tensor, tokens: Tensor) -> None:
         self.ra[0] += (columns * self.A[tokens, None]).T @ columns

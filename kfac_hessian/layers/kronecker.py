@@ -203,6 +203,7 @@ class PerSampleSums(Accumulator):
         self.layout = kind.layout(module)
         self.dtype = settings.dtype
         self._inputs: Tensor | None = None
+        self._rotate_inputs_later = False
         self._count = 0
 
     @property
@@ -222,7 +223,11 @@ class PerSampleSums(Accumulator):
             if layout.has_bias:
                 rows = torch.cat([rows, rows.new_ones(n, t, layout.groups, 1)], dim=-1)
             basis = self.statistic.input_basis
-            self._inputs = rows if basis is None else torch.einsum("ntbi,bij->ntbj", rows, basis)
+            # into the basis now or after the per-sample sum over locations, whichever is cheaper (T·w² vs d·w²)
+            self._rotate_inputs_later = basis is not None and t > layout.d_out
+            if basis is not None and not self._rotate_inputs_later:
+                rows = torch.einsum("ntbi,bij->ntbj", rows, basis)
+            self._inputs = rows
         self._count += len(calls)
         for call in calls:
             call.args = call.kwargs = None
@@ -233,7 +238,8 @@ class PerSampleSums(Accumulator):
         k, n, t = rows.shape[:3]
         rows = rows.reshape(k, n, t, layout.groups, layout.d_out)
         basis = self.statistic.output_basis
-        if basis is not None:
+        rotate_later = basis is not None and t > layout.width and not self.kind.diagonal_a  # T·d² vs w·d²
+        if basis is not None and not rotate_later:
             rows = torch.einsum("kntbo,boj->kntbj", rows, basis)
         if self.kind.diagonal_a:
             self._add_token_columns(rows)
@@ -244,8 +250,15 @@ class PerSampleSums(Accumulator):
             return
         size = max(1, PER_SAMPLE_BUDGET // max(1, k * layout.groups * layout.d_out * layout.width))
         for start in range(0, n, size):
-            self.statistic.add_matrices(torch.einsum("kntbo,ntbw->knbow", rows[:, start : start + size],
-                                                     inputs[start : start + size]))
+            # Σ_t g_t ā_tᵀ for a few samples: (k, n, groups, d_out, width) as one batched product per group
+            g = rows[:, start : start + size].permute(3, 0, 1, 4, 2)  # (groups, k, n, d_out, t)
+            a = inputs[start : start + size].permute(2, 0, 1, 3).unsqueeze(1)  # (groups, 1, n, t, width)
+            matrices = (g @ a).permute(1, 2, 0, 3, 4)
+            if rotate_later:
+                matrices = basis.transpose(1, 2) @ matrices
+            if self._rotate_inputs_later:
+                matrices = matrices @ self.statistic.input_basis
+            self.statistic.add_matrices(matrices)
 
     def _add_token_columns(self, rows: Tensor) -> None:
         """The per-sample gradient of an embedding puts ``Σ_{t: token v} g̃_t`` in column ``v``."""

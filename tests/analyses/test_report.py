@@ -50,6 +50,36 @@ def test_report_matches_dense_recomputation(dense_limit, tmp_path):
     assert json.loads(path.read_text())["layers"][0]["layer"] == "0"
 
 
+def test_further_approximations_against_the_same_exact_blocks():
+    """``also=``: EKFAC and the Kronecker fit measured beside KFAC, each column recomputed from the dense GGN block —
+    on a ReLU network (layer block = GGN block) with one output position, where EKFAC's trace is the exact one."""
+    model = mlp(nn.ReLU, widths=(5, 6, 3)).double()
+    X, y = classification_data(n=30)
+    X = X.double()
+    loss_fn = nn.CrossEntropyLoss()
+    kfac = kh.compute_kfac(model, loss_fn, (X, y))
+    also = {"ekfac": kh.compute_ekfac(model, loss_fn, (X, y), kfac=kfac),
+            "fit": kh.compute_kronecker_fit(model, loss_fn, (X, y), kfac=kfac, iterations=20, tol=1e-8)}
+    report = compare(kfac, model, loss_fn, (X, y), k=4, kind="ggn", also=also)
+    for row in report.rows:
+        H = kh.layer_operator(model, loss_fn, (X, y), row["layer"], kind="ggn").to_dense()
+        exact_vals, exact_vecs = torch.linalg.eigh(H)
+        exact_vals, exact_vecs = exact_vals.flip(0)[:4], exact_vecs.flip(1)[:, :4].T
+        for label, approximation in also.items():
+            block = approximation[row["layer"]]
+            vals, vecs = block.eig().topk(4)
+            assert row[f"{label}_max_eig_rel_err"] == pytest.approx(
+                float(((vals - exact_vals).abs() / exact_vals).max()), rel=1e-9)
+            assert row[f"{label}_overlap"] == pytest.approx(eigenspace_overlap(vecs, exact_vecs), abs=1e-9)
+            assert row[f"{label}_frobenius_rel_err"] == pytest.approx(
+                float((block.to_dense() - H).norm() / H.norm()), rel=1e-9)
+            assert row[f"{label}_frobenius_rel_err"] <= row["frobenius_rel_err"] * (1 + 1e-12)  # both never worse
+        assert row["ekfac_trace_ratio"] == pytest.approx(1.0, abs=1e-10)
+    table = report.to_markdown()
+    assert "ekfac_overlap" in table.splitlines()[0] and "fit_frobenius_rel_err" in table
+    assert "for ekfac" in table and report.settings["also"] == ["ekfac", "fit"]
+
+
 @pytest.mark.parametrize("activation, zero", [(nn.ReLU, True), (nn.Tanh, False)])
 @pytest.mark.parametrize("dense_limit", [5000, 0])
 def test_gauss_newton_residual(activation, zero, dense_limit):

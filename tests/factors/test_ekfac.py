@@ -44,6 +44,10 @@ def test_mlp_and_cnn_blocks():
     g = torch.Generator().manual_seed(1)
     Xc, yc = torch.randn(7, 2, 4, 4, generator=g), torch.randint(0, 3, (7,), generator=g)
     kfac, ekfac = _check(TinyCNN(), nn.CrossEntropyLoss(), Xc, yc, ["conv1", "conv2", "fc"])
+    # more locations than the layer's width and outputs: the per-sample gradients are rotated after the sum over them
+    narrow = nn.Sequential(nn.Conv1d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(14, 3))
+    _check(narrow.double(), nn.CrossEntropyLoss(), torch.randn(6, 1, 8, generator=g, dtype=torch.float64),
+           torch.randint(0, 3, (6,), generator=g), ["0"])
     # every EKFAC eigenvalue is a Rayleigh quotient qᵀ H q of the exact block, so none exceeds λ_max(H) — with weight
     # sharing the Kronecker eigenvalues need not obey that bound
     for name in ["conv1", "conv2"]:

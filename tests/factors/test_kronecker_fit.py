@@ -56,6 +56,10 @@ def test_convolutions_with_weight_sharing():
     for name, (kfac_error, fit_error, optimum) in rows.items():
         assert fit_error <= kfac_error and abs(fit_error - optimum) <= 1e-7 * optimum, (name, rows[name])
     assert rows["conv1"][1] < 0.9 * rows["conv1"][0]  # where KFAC-expand misses the coherence, the fit gains
+    narrow = nn.Sequential(nn.Conv1d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(14, 3)).double()
+    X1, y1 = torch.randn(6, 1, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    _, _, rows = _errors(narrow, nn.CrossEntropyLoss(), X1, y1, ["0"], iterations=60)  # more locations than width
+    assert abs(rows["0"][1] - rows["0"][2]) <= 1e-7 * rows["0"][2] and rows["0"][1] <= rows["0"][0]
 
 
 def test_every_kronecker_kind_with_per_position_columns():
