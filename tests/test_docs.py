@@ -12,7 +12,12 @@ def test_readme_usage_example_runs():
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"## Usage\n\n```python\n(.*?)```", readme, re.S).group(1)
     assert len(block.strip().splitlines()) <= 12
-    exec(compile(block, "README.md", "exec"), {})
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    beyond = re.search(r"```python\n(fit = kh.compute_kronecker_fit.*?)```", readme, re.S).group(1)
+    exec(compile(beyond, "README.md", "exec"), namespace)  # continues the first example
+    for row in namespace["report"].rows:  # a ReLU network: the Hessian block is the GGN block both are fitted to
+        assert row["fit_frobenius_rel_err"] <= row["frobenius_rel_err"] * (1 + 1e-6)
 
 
 def test_the_transformers_examples_of_the_layer_kinds_page_run():

@@ -71,7 +71,7 @@ def compute_kfac(
     batch_norm_eval: bool = True,
     per_position: bool = False,
     output: OutputSelector | None = None,
-    position_signs: int = 0,
+    position_signs: int | None = None,
 ) -> KFAC:
     """Curvature blocks of every selected layer (see the module docstring; the kinds: ``kfac_hessian.layers``).
 
@@ -108,16 +108,18 @@ def compute_kfac(
             test time. ``False`` keeps the model's modes (train-mode BatchNorm couples the samples of a
             batch, which no per-sample factorization represents). Modes are restored afterwards.
         per_position: ``"ggn"`` only. Backpropagate every loss-Hessian square-root column at one output
-            position at a time (``K·T`` columns instead of ``K``, ``T`` output positions per sample). Joint
-            columns (the default) add cross-position terms wherever a layer location influences several
-            output positions (attention, ``approx="reduce"``, normalization and embedding parameters shared
-            over positions; docs/conventions.md §3); per-position columns give the exact GGN outer products,
-            at ``T`` times the backward passes. No effect with one output position per sample.
-        position_signs: ``"ggn"`` only; ``R > 0``: every loss-Hessian square-root column is multiplied by independent
-            random signs at each output position, ``R`` draws (``K·R`` columns, each scaled by ``1/√R``). The
-            cross-position products then vanish in expectation: an unbiased estimate of the per-position (exact)
-            outer products at ``R/T`` of their passes. The signs come from a generator seeded with ``seed`` (the
-            global RNG without one).
+            position at a time (``K·T`` columns instead of ``K``, ``T`` output positions per sample): the exact GGN
+            outer products, at ``T`` times the backward passes. No effect with one output position per sample.
+        position_signs: ``"ggn"`` only, for outputs with ``T > 1`` positions per sample (no effect otherwise). Joint
+            columns — every column applied at all positions at once, ``position_signs=0`` — add cross-position
+            products wherever a parameter acts at several positions that reach the output (normalization layers,
+            embeddings, key/value projections, ``approx="reduce"``; docs/conventions.md §3): on a small GPT they put
+            LayerNorm λ₁ up to 19× too high. ``R > 0``: ``R`` draws of every column with independent random signs at
+            each (sample, position), scaled by ``1/√R`` (``K·R`` columns); the cross-position products vanish in
+            expectation — an unbiased estimate of the per-position (exact) outer products at ``R/T`` of their passes,
+            exact for every draw where there are no cross terms. The default (``None``) is one draw: the cost of the
+            joint columns without their bias. The signs come from a private generator seeded with ``seed`` (0 without
+            one), so results are reproducible and the global RNG is untouched.
         output: picks the output tensor from what the model returns (default: the tensor itself, or ``.logits``);
             ``kfac_hessian.sequence_logits`` presents language-model logits ``(N, T, V)`` as ``(N, V, T)``.
     """
@@ -144,7 +146,7 @@ class PassOptions:
     seed: int | None = None
     column_chunk: int | None = None
     per_position: bool = False
-    position_signs: int = 0
+    position_signs: int | None = None
     batch_norm_eval: bool = True
     progress: bool = False
     distributed: bool = False
@@ -157,8 +159,11 @@ def stream_pass(model: nn.Module, spec, data: Data, pass_: "_Pass", options: Pas
     the sums into the objective's curvature (module docstring)."""
     curvature, settings = options.curvature, pass_.settings
     generator = None
-    if options.seed is not None and (curvature == "mc" or options.position_signs):
+    if options.seed is not None and curvature == "mc":
         generator = torch.Generator(settings.device).manual_seed(options.seed)
+    signs = _sign_draws(options)
+    if signs:  # always seeded: the default estimate is reproducible
+        generator = torch.Generator(settings.device).manual_seed(options.seed if options.seed is not None else 0)
     stream = one_column_per_pass(options.column_chunk, settings.device, curvature, options.mc_samples)
     router = GradientRouter(pass_.accumulators)
     n_samples, tau = 0, None
@@ -185,8 +190,14 @@ def stream_pass(model: nn.Module, spec, data: Data, pass_: "_Pass", options: Pas
             with no_autocast():  # the columns in (at least) float32, handed to the backward in the output's dtype
                 columns = output_columns(spec, curvature, output.detach().to(compute_dtype(output.dtype)), target,
                                          options.mc_samples, generator).to(output.dtype)
+            if index == 0 and columns.dim() > 3 and curvature == "ggn" and not (options.per_position or signs):
+                warnings.warn(f"joint loss-Hessian columns over {columns[0, 0, 0].numel()} output positions "
+                              "(position_signs=0): blocks of parameters that act at several positions carry "
+                              "cross-position products (on a small GPT LayerNorm λ₁ up to 19× the exact); the default "
+                              "position_signs=1 removes them in expectation at the same cost, per_position=True exactly",
+                              RuntimeWarning, stacklevel=3)
             n_chunks, chunks = column_chunks(columns, 1 if stream else options.column_chunk or len(columns),
-                                             options.per_position, options.position_signs, generator)
+                                             options.per_position, signs, generator)
             for chunk_index, chunk in enumerate(chunks):
                 retain = chunk_index < n_chunks - 1
                 if stream:  # the recorder hands each output gradient to the router inside the pass
@@ -246,14 +257,23 @@ def input_second_moments(
     return {acc.name: acc.input_factor() for acc in accumulators.values()}
 
 
-def _check_settings(curvature: str, approx: str, mc_samples: int, per_position: bool, position_signs: int) -> None:
+def _sign_draws(options: PassOptions) -> int:
+    """The sign draws per column (``compute_kfac``'s ``position_signs``; ``None`` is one draw for ``"ggn"`` without
+    ``per_position``)."""
+    if options.position_signs is not None:
+        return options.position_signs
+    return 1 if options.curvature == "ggn" and not options.per_position else 0
+
+
+def _check_settings(curvature: str, approx: str, mc_samples: int, per_position: bool, position_signs: int | None) -> None:
     if curvature not in ("ggn", "mc", "empirical"):
         raise ValueError(f"curvature must be 'ggn', 'mc' or 'empirical', got {curvature!r}")
     if (per_position or position_signs) and curvature != "ggn":
         raise ValueError("per_position and position_signs apply to curvature='ggn' (Monte-Carlo labels are drawn per "
                          "position, and the empirical Fisher is defined with the per-sample gradient)")
-    if isinstance(position_signs, bool) or not isinstance(position_signs, int) or position_signs < 0:
-        raise ValueError(f"position_signs must be a non-negative integer (draws), got {position_signs!r}")
+    if position_signs is not None and (isinstance(position_signs, bool) or not isinstance(position_signs, int)
+                                       or position_signs < 0):
+        raise ValueError(f"position_signs must be a non-negative integer (draws) or None, got {position_signs!r}")
     if per_position and position_signs:
         raise ValueError("per_position=True and position_signs are two ways to remove the cross-position terms: pick one")
     if approx not in ("expand", "reduce"):

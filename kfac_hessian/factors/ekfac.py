@@ -59,7 +59,7 @@ def compute_ekfac(
     seed: int | None = None,
     column_chunk: int | None = None,
     per_position: bool = False,
-    position_signs: int = 0,
+    position_signs: int | None = None,
     batch_norm_eval: bool = True,
     progress: bool = False,
     distributed: bool = False,

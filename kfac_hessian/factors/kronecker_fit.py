@@ -120,7 +120,7 @@ def compute_kronecker_fit(
     seed: int | None = None,
     column_chunk: int | None = None,
     per_position: bool = False,
-    position_signs: int = 0,
+    position_signs: int | None = None,
     batch_norm_eval: bool = True,
     progress: bool = False,
     distributed: bool = False,
@@ -135,7 +135,8 @@ def compute_kronecker_fit(
     it ran out of iterations first. The other arguments are those of ``compute_ekfac``: ``curvature`` (default:
     ``kfac``'s, else ``"ggn"``) and the column options choose which per-sample gradients — which block ``H`` — are
     fitted; with ``"ggn"`` and one output position per sample (or ``per_position=True``) ``H`` is the exact GGN block.
-    Seeded draws (``"mc"``, ``position_signs``) repeat in every pass, so every pass fits the same ``H``. The result
+    The draws (``"mc"`` labels with its required ``seed``, the position signs) repeat in every pass, so every pass
+    fits the same ``H``. The result
     is a ``KFAC`` of ``KroneckerBlock`` s: every spectrum and analysis applies unchanged.
     """
     if not isinstance(iterations, int) or iterations < 1:
@@ -143,8 +144,6 @@ def compute_kronecker_fit(
     curvature = curvature or (kfac.curvature if kfac is not None else "ggn")
     if curvature == "mc" and seed is None:
         raise ValueError("curvature='mc' needs a seed: every pass must draw the same labels to fit one block")
-    if position_signs and seed is None:
-        raise ValueError("position_signs needs a seed: every pass must draw the same signs to fit one block")
     options = PassOptions(curvature, mc_samples, seed, column_chunk, per_position, position_signs, batch_norm_eval,
                           progress, distributed, output)
     kfac = base_kfac(model, loss_fn, data, kfac, options, kfac_options)

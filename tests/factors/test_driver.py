@@ -395,7 +395,7 @@ def test_per_position_columns_remove_cross_position_terms():
     data = (tokens[:, :-1], tokens[:, 1:])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exact reference may switch attention kernels
-        joint = kh.compute_kfac(model, nn.CrossEntropyLoss(), data)
+        joint = kh.compute_kfac(model, nn.CrossEntropyLoss(), data, position_signs=0)
         exact = kh.compute_kfac(model, nn.CrossEntropyLoss(), batches(*data, [2, 1]), per_position=True)
         for name in ("ln", "blocks.0.ln1", "blocks.0.ln2"):
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -429,9 +429,12 @@ def test_position_signs_estimate_the_per_position_blocks():
     data = (tokens[:, :-1], tokens[:, 1:])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        joint = kh.compute_kfac(model, nn.CrossEntropyLoss(), data)
+        joint = kh.compute_kfac(model, nn.CrossEntropyLoss(), data, position_signs=0)
         exact = kh.compute_kfac(model, nn.CrossEntropyLoss(), data, per_position=True)
         few = kh.compute_kfac(model, nn.CrossEntropyLoss(), data, position_signs=4, seed=0)
+        default = kh.compute_kfac(model, nn.CrossEntropyLoss(), data)  # one draw, seeded with 0
+        assert all(torch.equal(default[n].to_dense(), kh.compute_kfac(
+            model, nn.CrossEntropyLoss(), data, position_signs=1, seed=0)[n].to_dense()) for n in ("ln", "tok"))
         many = kh.compute_kfac(model, nn.CrossEntropyLoss(), batches(*data, [2, 1]), position_signs=256, seed=0)
         again = kh.compute_kfac(model, nn.CrossEntropyLoss(), data, position_signs=4, seed=0)
     for name in ("ln", "blocks.0.ln1", "tok"):
@@ -447,6 +450,9 @@ def test_position_signs_estimate_the_per_position_blocks():
     a = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
     b = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), position_signs=3, seed=0)
     assert all(torch.equal(a[name].G, b[name].G) for name in a)
+    with pytest.warns(RuntimeWarning, match="joint loss-Hessian columns over 5 output positions"):
+        kh.compute_kfac(TinyGPT(9, dim=8, depth=1, heads=2, context=5).double(), nn.CrossEntropyLoss(), data,
+                        position_signs=0)
     for bad, message in ((dict(position_signs=-1), "non-negative integer"), (dict(position_signs=True), "integer"),
                          (dict(position_signs=2, per_position=True), "pick one"),
                          (dict(position_signs=2, curvature="mc"), "apply to curvature='ggn'")):
