@@ -72,8 +72,8 @@ def measure(name, model, data, vocabulary, context, draws):
              f"({timings['per_position']:.1f} s for all blocks), joint {vocabulary} ({results['joint'][1]:.1f} s), "
              + ", ".join(f"signs R={r}: {vocabulary * r} = {r / context:.3g} of per-position "
                          f"({results[f'signs R={r}'][1]:.1f} s)" for r in draws) + ".", "",
-             f"{len(names)} of {len(reference)} blocks differ between joint and per-position columns (the others are "
-             "position-local: queries, MLPs, the head).", "",
+             f"{len(names)} of {len(reference)} blocks differ between joint and per-position columns (the others reach "
+             "only their own output position, as the last block's output projection and MLP and the head do).", "",
              "| block | structure | " + " | ".join(f"{label}: error, λ₁ ratio" for label in results) + " |",
              "|---|---|" + "---|" * len(results)]
     for n in names:

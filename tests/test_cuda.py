@@ -78,3 +78,16 @@ def test_per_sample_blocks_and_grouped_convolutions_on_cuda():
         for name, block in cpu.items():
             assert gpu[name].device.type == "cuda"
             assert torch.allclose(gpu[name].eig().eigenvalues().cpu(), block.eig().eigenvalues(), rtol=1e-8, atol=1e-14)
+
+
+def test_ekfac_and_the_kronecker_fit_on_cuda():
+    model = TinyCNN().double()
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(5, 2, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)
+    for method in (kh.compute_ekfac, kh.compute_kronecker_fit):
+        cpu = method(model, nn.CrossEntropyLoss(), (X, y))
+        gpu = method(model.cuda(), nn.CrossEntropyLoss(), (X.cuda(), y.cuda()))
+        model.cpu()
+        for name, block in cpu.items():
+            assert gpu[name].device.type == "cuda" and gpu[name].eig().topk(2)[1].is_cuda
+            assert torch.allclose(gpu[name].to_dense().cpu(), block.to_dense(), rtol=1e-8, atol=1e-14), name

@@ -44,7 +44,7 @@ def column_chunks(columns: Tensor, size: int, per_position: bool = False, positi
             draws = [(col, r) for r in range(position_signs) for col in range(k)]
             for start in range(0, len(draws), size):
                 part = draws[start : start + size]
-                signs = torch.randint(0, 2, (len(part), n, 1, positions), generator=generator, device=columns.device)
+                signs = torch.randint(0, 2, (len(part), n, 1, positions), generator=generator).to(columns.device)
                 chunk = flat[[col for col, _ in part]] * ((2 * signs - 1) / position_signs**0.5).to(columns.dtype)
                 yield chunk.reshape(len(part), *columns.shape[1:])
 

@@ -114,7 +114,7 @@ def compute_kfac(
             columns — every column applied at all positions at once, ``position_signs=0`` — add cross-position
             products wherever a parameter acts at several positions that reach the output (normalization layers,
             embeddings, key/value projections, ``approx="reduce"``; docs/conventions.md §3): on a small GPT they put
-            LayerNorm λ₁ up to 19× too high. ``R > 0``: ``R`` draws of every column with independent random signs at
+            LayerNorm λ₁ up to 18× too high. ``R > 0``: ``R`` draws of every column with independent random signs at
             each (sample, position), scaled by ``1/√R`` (``K·R`` columns); the cross-position products vanish in
             expectation — an unbiased estimate of the per-position (exact) outer products at ``R/T`` of their passes,
             exact for every draw where there are no cross terms. The default (``None``) is one draw: the cost of the
@@ -162,8 +162,8 @@ def stream_pass(model: nn.Module, spec, data: Data, pass_: "_Pass", options: Pas
     if options.seed is not None and curvature == "mc":
         generator = torch.Generator(settings.device).manual_seed(options.seed)
     signs = _sign_draws(options)
-    if signs:  # always seeded: the default estimate is reproducible
-        generator = torch.Generator(settings.device).manual_seed(options.seed if options.seed is not None else 0)
+    if signs:  # always seeded, on the CPU: the default estimate is reproducible, and the same on every device
+        generator = torch.Generator().manual_seed(options.seed if options.seed is not None else 0)
     stream = one_column_per_pass(options.column_chunk, settings.device, curvature, options.mc_samples)
     router = GradientRouter(pass_.accumulators)
     n_samples, tau = 0, None
@@ -193,7 +193,7 @@ def stream_pass(model: nn.Module, spec, data: Data, pass_: "_Pass", options: Pas
             if index == 0 and columns.dim() > 3 and curvature == "ggn" and not (options.per_position or signs):
                 warnings.warn(f"joint loss-Hessian columns over {columns[0, 0, 0].numel()} output positions "
                               "(position_signs=0): blocks of parameters that act at several positions carry "
-                              "cross-position products (on a small GPT LayerNorm λ₁ up to 19× the exact); the default "
+                              "cross-position products (on a small GPT LayerNorm λ₁ up to 18× the exact); the default "
                               "position_signs=1 removes them in expectation at the same cost, per_position=True exactly",
                               RuntimeWarning, stacklevel=3)
             n_chunks, chunks = column_chunks(columns, 1 if stream else options.column_chunk or len(columns),

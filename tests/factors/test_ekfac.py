@@ -105,3 +105,19 @@ def test_other_blocks_are_kept_and_the_result_behaves_like_kfac(tmp_path):
     assert torch.allclose(same["0"].values, ekfac["0"].values, atol=1e-14)
     with pytest.raises(ValueError, match="configure compute_kfac"):
         kh.compute_ekfac(model, nn.CrossEntropyLoss(), (X, y), kfac=kfac, approx="reduce")
+
+
+def test_results_that_do_not_fit_the_model_are_refused():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    X, y = classification_data(n=10)
+    X = X.double()
+    norm_only = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), layers=["1"])
+    with pytest.raises(ValueError, match="no Kronecker block"):
+        kh.compute_ekfac(model, nn.CrossEntropyLoss(), (X, y), kfac=norm_only)
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    with pytest.raises(ValueError, match="no layer or parameter named '3'"):
+        kh.compute_kronecker_fit(nn.Sequential(nn.Linear(5, 3)).double(), nn.CrossEntropyLoss(), (X, y), kfac=kfac)
+    swapped = nn.Sequential(nn.LayerNorm(5), nn.Tanh(), nn.Tanh(), nn.Linear(5, 3)).double()  # "0" is no Linear now
+    with pytest.raises(ValueError, match=r"layers \['0'\] are not the Kronecker layers"):
+        kh.compute_kronecker_fit(swapped, nn.CrossEntropyLoss(), (X, y), kfac=kfac)
