@@ -14,13 +14,14 @@ decompositions make its eigen-structure (``_eigen``).
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from ..spectra import ClampReport, SpectralDensity
+from ..spectra import ClampReport, SpectralDensity, entropy, values_density
 
 DENSE_LIMIT = 20_000  # largest P for which ``to_dense`` builds a P×P matrix by default
 
@@ -156,3 +157,35 @@ class BlockEigen(ABC):
             raise ValueError(f"k={k!r} must be a positive integer (at most k eigenpairs are returned: all "
                              f"{self.num_params} of this block for a larger k)")
         return min(k, self.num_params)
+
+
+class ExplicitEigen(BlockEigen):
+    """A ``BlockEigen`` whose ``P`` eigenvalues are held explicitly, descending (``values``), with their order
+    ``_order`` in the flattened source: ``DenseBlocks`` and EKFAC blocks."""
+
+    values: Tensor
+    _order: Tensor
+
+    def _set_values(self, flat: Tensor) -> None:
+        self._order = flat.argsort(descending=True, stable=True)
+        self.values = flat[self._order]
+
+    @property
+    def num_params(self) -> int:
+        return self.values.numel()
+
+    def eigenvalues(self) -> Tensor:
+        return self.values
+
+    def top_eigenvalues(self, k: int) -> Tensor:
+        return self.values[: self._check_k(k)]
+
+    def trace(self) -> Tensor:
+        return self.values.sum()
+
+    def effective_rank(self) -> float:
+        return math.exp(entropy(self.values)) if float(self.values.sum()) > 0 else 0.0
+
+    def density(self, bins: int = 100, log: bool = True, range: tuple[float, float] | None = None,
+                chunk: int = 2**22) -> SpectralDensity:
+        return values_density(self.values, bins, log, range, chunk)

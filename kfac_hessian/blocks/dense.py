@@ -9,13 +9,12 @@ Eigenvalues are those of the sub-blocks, eigenvectors those of a sub-block place
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
 
-from ..spectra import ClampReport, SpectralDensity, entropy, symmetric_eig, values_density
-from .base import BlockEigen, CurvatureBlock
+from ..spectra import ClampReport, symmetric_eig
+from .base import CurvatureBlock, ExplicitEigen
 
 
 class DenseBlocks(CurvatureBlock):
@@ -94,7 +93,7 @@ class DenseBlocks(CurvatureBlock):
         return DenseBlocksEigen(matrices[0], self.index, values, vecs, forms, reports)
 
 
-class DenseBlocksEigen(BlockEigen):
+class DenseBlocksEigen(ExplicitEigen):
     """Eigen-structure of ``DenseBlocks``: sub-block eigenvalues (descending overall) and, on first use of ``topk``,
     eigenvectors — only the leading ones when a ``Tridiagonal`` form was kept (one large block on the CPU)."""
 
@@ -102,27 +101,9 @@ class DenseBlocksEigen(BlockEigen):
                  reports: list[ClampReport]):
         self._blocks, self._index, self._vectors, self._forms = blocks, index, vectors, forms
         self._block_values = values  # (B, b), each block's descending
-        flat = values.flatten()
-        self._order = flat.argsort(descending=True, stable=True)
-        self.values = flat[self._order]
+        self._set_values(values.flatten())
         self.clamped = {"blocks": ClampReport(sum(r.count for r in reports),
                                               min((r.most_negative for r in reports), default=0.0))}
-
-    @property
-    def num_params(self) -> int:
-        return self.values.numel()
-
-    def eigenvalues(self) -> Tensor:
-        return self.values
-
-    def top_eigenvalues(self, k: int) -> Tensor:
-        return self.values[: self._check_k(k)]
-
-    def trace(self) -> Tensor:
-        return self.values.sum()
-
-    def effective_rank(self) -> float:
-        return math.exp(entropy(self.values)) if float(self.values.sum()) > 0 else 0.0
 
     def _leading(self, m: int) -> Tensor:
         """Eigenvectors ``(B, b, ≥m)`` of the sub-blocks, leading columns first."""
@@ -141,7 +122,3 @@ class DenseBlocksEigen(BlockEigen):
         rows = torch.arange(k, device=vectors.device)
         vectors[rows[:, None], self._index[block]] = leading[block, :, column].to(vectors.dtype)
         return self.values[:k], vectors
-
-    def density(self, bins: int = 100, log: bool = True, range: tuple[float, float] | None = None,
-                chunk: int = 2**22) -> SpectralDensity:
-        return values_density(self.values, bins, log, range, chunk)

@@ -16,14 +16,12 @@ locations that KFAC-expand misses on convolutions.
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
 
 from ..layout import BlockLayout
-from ..spectra import SpectralDensity, entropy, values_density
-from .base import BlockEigen, CurvatureBlock
+from .base import CurvatureBlock, ExplicitEigen
 from .kronecker import KroneckerPairs
 
 
@@ -106,32 +104,14 @@ class EKFACBlock(CurvatureBlock):
         return EKFACEigen(self)
 
 
-class EKFACEigen(BlockEigen):
+class EKFACEigen(ExplicitEigen):
     """Eigenvalues ``Λ`` and rank-one eigenvectors ``v_j ⊗ u_i`` of an ``EKFACBlock``; ``top_pairs`` as for Kronecker
     blocks (so ``kronecker_overlap`` applies)."""
 
     def __init__(self, block: EKFACBlock):
         self.block, self.layout = block, block.layout
-        flat = block.values.flatten()
-        self._order = flat.argsort(descending=True, stable=True)
-        self.values = flat[self._order].clamp_min(0)
+        self._set_values(block.values.flatten())  # sums of squares: never negative
         self.clamped = {}
-
-    @property
-    def num_params(self) -> int:
-        return self.values.numel()
-
-    def eigenvalues(self) -> Tensor:
-        return self.values
-
-    def top_eigenvalues(self, k: int) -> Tensor:
-        return self.values[: self._check_k(k)]
-
-    def trace(self) -> Tensor:
-        return self.values.sum()
-
-    def effective_rank(self) -> float:
-        return math.exp(entropy(self.values)) if float(self.values.sum()) > 0 else 0.0
 
     def top_pairs(self, k: int) -> KroneckerPairs:
         k = self._check_k(k)
@@ -149,7 +129,3 @@ class EKFACEigen(BlockEigen):
     def topk(self, k: int) -> tuple[Tensor, Tensor]:
         pairs = self.top_pairs(k)
         return pairs.values, self.layout.rank_one_vectors(pairs.g_vectors, pairs.a_vectors, pairs.groups)
-
-    def density(self, bins: int = 100, log: bool = True, range: tuple[float, float] | None = None,
-                chunk: int = 2**22) -> SpectralDensity:
-        return values_density(self.values, bins, log, range, chunk)
