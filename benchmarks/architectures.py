@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import kfac_hessian as kh
-from kfac_hessian.models import ResNet18, TinyGPT
+from benchmarks.reference_models import ResNet18, TinyGPT
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,8 +64,8 @@ def overlaps(model, loss_fn, data, layers, k, dense_limit=2000, fit_iterations=3
 
 
 def digits_section(args):
-    from kfac_hessian.datasets import load_tabular
-    from kfac_hessian.models import relu_mlp
+    from benchmarks.datasets import load_tabular
+    from benchmarks.reference_models import relu_mlp
 
     split = load_tabular("digits")
     torch.manual_seed(0)

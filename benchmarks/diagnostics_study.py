@@ -23,7 +23,7 @@ from torch import nn
 
 from kfac_hessian.analyses import SpectrumTracker
 from kfac_hessian.analyses.tracking import METRICS
-from kfac_hessian.datasets import load_tabular
+from benchmarks.datasets import load_tabular
 
 ROOT = Path(__file__).resolve().parent.parent
 REGIMES = {"under": {"width": 2}, "well": {"width": 32}, "overfit": {"width": 512, "n_train": 60, "label_noise": 0.2}}

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kfac_hessian.bounds import pac_bayes_bound
-from kfac_hessian.datasets import load_tabular
+from benchmarks.datasets import load_tabular
 from kfac_hessian.demo import train_classifier
 
 BASES = ("identity", "kronecker", "iterative", "exact-layerwise")

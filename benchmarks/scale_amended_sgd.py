@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kfac_hessian.datasets import load_tabular
+from benchmarks.datasets import load_tabular
 from kfac_hessian.optim import ScaleAmendedSGD
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -101,7 +101,7 @@ class LayerRecorder:
             if not torch.is_grad_enabled():
                 return output
             leaves, spec = tree_flatten(output)
-            anchored = [self._tap(name, call, leaf) if _differentiable(leaf) else leaf for leaf in leaves]
+            anchored = [self._tap(name, call, leaf) if differentiable(leaf) else leaf for leaf in leaves]
             return tree_unflatten(anchored, spec)
 
         return record
@@ -150,5 +150,5 @@ class LayerRecorder:
         self.clear()
 
 
-def _differentiable(leaf) -> bool:
+def differentiable(leaf) -> bool:
     return isinstance(leaf, Tensor) and leaf.is_floating_point() and leaf.dim() > 0

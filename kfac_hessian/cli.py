@@ -31,6 +31,7 @@ from torch import nn
 from . import __version__, compute_ekfac, compute_kfac, compute_kronecker_fit
 from .analyses.overlap import overlap_by_layer
 from .analyses.report import ValidationReport, compare, json_ready
+from .limits import COMPARE_DENSE_LIMIT
 
 
 class UsageError(Exception):
@@ -75,7 +76,7 @@ def _run_demo(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     n_samples = 400 if args.quick else None
     epochs = args.epochs if args.epochs is not None else (5 if args.quick else 60)
-    dense_limit = 1000 if args.quick else 5000
+    dense_limit = 1000 if args.quick else COMPARE_DENSE_LIMIT
     seeds = list(range(2 if args.quick else 3))
     problems = []
     for seed in seeds:

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import relu_mlp
 
 
 @dataclass
@@ -38,6 +37,16 @@ def load_digits_tensors(n_samples: int | None = None, dtype=torch.float32):
         X, y = X[:n_samples], y[:n_samples]
     X = (X - X.mean(0)) / (X.std(0) + 1e-6)
     return torch.as_tensor(X, dtype=dtype), torch.as_tensor(y, dtype=torch.long)
+
+
+def relu_mlp(widths: tuple[int, ...]) -> nn.Sequential:
+    """Linear layers of the given widths with ReLU between them (layers named "0", "2", ...)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
 
 
 def digits_mlp(hidden: tuple[int, ...] = (64, 32)) -> nn.Sequential:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-LossKind = Literal["cross_entropy", "mse", "bce_with_logits"]
+LossName = Literal["cross_entropy", "mse", "bce_with_logits"]
 Reduction = Literal["mean", "sum"]
 
 SUPPORTED_LOSSES = "nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss"
@@ -43,9 +43,9 @@ SUPPORTED_LOSSES = "nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss"
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A validated loss: which kind, and how it reduces over terms."""
+    """A validated loss: which one, and how it reduces over terms."""
 
-    kind: LossKind
+    name: LossName
     reduction: Reduction
     ignore_index: int = -100
 
@@ -63,13 +63,13 @@ def loss_spec(loss_fn: nn.Module) -> LossSpec:
             raise ValueError("CrossEntropyLoss(weight=...) is not supported: class weights change the loss Hessian")
         if loss_fn.label_smoothing != 0.0:
             raise ValueError("CrossEntropyLoss(label_smoothing>0) is not supported")
-        kind: LossKind = "cross_entropy"
+        name: LossName = "cross_entropy"
     elif isinstance(loss_fn, nn.MSELoss):
-        kind = "mse"
+        name = "mse"
     elif isinstance(loss_fn, nn.BCEWithLogitsLoss):
         if loss_fn.weight is not None or loss_fn.pos_weight is not None:
             raise ValueError("BCEWithLogitsLoss(weight=..., pos_weight=...) is not supported")
-        kind = "bce_with_logits"
+        name = "bce_with_logits"
     else:
         raise TypeError(
             f"unsupported loss {type(loss_fn).__name__}: kfac_hessian supports {SUPPORTED_LOSSES} "
@@ -80,14 +80,14 @@ def loss_spec(loss_fn: nn.Module) -> LossSpec:
             f"{type(loss_fn).__name__}(reduction={loss_fn.reduction!r}) is not supported: use 'mean' or 'sum', "
             "the objective whose Hessian is approximated must be a scalar"
         )
-    return LossSpec(kind, loss_fn.reduction, getattr(loss_fn, "ignore_index", -100))
+    return LossSpec(name, loss_fn.reduction, getattr(loss_fn, "ignore_index", -100))
 
 
 def check_batch(spec: LossSpec, output: Tensor, target: Tensor) -> None:
     """Raise ``ValueError`` when the target does not fit the output for this loss."""
     if output.dim() < 1 or output.shape[0] == 0:
         raise ValueError(f"model output has shape {tuple(output.shape)}: expected a non-empty batch axis first")
-    if spec.kind == "cross_entropy":
+    if spec.name == "cross_entropy":
         if output.dim() < 2:
             raise ValueError(f"CrossEntropyLoss needs an output (N, C) or (N, C, *), got {tuple(output.shape)}")
         expected = (output.shape[0], *output.shape[2:])
@@ -108,7 +108,7 @@ def check_batch(spec: LossSpec, output: Tensor, target: Tensor) -> None:
         if target.numel() and (target.min() < 0 or target.max() >= output.shape[1]):
             raise ValueError(f"class indices must lie in [0, {output.shape[1]}), got [{int(target.min())}, {int(target.max())}]")
     else:
-        name = "MSELoss" if spec.kind == "mse" else "BCEWithLogitsLoss"
+        name = "MSELoss" if spec.name == "mse" else "BCEWithLogitsLoss"
         if tuple(target.shape) != tuple(output.shape):
             raise ValueError(
                 f"{name} targets have shape {tuple(target.shape)} but the output has shape {tuple(output.shape)}; "
@@ -120,27 +120,27 @@ def check_batch(spec: LossSpec, output: Tensor, target: Tensor) -> None:
 
 def terms_per_sample(spec: LossSpec, output: Tensor) -> int:
     """τ: positions per sample for cross-entropy, elements per sample otherwise."""
-    if spec.kind == "cross_entropy":
+    if spec.name == "cross_entropy":
         return math.prod(output.shape[2:])
     return math.prod(output.shape[1:])
 
 
 def summed_loss(spec: LossSpec, output: Tensor, target: Tensor) -> Tensor:
     """Sum of the loss terms of one batch."""
-    if spec.kind == "cross_entropy":
+    if spec.name == "cross_entropy":
         return F.cross_entropy(output, target, reduction="sum")
-    if spec.kind == "mse":
+    if spec.name == "mse":
         return F.mse_loss(output, target, reduction="sum")
     return F.binary_cross_entropy_with_logits(output, target, reduction="sum")
 
 
 def output_gradient(spec: LossSpec, output: Tensor, target: Tensor, leading: int = 0) -> Tensor:
     """∂(summed loss)/∂f in closed form; ``output`` and ``target`` may carry ``leading`` extra axes in front."""
-    if spec.kind == "cross_entropy":
+    if spec.name == "cross_entropy":
         class_axis = 1 + leading
         one_hot = F.one_hot(target, output.shape[class_axis]).movedim(-1, class_axis).to(output.dtype)
         return output.softmax(class_axis) - one_hot
-    if spec.kind == "mse":
+    if spec.name == "mse":
         return 2.0 * (output - target)
     return output.sigmoid() - target
 
@@ -153,11 +153,11 @@ def sample_output_gradients(spec: LossSpec, output: Tensor, n_samples: int, gene
     ``E[(2ε)(2ε)ᵀ] = 2 I``).
     """
     out = output.detach()
-    if spec.kind == "cross_entropy":
+    if spec.name == "cross_entropy":
         probs = out.softmax(1).movedim(1, -1).reshape(-1, out.shape[1])
         draws = torch.multinomial(probs, n_samples, replacement=True, generator=generator)  # (positions, m)
         targets = draws.T.reshape(n_samples, out.shape[0], *out.shape[2:])
-    elif spec.kind == "mse":
+    elif spec.name == "mse":
         noise = torch.randn((n_samples, *out.shape), generator=generator, dtype=out.dtype, device=out.device)
         targets = out + noise * math.sqrt(0.5)
     else:
@@ -173,7 +173,7 @@ def hessian_sqrt_columns(spec: LossSpec, output: Tensor) -> Tensor:
     ``K`` is the size of the feature axis (axis 1), less one for cross-entropy (rank ``C − 1``).
     """
     out = output.detach()
-    if spec.kind == "cross_entropy":
+    if spec.name == "cross_entropy":
         p = out.softmax(1).movedim(1, -1)  # (N, *, C)
         sqrt_p = p.sqrt()
         s = torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)  # (N, *, C_row, C_col)
@@ -187,7 +187,7 @@ def hessian_sqrt_columns(spec: LossSpec, output: Tensor) -> Tensor:
         )
         s = s @ q  # (N, *, C_row, C − 1)
         return s.movedim(-1, 0).movedim(-1, 2).contiguous()  # (C − 1, N, C_row, *)
-    root = math.sqrt(2.0) * torch.ones_like(out) if spec.kind == "mse" else (out.sigmoid() * (1 - out.sigmoid())).sqrt()
+    root = math.sqrt(2.0) * torch.ones_like(out) if spec.name == "mse" else (out.sigmoid() * (1 - out.sigmoid())).sqrt()
     if out.dim() == 1:
         return root.unsqueeze(0)
     width = out.shape[1]
@@ -198,11 +198,11 @@ def hessian_sqrt_columns(spec: LossSpec, output: Tensor) -> Tensor:
 def hessian_vector_product(spec: LossSpec, output: Tensor, vectors: Tensor) -> Tensor:
     """``Λ u`` for each ``u`` in ``vectors`` of shape ``(m, *output.shape)`` (per term, summed loss)."""
     out = output.detach()
-    if spec.kind == "cross_entropy":
+    if spec.name == "cross_entropy":
         p = out.softmax(1)
         pu = p * vectors
         return pu - p * pu.sum(dim=2, keepdim=True)
-    if spec.kind == "mse":
+    if spec.name == "mse":
         return 2.0 * vectors
     s = out.sigmoid()
     return s * (1 - s) * vectors

@@ -44,7 +44,7 @@ def test_cnn_factors_moved_with_device_argument():
 def test_structured_factors_and_attention_on_cuda():
     import warnings
 
-    from kfac_hessian.models import ResNet18, TinyGPT
+    from benchmarks.reference_models import ResNet18, TinyGPT
 
     torch.manual_seed(0)
     gpt = TinyGPT(11, dim=8, depth=1, heads=2, context=6).double()
@@ -68,7 +68,7 @@ def test_structured_factors_and_attention_on_cuda():
 
 
 def test_per_sample_blocks_and_grouped_convolutions_on_cuda():
-    from kfac_hessian.models import ConvNeXtish, MobileNetish
+    from benchmarks.reference_models import ConvNeXtish, MobileNetish
 
     for model in (MobileNetish(width=4).double(), ConvNeXtish(widths=(4, 8)).double()):
         X, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1])

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kfac_hessian.datasets import TABULAR, load_tabular
+from benchmarks.datasets import TABULAR, load_tabular
 
 
 @pytest.mark.parametrize("name", TABULAR)

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 import kfac_hessian as kh
-from kfac_hessian.models import ResNet18, TinyGPT
+from kfac_hessian.blocks import DenseBlocks
+from benchmarks.reference_models import ResNet18, TinyGPT
 
 
 def _accounted(model: nn.Module, kfac) -> None:
@@ -40,7 +41,7 @@ def test_tiny_gpt_with_tied_head_end_to_end():
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (tokens[:, :-1], tokens[:, 1:]))
     _accounted(model, kfac)
     assert kfac.tied == {"head": ["weight is tok.weight"]}
-    dense = {n for n, b in kfac.items() if isinstance(b, kh.DenseBlocks)}
+    dense = {n for n, b in kfac.items() if isinstance(b, DenseBlocks)}
     assert dense == {"ln", *(f"blocks.{i}.ln{j}" for i in range(2) for j in (1, 2))}
     assert kfac["tok"].a_is_diagonal and kfac["pos"].a_is_diagonal  # the positions, called unbatched, are expanded
     values, vectors = kfac["tok"].eig().topk(4)

@@ -48,7 +48,7 @@ def test_empirical_fisher_differs_by_the_terms_per_sample_under_mean(case, reduc
     """curvlinops' empirical Fisher is τ times ours under reduction="mean" (τ loss terms per sample: C outputs for MSE
     and BCE, T positions for a sequence cross-entropy, 1 for classification), the same under "sum"
     (docs/conventions.md §3)."""
-    from kfac_hessian.models import SequenceMLP
+    from benchmarks.reference_models import SequenceMLP
 
     if case == "sequence_ce":
         torch.manual_seed(0)
@@ -79,7 +79,7 @@ def test_cnn_type2(approx):
 
 def test_sequence_model_expand_type2():
     """Per-position network with (N, C, T) logits: identical factors (conventions §3 on reduce)."""
-    from kfac_hessian.models import SequenceMLP
+    from benchmarks.reference_models import SequenceMLP
 
     torch.manual_seed(0)
     model = SequenceMLP(d=8, depth=1, classes=3).double()
@@ -98,7 +98,7 @@ def test_sequence_model_reduce_cross_position_terms():
     A is identical."""
     import warnings
 
-    from kfac_hessian.models import SequenceMLP
+    from benchmarks.reference_models import SequenceMLP
 
     torch.manual_seed(0)
     model = SequenceMLP(d=8, depth=1, classes=3).double()

@@ -1,17 +1,21 @@
-"""Analyses built on the two paths: eigenspace overlap, low-rank structure, outliers, tracking, back-matching local Hessians, validation report."""
+"""Analyses built on the two paths: the validation report (``compare``), eigenspace overlap, low-rank structure,
+outliers, tracking through training, back-matching local Hessians."""
 
 from .local_hessian import BackMatchingHessian, back_matching_hessians, condition_number
 from .low_rank import LowRankStructure, low_rank_structure
 from .outliers import count_outliers
 from .overlap import eigenspace_overlap, kronecker_overlap, overlap_by_layer
+from .report import ValidationReport, compare
 from .tracking import SpectrumTracker, spectral_metrics
 
 __all__ = [
     "BackMatchingHessian",
-    "back_matching_hessians",
-    "condition_number",
     "LowRankStructure",
     "SpectrumTracker",
+    "ValidationReport",
+    "back_matching_hessians",
+    "compare",
+    "condition_number",
     "count_outliers",
     "eigenspace_overlap",
     "kronecker_overlap",

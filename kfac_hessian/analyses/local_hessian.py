@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import Data
-from ..factors import input_second_moments
+from ..factors.driver import input_second_moments
 from ..layers import kronecker_kind
 from ..model_state import is_batch_norm
 

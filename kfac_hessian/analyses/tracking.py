@@ -26,6 +26,8 @@ from torch import nn
 
 from ..blocks import BlockEigen
 from ..data import Data, OutputSelector, require_reiterable
+from ..exact import hutchinson_trace, layer_operator
+from ..factors import compute_kfac
 from ..model_state import preserved_model_state
 from .outliers import count_outliers
 
@@ -97,9 +99,6 @@ class SpectrumTracker:
 
     def record(self, step: int, **extra) -> list[dict]:
         """Measure now, whatever the step; returns the rows added."""
-        from ..exact import hutchinson_trace, layer_operator
-        from ..factors import compute_kfac
-
         start = time.perf_counter()
         with preserved_model_state(self.model):
             self.model.eval()
@@ -139,7 +138,7 @@ class SpectrumTracker:
     def plot(self, path: str | Path, metrics: tuple[str, ...] = METRICS, title: str | None = None) -> Path:
         """One panel per metric, one line per layer, over the recorded steps (needs matplotlib); ``title`` above
         them (default: what the blocks are)."""
-        from ..plotting import plot_tracked_metrics
+        from ..plotting import plot_tracked_metrics  # the plotting edge, only when a figure is asked for
 
         title = title or f"per-layer spectra through training ({self.curvature} blocks)"
         return plot_tracked_metrics(self.records, metrics, Path(path), title)

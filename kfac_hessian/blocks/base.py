@@ -1,52 +1,41 @@
 """The block protocol and the eigen protocol that every curvature block of ``compute_kfac`` follows.
 
-A *block* is the curvature of one layer's (or one free parameter's) parameters, a ``(P, P)`` matrix in public
-order (``torch.cat([p.flatten() for p in parameters])``) that is never formed: ``num_params``, ``shape``, ``@``
-(vectors ``(P,)``, matrices ``(P, m)`` or parameter-shaped tuples), ``trace``, ``to_dense(max_params)`` (small
-blocks and tests only), ``eig(vectors=…)``, ``to``, ``describe`` and ``state``/``from_state`` (save and load).
-Its *eigen-structure* (``BlockEigen``): ``eigenvalues``, ``top_eigenvalues``, ``topk``, ``trace``,
-``effective_rank``, ``density`` and ``clamped`` (round-off negatives set to zero).
+A *block* is the curvature of one layer's (or one free parameter's) parameters, a ``LinearOperator``
+(``kfac_hessian.linear_operator``: ``(P, P)`` in public order, ``@``, ``to_dense``, ``to_scipy``, sums and
+restrictions) that is never formed, with ``trace``, ``eig(vectors=…)``, ``to``, ``describe`` and
+``state``/``from_state`` (save and load). Its *eigen-structure* (``BlockEigen``, the same operator seen through its
+eigendecomposition): ``eigenvalues``, ``top_eigenvalues``, ``topk``, ``trace``, ``effective_rank``, ``density`` and
+``clamped`` (round-off negatives set to zero).
 
-The eigendecompositions of all blocks go through ``blocks.eig.eig_blocks`` — batched by size, split over ranks
-when distributed: a block only says which small symmetric matrices it reduces to (``_eig_matrices``) and how their
-decompositions make its eigen-structure (``_eigen``).
+The eigendecompositions of all blocks go through ``eig_blocks`` — batched by size, split over ranks when distributed
+(``blocks.decomposition``): a block only says which small symmetric matrices it reduces to (``eig_matrices``) and
+how their decompositions make its eigen-structure (``eigen_from``).
 """
 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
+from abc import abstractmethod
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from ..limits import DENSITY_CHUNK
+from ..linear_operator import LinearOperator
 from ..spectra import ClampReport, SpectralDensity, entropy, values_density
+from .decomposition import decompose, decompose_distributed
 
-DENSE_LIMIT = 20_000  # largest P for which ``to_dense`` builds a P×P matrix by default
 
-
-class CurvatureBlock(ABC):
+class CurvatureBlock(LinearOperator):
     """One ``(P, P)`` curvature block in public parameter order (module docstring)."""
 
-    kind: ClassVar[str]  # the ``state`` tag that ``from_state`` reads back
+    storage_tag: ClassVar[str]  # what ``state`` is saved under, so that loading picks the class that reads it back
     name: str
 
-    @property
-    @abstractmethod
-    def num_params(self) -> int: ...
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.num_params, self.num_params)
-
-    @property
-    @abstractmethod
-    def dtype(self) -> torch.dtype: ...
-
-    @property
-    @abstractmethod
-    def device(self) -> torch.device: ...
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, P={self.num_params})"
 
     @abstractmethod
     def describe(self) -> str:
@@ -56,11 +45,8 @@ class CurvatureBlock(ABC):
     def trace(self) -> Tensor: ...
 
     @abstractmethod
-    def _apply(self, columns: Tensor) -> Tensor:
-        """The block times ``columns`` ``(P, m)`` (already in the block's dtype)."""
-
-    @abstractmethod
-    def _dense(self) -> Tensor: ...
+    def materialize(self) -> Tensor:
+        """The ``(P, P)`` matrix, formed from the block's own structure."""
 
     @abstractmethod
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "CurvatureBlock": ...
@@ -74,51 +60,62 @@ class CurvatureBlock(ABC):
     def from_state(cls, state: dict, name: str) -> "CurvatureBlock": ...
 
     @abstractmethod
-    def _eig_matrices(self, dtype: torch.dtype | None) -> list[Tensor]:
+    def eig_matrices(self, dtype: torch.dtype | None) -> list[Tensor]:
         """The PSD matrices this block's spectrum is made of, each a batch ``(B, d, d)``."""
 
     @abstractmethod
-    def _eigen(self, matrices: list[Tensor], decompositions: list[tuple], vectors: bool) -> "BlockEigen":
+    def eigen_from(self, matrices: list[Tensor], decompositions: list[tuple], vectors: bool) -> BlockEigen:
         """The eigen-structure from ``(values (B, d), vectors (B, d, d) or None, reports, forms)`` per matrix."""
 
-    def __matmul__(self, v: Tensor | tuple[Tensor, ...] | list[Tensor]) -> Tensor | tuple[Tensor, ...]:
-        """The block times ``v``: ``(P,)``, ``(P, m)``, or a tuple of tensors shaped like the block's parameters
-        (returned alike)."""
-        if isinstance(v, (tuple, list)):
-            out = self @ torch.cat([t.reshape(-1) for t in v])
-            return tuple(piece.reshape(t.shape) for piece, t in zip(out.split([t.numel() for t in v]), v))
-        if v.dim() not in (1, 2) or v.shape[0] != self.num_params:
-            raise ValueError(f"expected a vector (P,) or matrix (P, m) with P={self.num_params}, got {tuple(v.shape)}")
-        return self._apply(v.reshape(self.num_params, -1).to(self.dtype)).reshape(v.shape)
-
-    def to_dense(self, max_params: int = DENSE_LIMIT) -> Tensor:
-        """The ``(P, P)`` matrix in public parameter order — for small blocks and tests only."""
-        if self.num_params > max_params:
-            raise ValueError(
-                f"block {self.name!r} has P={self.num_params} parameters; a dense {self.num_params}² matrix is refused "
-                f"above max_params={max_params}. Use `@` (matvec), `.eig()` or `.eig().density()` instead"
-            )
-        return self._dense()
-
-    def eig(self, dtype: torch.dtype | None = None, vectors: bool = False) -> "BlockEigen":
+    def eig(self, dtype: torch.dtype | None = None, vectors: bool = False) -> BlockEigen:
         """Eigen-structure on the block's device (``dtype=torch.float64`` for more precision).
 
         By default eigenvalues now and eigenvectors when first needed — on the CPU only the leading ones that
         ``topk`` asks for; ``vectors=True`` computes all eigenvectors at once.
         """
-        from .eig import eig_blocks
-
         return eig_blocks({self.name: self}, dtype, vectors)[self.name]
 
 
-class BlockEigen(ABC):
-    """Eigen-structure of one block: all eigenvalues, the leading eigenpairs, trace, effective rank, density."""
+def eig_blocks(blocks: Mapping[str, CurvatureBlock], dtype: torch.dtype | None = None, vectors: bool = False,
+               distributed: bool = False) -> dict[str, BlockEigen]:
+    """``BlockEigen`` of every block (``dtype``: precision of the decompositions; ``vectors``: all eigenvectors now
+    instead of on first use; ``distributed``: each rank of the process group decomposes a cost-balanced share
+    (≈ B·d³ per matrix) and all ranks receive every result)."""
+    # bfloat16/float16 blocks are decomposed in float32 (no LAPACK routine takes them)
+    requests = {(name, i): m for name, block in blocks.items()
+                for i, m in enumerate(block.eig_matrices(dtype or _upcast(block.dtype)))}
+    results = decompose_distributed(requests, vectors) if distributed else decompose(requests, vectors)
+    out = {}
+    for name, block in blocks.items():
+        keys = [key for key in requests if key[0] == name]
+        eigen = block.eigen_from([requests[k] for k in keys], [results[k] for k in keys], vectors)
+        eigen.source = block
+        out[name] = eigen
+    return out
+
+
+def _upcast(dtype: torch.dtype) -> torch.dtype | None:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else None
+
+
+class BlockEigen(LinearOperator):
+    """Eigen-structure of one block: all eigenvalues, the leading eigenpairs, trace, effective rank, density.
+
+    As an operator it is the block it decomposes (``source``, set by ``eig_blocks``): its products are the block's."""
 
     clamped: dict[str, ClampReport]
+    source: CurvatureBlock
 
     @property
-    @abstractmethod
-    def num_params(self) -> int: ...
+    def dtype(self) -> torch.dtype:
+        return self.source.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.source.device
+
+    def matmat(self, columns: Tensor) -> Tensor:
+        return self.source.matmat(columns)
 
     @abstractmethod
     def eigenvalues(self) -> Tensor:
@@ -144,7 +141,7 @@ class BlockEigen(ABC):
 
     @abstractmethod
     def density(self, bins: int = 100, log: bool = True, range: tuple[float, float] | None = None,
-                chunk: int = 2**22) -> SpectralDensity:
+                chunk: int = DENSITY_CHUNK) -> SpectralDensity:
         """Histogram of all ``P`` eigenvalues in bounded memory (chunks of about ``chunk`` values).
 
         ``log=True`` bins ``log10`` of the positive eigenvalues and counts zeros apart; ``range`` is in the
@@ -187,5 +184,5 @@ class ExplicitEigen(BlockEigen):
         return math.exp(entropy(self.values)) if float(self.values.sum()) > 0 else 0.0
 
     def density(self, bins: int = 100, log: bool = True, range: tuple[float, float] | None = None,
-                chunk: int = 2**22) -> SpectralDensity:
+                chunk: int = DENSITY_CHUNK) -> SpectralDensity:
         return values_density(self.values, bins, log, range, chunk)

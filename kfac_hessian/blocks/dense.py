@@ -20,7 +20,7 @@ from .base import CurvatureBlock, ExplicitEigen
 class DenseBlocks(CurvatureBlock):
     """Dense sub-blocks on a partition of the public positions (module docstring)."""
 
-    kind = "dense_blocks"
+    storage_tag = "dense_blocks"
 
     def __init__(self, blocks: Tensor, index: Tensor, label: str, name: str = ""):
         if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2] or index.shape != blocks.shape[:2]:
@@ -62,7 +62,7 @@ class DenseBlocks(CurvatureBlock):
     def describe(self) -> str:
         return self.label
 
-    def _apply(self, columns: Tensor) -> Tensor:
+    def matmat(self, columns: Tensor) -> Tensor:
         out = torch.empty_like(columns)
         out[self.index] = self.blocks @ columns[self.index]  # (B, b, m)
         return out
@@ -70,7 +70,7 @@ class DenseBlocks(CurvatureBlock):
     def trace(self) -> Tensor:
         return self.blocks.diagonal(dim1=1, dim2=2).sum()
 
-    def _dense(self) -> Tensor:
+    def materialize(self) -> Tensor:
         out = self.blocks.new_zeros(self.num_params, self.num_params)
         out[self.index[:, :, None], self.index[:, None, :]] = self.blocks
         return out
@@ -85,10 +85,10 @@ class DenseBlocks(CurvatureBlock):
     def from_state(cls, state: dict, name: str) -> "DenseBlocks":
         return cls(state["blocks"], state["index"], state["label"], name)
 
-    def _eig_matrices(self, dtype: torch.dtype | None) -> list[Tensor]:
+    def eig_matrices(self, dtype: torch.dtype | None) -> list[Tensor]:
         return [self.blocks if dtype is None else self.blocks.to(dtype)]
 
-    def _eigen(self, matrices: list[Tensor], decompositions: list[tuple], vectors: bool) -> "DenseBlocksEigen":
+    def eigen_from(self, matrices: list[Tensor], decompositions: list[tuple], vectors: bool) -> "DenseBlocksEigen":
         values, vecs, reports, forms = decompositions[0]
         return DenseBlocksEigen(matrices[0], self.index, values, vecs, forms, reports)
 

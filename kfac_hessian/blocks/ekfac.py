@@ -30,7 +30,7 @@ class EKFACBlock(CurvatureBlock):
     ``a_vectors`` ``(groups, width, width)`` — or ``None`` for a diagonal ``A`` (``U = I``) — and ``values`` ``Λ``
     ``(groups, d_out, width)``, all in the Kronecker order of ``layout``."""
 
-    kind = "ekfac"
+    storage_tag = "ekfac"
 
     def __init__(self, g_vectors: Tensor, a_vectors: Tensor | None, values: Tensor, layout: BlockLayout, name: str = ""):
         groups, d_out, width = layout.groups, layout.d_out, layout.width
@@ -68,16 +68,16 @@ class EKFACBlock(CurvatureBlock):
             out = out @ (self.a_vectors if transpose else self.a_vectors.transpose(1, 2))
         return out
 
-    def _apply(self, columns: Tensor) -> Tensor:
+    def matmat(self, columns: Tensor) -> Tensor:
         coordinates = self._rotate(self.layout.to_matrices(columns.T), transpose=True)
         return self.layout.to_vectors(self._rotate(coordinates * self.values, transpose=False)).T
 
     def trace(self) -> Tensor:
         return self.values.sum()
 
-    def _dense(self) -> Tensor:
+    def materialize(self) -> Tensor:
         eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
-        return self._apply(eye)
+        return self.matmat(eye)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "EKFACBlock":
         a = None if self.a_vectors is None else self.a_vectors.to(device, dtype)
@@ -97,10 +97,10 @@ class EKFACBlock(CurvatureBlock):
         layout = BlockLayout(d_out, d_in, bool(has_bias), groups, bool(transposed))
         return cls(state["g_vectors"], state.get("a_vectors"), state["values"], layout, name)
 
-    def _eig_matrices(self, dtype: torch.dtype | None) -> list[Tensor]:
+    def eig_matrices(self, dtype: torch.dtype | None) -> list[Tensor]:
         return []  # diagonal in its basis already
 
-    def _eigen(self, matrices: list[Tensor], decompositions: list[tuple], vectors: bool) -> "EKFACEigen":
+    def eigen_from(self, matrices: list[Tensor], decompositions: list[tuple], vectors: bool) -> "EKFACEigen":
         return EKFACEigen(self)
 
 

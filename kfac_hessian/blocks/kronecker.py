@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..layout import BlockLayout
+from ..limits import DENSE_BLOCK_LIMIT, DENSITY_CHUNK
 from ..spectra import ClampReport, SpectralDensity, entropy, histogram, symmetric_eig
 from .base import BlockEigen, CurvatureBlock
 
@@ -28,7 +29,7 @@ from .base import BlockEigen, CurvatureBlock
 class KroneckerBlock(CurvatureBlock):
     """``G ⊗ A`` of one layer (module docstring); vectors and matrices exchanged with users in public order."""
 
-    kind = "kronecker"
+    storage_tag = "kronecker"
 
     def __init__(self, A: Tensor, G: Tensor, layout: BlockLayout, name: str = ""):
         grouped = layout.groups > 1
@@ -72,7 +73,7 @@ class KroneckerBlock(CurvatureBlock):
             return self.A, self.G
         return self.A.unsqueeze(0), self.G.unsqueeze(0)
 
-    def _apply(self, columns: Tensor) -> Tensor:
+    def matmat(self, columns: Tensor) -> Tensor:
         a, g = self._grouped()
         matrices = g @ self.layout.to_matrices(columns.T)  # (m, B, o, w): G V̄ A per group
         matrices = matrices * a[:, None, :] if self.a_is_diagonal else matrices @ a
@@ -84,7 +85,7 @@ class KroneckerBlock(CurvatureBlock):
         a_traces = a.sum(-1) if self.a_is_diagonal else a.diagonal(dim1=1, dim2=2).sum(-1)
         return (a_traces * g.diagonal(dim1=1, dim2=2).sum(-1)).sum()
 
-    def _dense(self) -> Tensor:
+    def materialize(self) -> Tensor:
         a, g = self._grouped()
         if self.a_is_diagonal:
             a = torch.diag_embed(a)
@@ -105,11 +106,11 @@ class KroneckerBlock(CurvatureBlock):
         d_out, d_in, has_bias, groups, transposed = state["layout"]
         return cls(state["A"], state["G"], BlockLayout(d_out, d_in, bool(has_bias), groups, bool(transposed)), name)
 
-    def _eig_matrices(self, dtype: torch.dtype | None) -> list[Tensor]:
+    def eig_matrices(self, dtype: torch.dtype | None) -> list[Tensor]:
         a, g = (t.to(dtype) if dtype is not None else t for t in self._grouped())
         return [g] if self.a_is_diagonal else [a, g]
 
-    def _eigen(self, matrices: list[Tensor], decompositions: list[tuple], vectors: bool) -> "KroneckerEigen":
+    def eigen_from(self, matrices: list[Tensor], decompositions: list[tuple], vectors: bool) -> "KroneckerEigen":
         g_values, g_vectors, g_reports, g_forms = decompositions[-1]
         clamped = {"G": _worst(g_reports)}
         if self.a_is_diagonal:
@@ -195,7 +196,7 @@ class KroneckerEigen(BlockEigen):
         """Eigenvectors of ``A`` as columns, matching ``a_values`` (all of them: a full ``eigh`` on first use)."""
         if self.a_is_diagonal:
             width = self.layout.width
-            if width > 4096:
+            if width > DENSE_BLOCK_LIMIT:
                 raise ValueError(f"A is diagonal: its {width} eigenvectors are unit vectors (a_order gives their "
                                  "indices); a dense matrix of them is refused")
             return self._public(torch.eye(width, dtype=self._values["A"].dtype, device=self._a_order.device)[:, self._a_order[0]].unsqueeze(0))
@@ -302,7 +303,7 @@ class KroneckerEigen(BlockEigen):
         return pairs.values, self.layout.rank_one_vectors(pairs.g_vectors, pairs.a_vectors, pairs.groups)
 
     def density(self, bins: int = 100, log: bool = True, range: tuple[float, float] | None = None,
-                chunk: int = 2**22) -> SpectralDensity:
+                chunk: int = DENSITY_CHUNK) -> SpectralDensity:
         g_values = self._values["G"]
         a_values = self._values["A"].to(g_values.dtype)
         pairs = [(a, g) for a, g in zip(a_values, g_values)]

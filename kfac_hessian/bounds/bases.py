@@ -25,7 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from ..blocks import DenseBlocks, KroneckerBlock
+from ..exact import layer_operator
 from ..factors import KFAC
+from ..limits import COMPARE_DENSE_LIMIT
 from ..layers import select
 from ..layout import BlockLayout
 from ..spectra import eig_descending, symmetric_eig
@@ -134,7 +136,7 @@ class PosteriorBasis:
             out.update(block.from_coordinates(c))
         return out
 
-    def to_dense(self, max_params: int = 5000) -> Tensor:
+    def to_dense(self, max_params: int = COMPARE_DENSE_LIMIT) -> Tensor:
         """``Q_b`` as a dense matrix in the order of ``parameter_shapes`` (for tests on small models)."""
         if self.num_params > max_params:
             raise ValueError(f"{self.num_params} parameters exceed max_params={max_params}")
@@ -206,12 +208,10 @@ class PosteriorBasis:
         data,
         layers: list[str] | None = None,
         kind: str = "hessian",
-        max_params: int = 5000,
+        max_params: int = COMPARE_DENSE_LIMIT,
     ) -> "PosteriorBasis":
         """Per block that ``compute_kfac`` would form (``layers`` as there) the eigenvectors of its exact dense block
         (``kind`` "hessian" or "ggn"); small blocks only."""
-        from ..exact import layer_operator
-
         params = dict(model.named_parameters(remove_duplicate=False))
         layer_blocks = {}
         for entry in select(model, layers).entries:

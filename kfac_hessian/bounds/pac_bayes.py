@@ -69,7 +69,7 @@ class PACBayesBound:
 
 def default_error_fn(loss_fn: nn.Module) -> ErrorFn:
     """0-1 error per sample: argmax for cross-entropy, sign of the logit for BCE-with-logits."""
-    kind = loss_spec(loss_fn).kind
+    kind = loss_spec(loss_fn).name
     if kind == "cross_entropy":
         return lambda output, target: (output.argmax(1) != target).to(output.dtype)
     if kind == "bce_with_logits":

@@ -8,7 +8,8 @@ Runs repeat until one finds nothing above the current k-th eigenvalue, so eigenv
 come out with all their copies (a Krylov space of one start block holds at most ``block_size`` copies).
 Small operators (``P ≤ dense_limit``) are formed densely and decomposed with ``eigh``.
 
-The operator is anything with ``shape``, ``dtype``, ``device`` and ``op @ X`` for ``X`` of shape ``(P, m)``.
+The operator is a ``LinearOperator`` or anything with ``shape``, ``dtype``, ``device`` and ``op @ X`` for ``X`` of
+shape ``(P, m)``; the result is itself a ``LinearOperator``: ``V diag(λ) Vᵀ`` of the pairs found.
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ import torch
 from torch import Tensor
 
 from ..distributed import require_seed_for
-
-DENSE_COLUMNS = 128  # columns per product when an operator is formed densely (memory: one tangent per column)
+from ..limits import LANCZOS_DENSE_LIMIT
+from ..linear_operator import LinearOperator, dense_by_products
 
 
 @dataclass
-class LanczosResult:
+class LanczosResult(LinearOperator):
     """Eigenvalues ``(k,)`` and orthonormal eigenvectors ``(k, P)``, with how they were obtained.
 
-    Unpacks as ``vals, vecs = lanczos(...)``. ``residuals[i] = ‖A x_i − θ_i x_i‖``.
+    Unpacks as ``vals, vecs = lanczos(...)``. ``residuals[i] = ‖A x_i − θ_i x_i‖``. As a ``LinearOperator`` it is
+    the part of the operator on the pairs found, ``V diag(λ) Vᵀ``.
     """
 
     eigenvalues: Tensor
@@ -42,6 +44,21 @@ class LanczosResult:
 
     def __iter__(self):
         return iter((self.eigenvalues, self.eigenvectors))
+
+    @property
+    def num_params(self) -> int:
+        return self.eigenvectors.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.eigenvectors.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.eigenvectors.device
+
+    def matmat(self, columns: Tensor) -> Tensor:
+        return self.eigenvectors.T @ (self.eigenvalues[:, None] * (self.eigenvectors @ columns))
 
 
 def _orthogonalize(block: Tensor, bases: list[Tensor]) -> Tensor:
@@ -164,14 +181,14 @@ def lanczos(
     max_iter: int | None = None,
     block_size: int = 1,
     seed: int | None = None,
-    dense_limit: int = 512,
+    dense_limit: int = LANCZOS_DENSE_LIMIT,
     max_runs: int | None = None,
     start: Tensor | None = None,
 ) -> LanczosResult:
     """The ``k`` extreme eigenpairs of a symmetric operator.
 
     Args:
-        op: ``CurvatureOperator``, ``KroneckerFactor`` or anything with ``shape``, ``dtype``, ``device``, ``@``.
+        op: a ``LinearOperator`` (exact operator, block, …) or anything with ``shape``, ``dtype``, ``device``, ``@``.
         k: number of eigenpairs.
         which: ``"largest"`` (descending), ``"smallest"`` (ascending), or ``"both"`` (``k − k//2`` largest and
             ``k//2`` smallest, descending).
@@ -207,9 +224,7 @@ def lanczos(
     k_hi = {"largest": k, "smallest": 0, "both": k - k // 2}[which]
     k_lo = k - k_hi
     if n <= dense_limit:
-        eye = torch.eye(n, dtype=dtype, device=device)
-        # a few columns per product: each column of a curvature operator carries its own activations' tangents
-        dense = torch.cat([op @ eye[:, i : i + DENSE_COLUMNS] for i in range(0, n, DENSE_COLUMNS)], dim=1)
+        dense = dense_by_products(op)
         theta, vecs = torch.linalg.eigh(0.5 * (dense + dense.T))
         largest, smallest = torch.arange(n - 1, n - 1 - k_hi, -1), torch.arange(k_lo)
         idx = torch.cat([largest, smallest.flip(0) if which == "both" else smallest]).to(device)

@@ -17,16 +17,15 @@ from __future__ import annotations
 import contextlib
 import warnings
 
-import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import distributed as _distributed
-from ..blocks.base import DENSE_LIMIT
 from ..data import Data, OutputSelector, iterate_batches, model_output, require_reiterable
 from ..losses import check_batch, hessian_vector_product, loss_spec, summed_loss, terms_per_sample
+from ..linear_operator import LinearOperator
 from ..model_state import compute_dtype, eager_calls, eager_model, is_batch_norm, preserved_model_state
 
 
@@ -42,7 +41,7 @@ def _slow_multihead_attention():
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
-class CurvatureOperator:
+class CurvatureOperator(LinearOperator):
     """The exact ``(P, P)`` Hessian or GGN block of some parameters, in the order of ``param_names``.
 
     ``n_matvecs`` and ``n_data_passes`` count the work done so far (one pass serves ``m`` vectors). ``dtype`` is the
@@ -74,8 +73,8 @@ class CurvatureOperator:
         self._shapes = [params[n].shape for n in self.param_names]
         self._sizes = [params[n].numel() for n in self.param_names]
         first = params[self.param_names[0]]
-        self.param_dtype, self.device = first.dtype, first.device
-        self.dtype = compute_dtype(first.dtype)
+        self.param_dtype, self._device = first.dtype, first.device
+        self._dtype = compute_dtype(first.dtype)
         self.n_matvecs = 0
         self.n_data_passes = 0
         self.math_attention = False  # set once a fused attention kernel refused double backward
@@ -85,19 +84,20 @@ class CurvatureOperator:
         return sum(self._sizes)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return (self.num_params, self.num_params)
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
     def __repr__(self) -> str:
         return f"CurvatureOperator(kind={self.kind!r}, P={self.num_params}, params={self.param_names})"
 
-    def __matmul__(self, v: Tensor) -> Tensor:
-        if v.dim() not in (1, 2) or v.shape[0] != self.num_params:
-            raise ValueError(f"expected a vector (P,) or matrix (P, m) with P={self.num_params}, got {tuple(v.shape)}")
-        columns = v.reshape(self.num_params, -1).to(self.device, self.dtype)
+    def matmat(self, columns: Tensor) -> Tensor:
         if not self.math_attention:
             try:
-                return self._apply(columns).reshape(v.shape)
+                return self._products(columns)
             except (RuntimeError, NotImplementedError) as error:
                 # fused scaled_dot_product_attention kernels (flash, memory-efficient) have neither double backward
                 # (kind="hessian") nor forward-mode AD (kind="ggn")
@@ -110,16 +110,12 @@ class CurvatureOperator:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-        return self._apply(columns).reshape(v.shape)
+        return self._products(columns)
 
     def _attention_backend(self):
-        if not self.math_attention:
-            return contextlib.nullcontext()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel([SDPBackend.MATH]) if self.math_attention else contextlib.nullcontext()
 
-        return sdpa_kernel([SDPBackend.MATH])
-
-    def _apply(self, columns: Tensor) -> Tensor:
+    def _products(self, columns: Tensor) -> Tensor:
         m = columns.shape[1]
         tangents = [t.reshape(m, *shape).to(self.param_dtype)
                     for t, shape in zip(columns.T.split(self._sizes, dim=1), self._shapes)]
@@ -174,25 +170,6 @@ class CurvatureOperator:
         check_batch(self.spec, output, target)
         jacobian_products = vmap(lambda *t: jvp(forward, theta, t)[1])(*tangents)
         return vmap(pullback)(hessian_vector_product(self.spec, output, jacobian_products)), output
-
-    def to_dense(self, max_params: int = DENSE_LIMIT, chunk: int = 128) -> Tensor:
-        """The ``(P, P)`` matrix, ``chunk`` columns per pass over the data — small blocks and tests only."""
-        if self.num_params > max_params:
-            raise ValueError(
-                f"P={self.num_params} exceeds max_params={max_params} for a dense matrix; use products, "
-                "`lanczos`, `slq_density` or `hutchinson_trace` instead"
-            )
-        eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
-        return torch.cat([self @ eye[:, i : i + chunk] for i in range(0, self.num_params, chunk)], dim=1)
-
-    def to_scipy(self) -> LinearOperator:
-        """A ``scipy.sparse.linalg.LinearOperator`` (numpy in, numpy out) over the same products."""
-        np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
-
-        def matmat(x: np.ndarray) -> np.ndarray:
-            return (self @ torch.as_tensor(np.asarray(x), dtype=self.dtype, device=self.device)).cpu().numpy()
-
-        return LinearOperator(self.shape, matvec=matmat, matmat=matmat, rmatvec=matmat, dtype=np_dtype)
 
 
 def layer_operator(

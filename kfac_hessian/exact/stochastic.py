@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import require_seed_for
+from ..limits import PROBE_CHUNK
 
 
 @dataclass
@@ -43,7 +44,7 @@ def _generator(op, seed):
     return torch.Generator(op.device).manual_seed(seed) if seed is not None else None
 
 
-def hutchinson_trace(op, n_probes: int = 100, seed: int | None = None, chunk: int = 256) -> TraceEstimate:
+def hutchinson_trace(op, n_probes: int = 100, seed: int | None = None, chunk: int = PROBE_CHUNK) -> TraceEstimate:
     """``tr(A) ≈ mean zᵀ A z`` over Rademacher probes, ``chunk`` probes per product."""
     if n_probes < 1:
         raise ValueError(f"n_probes must be ≥ 1, got {n_probes}")

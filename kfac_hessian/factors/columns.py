@@ -8,14 +8,11 @@ or the gradient at the true labels (``"empirical"``); each ``(K, *output.shape)`
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Literal
-
 import torch
 from torch import Tensor
 
 from ..losses import LossSpec, hessian_sqrt_columns, output_gradient, sample_output_gradients
-
-Curvature = Literal["ggn", "mc", "empirical"]
+from .options import Curvature
 
 
 def output_columns(spec: LossSpec, curvature: Curvature, output: Tensor, target: Tensor, mc_samples: int, generator) -> Tensor:

@@ -7,15 +7,17 @@ gradients are taken in the eigenbasis ``V ⊗ U`` of its ``G ⊗ A`` and their s
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from ..blocks import CurvatureBlock, EKFACBlock, KroneckerBlock, eig_blocks
-from ..data import Data, OutputSelector
+from ..data import Data
 from ..layers import Entry, PerSampleStatistic
 from ..layout import BlockLayout
-from .driver import PassOptions
-from .per_sample import base_kfac, per_sample_pass
+from .options import Curvature, PassOptions
+from .per_sample import base_kfac, correction_options, per_sample_pass
 from .result import KFAC
 
 
@@ -52,36 +54,28 @@ def compute_ekfac(
     model: nn.Module,
     loss_fn: nn.Module,
     data: Data,
-    curvature: str | None = None,
+    curvature: Curvature | None = None,
     kfac: KFAC | None = None,
     *,
-    mc_samples: int = 1,
-    seed: int | None = None,
-    column_chunk: int | None = None,
-    per_position: bool = False,
-    position_signs: int | None = None,
-    batch_norm_eval: bool = True,
-    progress: bool = False,
-    distributed: bool = False,
-    output: OutputSelector | None = None,
-    **kfac_options,
+    options: PassOptions | None = None,
+    **arguments: Any,
 ) -> KFAC:
     """EKFAC blocks of every Kronecker layer of ``kfac`` (computed here with ``compute_kfac`` when not given), the
     other blocks of ``kfac`` unchanged.
 
-    ``curvature`` (default: ``kfac``'s, else ``"ggn"``) chooses the per-sample columns of the correction pass as in
-    ``compute_kfac``, as do ``mc_samples``, ``seed``, ``column_chunk``, ``per_position``, ``position_signs``,
-    ``batch_norm_eval``, ``distributed`` and ``output``; ``kfac_options`` go to ``compute_kfac`` (``layers``,
-    ``approx``, ``dtype``, …). For ``"ggn"`` with one output position per sample (or ``per_position=True``) every
-    EKFAC block is ``Q diag(Qᵀ H Q) Qᵀ`` for the exact GGN block ``H``: the same trace, and the nearest matrix to
-    ``H`` in the Frobenius norm that is diagonal in the Kronecker eigenbasis ``Q`` (so never further from ``H`` than
-    ``G ⊗ A``). Cost: ``compute_kfac``, the factors' eigenvectors, and one pass whose backward passes are those of
-    ``compute_kfac`` plus, per layer and column, products of the size of a weight gradient.
+    ``curvature`` (default: ``kfac``'s, else that of ``options``, ``"ggn"``) and the other pass options (``options``
+    and/or ``PassOptions`` fields as keywords: ``mc_samples``, ``seed``, ``column_chunk``, ``per_position``,
+    ``position_signs``, ``batch_norm_eval``, ``progress``, ``distributed``, ``output``) choose the per-sample columns
+    of the correction pass as in ``compute_kfac``, and run ``compute_kfac`` when ``kfac`` is not given; the other
+    ``arguments`` go to ``compute_kfac`` (``layers``, ``approx``, ``device``, ``dtype``). For ``"ggn"`` with one
+    output position per sample (or ``per_position=True``) every EKFAC block is ``Q diag(Qᵀ H Q) Qᵀ`` for the exact
+    GGN block ``H``: the same trace, and the nearest matrix to ``H`` in the Frobenius norm that is diagonal in the
+    Kronecker eigenbasis ``Q`` (so never further from ``H`` than ``G ⊗ A``). Cost: ``compute_kfac``, the factors'
+    eigenvectors, and one pass whose backward passes are those of ``compute_kfac`` plus, per layer and column,
+    products of the size of a weight gradient.
     """
-    curvature = curvature or (kfac.curvature if kfac is not None else "ggn")
-    options = PassOptions(curvature, mc_samples, seed, column_chunk, per_position, position_signs, batch_norm_eval,
-                          progress, distributed, output)
-    kfac = base_kfac(model, loss_fn, data, kfac, options, kfac_options)
+    options, kfac_arguments = correction_options(curvature, kfac, options, arguments)
+    kfac = base_kfac(model, loss_fn, data, kfac, options, kfac_arguments)
     eigs = eig_blocks({name: block for name, block in kfac.items() if isinstance(block, KroneckerBlock)}, vectors=True)
 
     def statistic(entry: Entry, block: KroneckerBlock) -> EigenbasisSquares:

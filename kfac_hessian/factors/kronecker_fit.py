@@ -18,16 +18,17 @@ fit is over diagonal ``A``: ``diag(R(H)ᵀ G)``. The factors are rescaled so tha
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..blocks import CurvatureBlock, KroneckerBlock
-from ..data import Data, OutputSelector
+from ..data import Data
 from ..layers import Entry, PerSampleStatistic
 from ..layout import BlockLayout
-from .driver import PassOptions
-from .per_sample import base_kfac, per_sample_pass
+from .options import Curvature, PassOptions
+from .per_sample import base_kfac, correction_options, per_sample_pass
 from .result import KFAC
 
 
@@ -111,42 +112,31 @@ def compute_kronecker_fit(
     model: nn.Module,
     loss_fn: nn.Module,
     data: Data,
-    curvature: str | None = None,
+    curvature: Curvature | None = None,
     kfac: KFAC | None = None,
     *,
     iterations: int = 3,
     tol: float = 1e-3,
-    mc_samples: int = 1,
-    seed: int | None = None,
-    column_chunk: int | None = None,
-    per_position: bool = False,
-    position_signs: int | None = None,
-    batch_norm_eval: bool = True,
-    progress: bool = False,
-    distributed: bool = False,
-    output: OutputSelector | None = None,
-    **kfac_options,
+    options: PassOptions | None = None,
+    **arguments: Any,
 ) -> KFAC:
     """The Frobenius-nearest Kronecker block ``G ⊗ A`` of every Kronecker layer of ``kfac`` (computed here with
     ``compute_kfac`` when not given; module docstring), the other blocks of ``kfac`` unchanged.
 
     Up to ``iterations`` passes over ``data``, each a step of the power iteration; it stops early when no layer's
     score ``s`` (``‖H‖² − s²`` is the squared Frobenius error) changed by more than ``tol`` (relative), and warns when
-    it ran out of iterations first. The other arguments are those of ``compute_ekfac``: ``curvature`` (default:
-    ``kfac``'s, else ``"ggn"``) and the column options choose which per-sample gradients — which block ``H`` — are
-    fitted; with ``"ggn"`` and one output position per sample (or ``per_position=True``) ``H`` is the exact GGN block.
-    The draws (``"mc"`` labels with its required ``seed``, the position signs) repeat in every pass, so every pass
-    fits the same ``H``. The result
-    is a ``KFAC`` of ``KroneckerBlock`` s: every spectrum and analysis applies unchanged.
+    it ran out of iterations first. The other arguments are those of ``compute_ekfac``: ``curvature`` and the pass
+    options choose which per-sample gradients — which block ``H`` — are fitted; with ``"ggn"`` and one output
+    position per sample (or ``per_position=True``) ``H`` is the exact GGN block. The draws (``"mc"`` labels with its
+    required ``seed``, the position signs) repeat in every pass, so every pass fits the same ``H``. The result is a
+    ``KFAC`` of ``KroneckerBlock`` s: every spectrum and analysis applies unchanged.
     """
     if not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
-    curvature = curvature or (kfac.curvature if kfac is not None else "ggn")
-    if curvature == "mc" and seed is None:
+    options, kfac_arguments = correction_options(curvature, kfac, options, arguments)
+    if options.curvature == "mc" and options.seed is None:
         raise ValueError("curvature='mc' needs a seed: every pass must draw the same labels to fit one block")
-    options = PassOptions(curvature, mc_samples, seed, column_chunk, per_position, position_signs, batch_norm_eval,
-                          progress, distributed, output)
-    kfac = base_kfac(model, loss_fn, data, kfac, options, kfac_options)
+    kfac = base_kfac(model, loss_fn, data, kfac, options, kfac_arguments)
     pairs = {name: (block.A, block.G) for name, block in kfac.items() if isinstance(block, KroneckerBlock)}
     traces = {name: _grouped(block.A, block.layout.groups) for name, block in kfac.items() if name in pairs}
     traces = {name: A.sum().reshape(1) if A.dim() == 1 else A.diagonal(dim1=-2, dim2=-1).sum(-1)

@@ -14,6 +14,7 @@ cross-position terms (docs/conventions.md §3).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -22,8 +23,10 @@ from ..data import Data
 from ..layers import Entry, KroneckerKind, PerSampleStatistic, Selection, select
 from ..losses import loss_spec
 from ..model_state import eager_model
-from .driver import PassOptions, _Pass, _settings, compute_kfac, stream_pass
+from .driver import compute_kfac
+from .options import PassOptions, split_pass_options
 from .result import KFAC
+from .stream import Pass, pass_settings, stream_pass
 
 
 def kronecker_entries(model: nn.Module, kfac: KFAC) -> list[tuple[Entry, KroneckerBlock]]:
@@ -38,18 +41,25 @@ def kronecker_entries(model: nn.Module, kfac: KFAC) -> list[tuple[Entry, Kroneck
     return [(entry, kfac[entry.module_name]) for entry in entries]
 
 
+def correction_options(curvature: str | None, kfac: KFAC | None, options: PassOptions | None,
+                       arguments: dict[str, Any]) -> tuple[PassOptions, dict[str, Any]]:
+    """The options of a per-sample pass — ``curvature`` when given, else ``kfac``'s, else that of ``options``
+    (default ``"ggn"``), and the ``PassOptions`` fields among ``arguments`` — and the rest of ``arguments``, for
+    ``compute_kfac`` (``layers``, ``approx``, ``device``, ``dtype``)."""
+    fields, kfac_arguments = split_pass_options(arguments)
+    if curvature is None and kfac is not None:
+        curvature = kfac.curvature
+    return PassOptions.build(options, **({"curvature": curvature} if curvature else {}), **fields), kfac_arguments
+
+
 def base_kfac(model: nn.Module, loss_fn: nn.Module, data: Data, kfac: KFAC | None, options: PassOptions,
-              kfac_options: dict) -> KFAC:
-    """``kfac``, or ``compute_kfac`` with ``options`` and ``kfac_options`` when it is not given."""
-    if kfac is not None:
-        if kfac_options:
-            raise ValueError(f"{sorted(kfac_options)} configure compute_kfac, which does not run when kfac= is given")
-        return kfac
-    return compute_kfac(model, loss_fn, data, curvature=options.curvature, mc_samples=options.mc_samples,
-                        seed=options.seed, column_chunk=options.column_chunk, per_position=options.per_position,
-                        position_signs=options.position_signs, batch_norm_eval=options.batch_norm_eval,
-                        progress=options.progress, distributed=options.distributed, output=options.output,
-                        **kfac_options)
+              kfac_arguments: dict[str, Any]) -> KFAC:
+    """``kfac``, or ``compute_kfac`` with ``options`` and ``kfac_arguments`` when it is not given."""
+    if kfac is None:
+        return compute_kfac(model, loss_fn, data, options=options, **kfac_arguments)
+    if kfac_arguments:
+        raise ValueError(f"{sorted(kfac_arguments)} configure compute_kfac, which does not run when kfac= is given")
+    return kfac
 
 
 def per_sample_pass(model: nn.Module, loss_fn: nn.Module, data: Data, kfac: KFAC,
@@ -59,13 +69,11 @@ def per_sample_pass(model: nn.Module, loss_fn: nn.Module, data: Data, kfac: KFAC
     model = eager_model(model)
     pairs = kronecker_entries(model, kfac)
     selection = Selection([entry for entry, _ in pairs])
-    settings = _settings(selection, "expand", pairs[0][1].dtype)
+    settings = pass_settings(selection, "expand", pairs[0][1].dtype)
     accumulators = {entry.module_name: entry.kind.per_sample_accumulator(entry.module_name, entry.module, settings,
                                                                          statistics(entry, block))
                     for entry, block in pairs}
-    pass_ = _Pass(model, accumulators, selection, settings, True, options.output, check_formulas=False)
+    pass_ = Pass(model, accumulators, selection, settings, True, options.output, check_formulas=False)
     n_samples, scale = stream_pass(model, spec, data, pass_, options)
-    new = pass_.result(scale, pairs[0][1].device, options.curvature, kfac.approx, spec, n_samples).blocks
-    blocks = {name: new.get(name, block) for name, block in kfac.items()}
-    return KFAC(blocks, kfac.curvature, kfac.approx, kfac.loss, kfac.reduction, n_samples, dict(kfac.skipped),
-                dict(kfac.parameter_names), dict(kfac.counts), kfac.total_params, dict(kfac.tied))
+    new, _, _ = pass_.finalize(scale, pairs[0][1].device)
+    return kfac.with_blocks({name: new.get(name, block) for name, block in kfac.items()}, n_samples=n_samples)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from ..blocks import BlockEigen, CurvatureBlock, eig_blocks
+from . import storage
+
+_META = ("curvature", "approx", "loss", "reduction", "n_samples", "skipped", "parameter_names", "counts",
+         "total_params", "tied")
 
 
 @dataclass
@@ -61,10 +66,16 @@ class KFAC(Mapping[str, CurvatureBlock]):
         """
         return eig_blocks(self.blocks, dtype, vectors, distributed)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "KFAC":
-        moved = {n: b.to(device, dtype) for n, b in self.blocks.items()}
-        return KFAC(moved, self.curvature, self.approx, self.loss, self.reduction, self.n_samples, dict(self.skipped),
-                    dict(self.parameter_names), dict(self.counts), self.total_params, dict(self.tied))
+    def with_blocks(self, blocks: dict[str, CurvatureBlock], **changes) -> KFAC:
+        """A copy with ``blocks`` (and any field in ``changes``), its dictionaries copied."""
+        copied = {key: dict(value) if isinstance(value, dict) else value for key, value in self._meta().items()}
+        return dataclasses.replace(self, blocks=blocks, **{**copied, **changes})
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> KFAC:
+        return self.with_blocks({n: b.to(device, dtype) for n, b in self.blocks.items()})
+
+    def _meta(self) -> dict:
+        return {key: getattr(self, key) for key in _META}
 
     def covered_params(self) -> int:
         return sum(self.counts.get(name, b.num_params) for name, b in self.blocks.items())
@@ -87,13 +98,10 @@ class KFAC(Mapping[str, CurvatureBlock]):
 
     def save(self, path) -> None:
         """Save as plain tensors and strings (loaded with ``torch.load(weights_only=True)``: no code runs)."""
-        from .storage import save
-
-        save(self, path)
+        storage.save(path, self._meta(), self.blocks)
 
     @classmethod
-    def load(cls, path, map_location: torch.device | str | None = None) -> "KFAC":
+    def load(cls, path, map_location: torch.device | str | None = None) -> KFAC:
         """Load what ``save`` wrote; never unpickles code (``weights_only=True``)."""
-        from .storage import load
-
-        return load(path, map_location)
+        meta, blocks = storage.load(path, map_location)
+        return cls(blocks, **meta)

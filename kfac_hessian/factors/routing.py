@@ -63,3 +63,16 @@ class GradientRouter:
             if acc.skip_reason is None:
                 acc.add_gradients(slots)
             self.pending[key] = [[None] * len(c.output_shapes) for c in self.calls[key]]
+
+
+def backpropagate_together(output: Tensor, chunk: Tensor, calls: Mapping[str, list[LayerCall]],
+                           router: GradientRouter, retain: bool) -> None:
+    """One (vectorized when ``len(chunk) > 1``) backward pass of ``chunk`` to all recorded outputs at once."""
+    targets = [(key, i, leaf, z) for key, key_calls in calls.items() for i, call in enumerate(key_calls)
+               for leaf, z in enumerate(call.outputs or [])]
+    batched = len(chunk) > 1  # a single column skips vmap's batching rules
+    grads = torch.autograd.grad(output, [z for *_, z in targets], grad_outputs=chunk if batched else chunk[0],
+                                is_grads_batched=batched, allow_unused=True, retain_graph=retain)
+    for (key, index, leaf, _), grad in zip(targets, grads):
+        if grad is not None:  # None: the call did not influence the output
+            router.receive(key, index, leaf, grad if batched else grad.unsqueeze(0))

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .attention import AttentionKind
-from .base import DENSE_BLOCK_LIMIT, Accumulator, LayerKind, PassSettings, forward_is, outputs_match
+from .base import Accumulator, LayerKind, PassSettings, forward_is, outputs_match
 from .conv import ConvKind
 from .embedding import EmbeddingKind
 from .kronecker import KroneckerKind, KroneckerSums, PerSampleStatistic, PerSampleSums
@@ -216,7 +216,6 @@ def _select_all(modules: dict[str, nn.Module]) -> Selection:
 
 __all__ = [
     "Accumulator",
-    "DENSE_BLOCK_LIMIT",
     "Entry",
     "KroneckerKind",
     "KroneckerSums",

@@ -27,8 +27,6 @@ from torch import Tensor, nn
 from ..blocks import CurvatureBlock
 from ..capture import LayerCall
 
-DENSE_BLOCK_LIMIT = 4096  # largest P of an exact block kept dense (normalization layers, free parameters): 16.8M entries
-
 
 @dataclass(frozen=True)
 class PassSettings:

@@ -9,7 +9,7 @@ convolutions (``groups = c_in``) get one ``(k + 1)²`` ``A`` and a ``(c_out/c_in
 
 ``Σ ā āᵀ`` of stride-1 zero-padded 1-D/2-D convolutions without groups (``approx="expand"``) comes from shifted
 products of the input (``patch_moments``: 13 products instead of 81 block products for a 3×3 kernel); the other
-convolutions unfold their patches, a few samples at a time (``UNFOLD_BUDGET``).
+convolutions unfold their patches, a few samples at a time (``limits.WORK_BUFFER_ELEMENTS``).
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import limits
 from ..capture import LayerCall
 from ..layout import BlockLayout
 from .base import forward_is, outputs_match
-from .kronecker import KroneckerKind, KroneckerSums, _concat_locations
+from .kronecker import KroneckerKind, KroneckerSums, concat_locations
 from .patch_moments import Geometry, patch_moments, patch_moments_elements
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-UNFOLD_BUDGET = 2**24  # elements of unfolded convolution patches materialized at once (64 MiB in float32)
 
 
 def padding_amounts(module: nn.Module) -> list[int]:
@@ -92,19 +92,19 @@ class ConvKind(KroneckerKind):
         return Geometry(tuple(module.kernel_size), tuple(module.dilation), tuple(padding_amounts(module)))
 
     def add_inputs(self, sums: KroneckerSums, module: nn.Module, inputs: list[Tensor]) -> None:
-        """A few samples at a time, at most about ``UNFOLD_BUDGET`` elements of temporaries at once: a 3×3
+        """A few samples at a time, at most about ``limits.WORK_BUFFER_ELEMENTS`` elements of temporaries at once: a 3×3
         convolution's patches are 9× its input, and unfolding a whole batch of a wide layer would dominate the peak
         memory."""
         geometry = self._shifted(module, sums)
         per_sample = sum(patch_moments_elements(geometry, x) if geometry else self.input_rows(module, x[:1]).numel()
                          for x in inputs)
-        chunk = max(1, UNFOLD_BUDGET // per_sample)
+        chunk = max(1, limits.WORK_BUFFER_ELEMENTS // per_sample)
         for start in range(0, inputs[0].shape[0], chunk):
             if geometry:
                 for x in inputs:
                     sums.add_moments(*patch_moments(geometry, x[start : start + chunk], sums.a_sum.dtype))
             else:
-                sums.add_rows(_concat_locations([self.input_rows(module, x[start : start + chunk]) for x in inputs]))
+                sums.add_rows(concat_locations([self.input_rows(module, x[start : start + chunk]) for x in inputs]))
 
     def reproduces(self, module: nn.Module, call: LayerCall) -> bool:
         return outputs_match(module._conv_forward(call.inputs, module.weight, module.bias), call.output_values)

@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
+from .. import limits
 from ..blocks import CurvatureBlock, KroneckerBlock
 from ..capture import LayerCall
 from ..gram import add_gram, feature_major, symmetrize_
@@ -46,7 +47,7 @@ class KroneckerKind(LayerKind):
 
     def add_inputs(self, sums: "KroneckerSums", module: nn.Module, inputs: list[Tensor]) -> None:
         """Accumulate the inputs of every call of ``module`` in one batch (default: their rows in one piece)."""
-        sums.add_rows(_concat_locations([self.input_rows(module, x) for x in inputs]))
+        sums.add_rows(concat_locations([self.input_rows(module, x) for x in inputs]))
 
     def weight_matrices(self, module: nn.Module) -> Tensor:
         """The weight as ``(groups, d_out, d_in)`` matrices (detached)."""
@@ -118,7 +119,7 @@ class KroneckerSums(Accumulator):
         self.a_rows += rows
 
     def add_gradients(self, grads: list[list[Tensor]]) -> None:
-        rows = _concat_locations([self.kind.output_rows(self.module, g[0]) for g in grads], axis=2)
+        rows = concat_locations([self.kind.output_rows(self.module, g[0]) for g in grads], axis=2)
         if self.approx == "reduce":
             rows = rows.sum(2, keepdim=True)
         self._gram(self.g_sum, feature_major(rows, self.g_sum.dtype))
@@ -149,12 +150,11 @@ class KroneckerSums(Accumulator):
         return {self.name: KroneckerBlock(self.input_factor().to(device), G.to(device), self.layout, self.name)}
 
 
-def _concat_locations(rows: list[Tensor], axis: int = 1) -> Tensor:
+def concat_locations(rows: list[Tensor], axis: int = 1) -> Tensor:
     """Several calls of one layer are further locations (no copy for the usual single call)."""
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=axis)
 
 
-PER_SAMPLE_BUDGET = 2**24  # elements of per-sample gradient matrices materialized at once
 
 
 class PerSampleStatistic(ABC):
@@ -194,7 +194,7 @@ class PerSampleSums(Accumulator):
     """Feeds a ``PerSampleStatistic`` the per-sample gradients of one Kronecker layer. The rows are taken into the
     statistic's bases once — ``ã = Uᵀ ā``, ``g̃ = Vᵀ g`` — so the per-sample gradient in the basis is ``Σ_t g̃_t ã_tᵀ``;
     with one location per sample the statistic gets the rows themselves; with several the matrices are formed a few
-    samples at a time (``PER_SAMPLE_BUDGET``), never all at once; for a diagonal ``A`` (token inputs) as the sums of
+    samples at a time (``limits.WORK_BUFFER_ELEMENTS``), never all at once; for a diagonal ``A`` (token inputs) as the sums of
     ``g̃`` over each sample's occurrences of a token."""
 
     def __init__(self, kind: KroneckerKind, name: str, module: nn.Module, settings: PassSettings,
@@ -213,11 +213,11 @@ class PerSampleSums(Accumulator):
     def add_inputs(self, calls: list[LayerCall]) -> None:
         layout = self.layout
         if self.kind.diagonal_a:  # token indices (N, T); the padding row gets no gradient
-            indices = _concat_locations([c.inputs.reshape(c.inputs.shape[0], -1) for c in calls])
+            indices = concat_locations([c.inputs.reshape(c.inputs.shape[0], -1) for c in calls])
             padding = getattr(self.module, "padding_idx", None)
             self._inputs = indices if padding is None else indices.masked_fill(indices == padding, -1)
         else:
-            rows = _concat_locations([self.kind.input_rows(self.module, c.inputs) for c in calls]).to(self.dtype)
+            rows = concat_locations([self.kind.input_rows(self.module, c.inputs) for c in calls]).to(self.dtype)
             n, t = rows.shape[:2]
             rows = rows.reshape(n, t, layout.groups, layout.d_in)
             if layout.has_bias:
@@ -234,7 +234,7 @@ class PerSampleSums(Accumulator):
 
     def add_gradients(self, grads: list[list[Tensor]]) -> None:
         layout = self.layout
-        rows = _concat_locations([self.kind.output_rows(self.module, g[0]) for g in grads], axis=2).to(self.dtype)
+        rows = concat_locations([self.kind.output_rows(self.module, g[0]) for g in grads], axis=2).to(self.dtype)
         k, n, t = rows.shape[:3]
         rows = rows.reshape(k, n, t, layout.groups, layout.d_out)
         basis = self.statistic.output_basis
@@ -248,7 +248,7 @@ class PerSampleSums(Accumulator):
         if t == 1:
             self.statistic.add_outer(rows[:, :, 0], inputs[:, 0])
             return
-        size = max(1, PER_SAMPLE_BUDGET // max(1, k * layout.groups * layout.d_out * layout.width))
+        size = max(1, limits.WORK_BUFFER_ELEMENTS // max(1, k * layout.groups * layout.d_out * layout.width))
         for start in range(0, n, size):
             # Σ_t g_t ā_tᵀ for a few samples: (k, n, groups, d_out, width) as one batched product per group
             g = rows[:, start : start + size].permute(3, 0, 1, 4, 2)  # (groups, k, n, d_out, t)

@@ -12,7 +12,7 @@ per-sample, per-column vectors
 (``g`` the output gradients of ``compute_kfac``'s columns) the block is ``scale · Σ_{n,k} u uᵀ`` — for
 ``curvature="ggn"`` the exact GGN block, no approximation, when the model has one output position per sample or
 with ``per_position=True`` (otherwise joint columns add cross-position terms, docs/conventions.md §3). It is kept
-dense while ``P ≤ base.DENSE_BLOCK_LIMIT`` (4096); wider layers keep the per-feature ``(γ_f, β_f)``
+dense while ``P ≤ limits.DENSE_BLOCK_LIMIT`` (4096); wider layers keep the per-feature ``(γ_f, β_f)``
 blocks (2×2, or 1×1 without ``β``: exact within each, cross-feature terms dropped).
 """
 
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..blocks import DenseBlocks
 from ..capture import LayerCall
-from . import base
+from .. import limits
 from .base import Accumulator, LayerKind, PassSettings, forward_is, outputs_match
 
 
@@ -94,14 +94,14 @@ class NormalizationKind(LayerKind):
 
 class NormSums(Accumulator):
     """Running ``Σ u uᵀ`` of one normalization layer: ``(P, P)``, or per-feature ``(F, p, p)`` above
-    ``base.DENSE_BLOCK_LIMIT`` (``p = 2`` with ``β``, 1 without)."""
+    ``limits.DENSE_BLOCK_LIMIT`` (``p = 2`` with ``β``, 1 without)."""
 
     def __init__(self, kind: NormalizationKind, name: str, module: nn.Module, settings: PassSettings):
         self.kind, self.name, self.module = kind, name, module
         self.n_features = module.weight.numel()
         self.per_feature = 1 + int(getattr(module, "bias", None) is not None)  # (γ_f, β_f) or γ_f
         self.num_params = self.per_feature * self.n_features
-        self.dense = self.num_params <= base.DENSE_BLOCK_LIMIT
+        self.dense = self.num_params <= limits.DENSE_BLOCK_LIMIT
         shape = (self.num_params, self.num_params) if self.dense else (self.n_features, self.per_feature, self.per_feature)
         self.sums = torch.zeros(shape, dtype=settings.dtype, device=settings.device)
         self.calls = 0

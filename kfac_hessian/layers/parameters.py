@@ -8,7 +8,7 @@ For a parameter ``θ`` owned by module ``M``, the per-sample, per-column gradien
 ``u_{nk} = (∂M(x_n)/∂θ)ᵀ g_{nk}``, computed by ``torch.func`` (``vjp`` under ``vmap`` over the samples, ``M`` re-run
 functionally on its recorded inputs). The block is ``scale · Σ_{n,k} u uᵀ`` — for ``curvature="ggn"`` the exact GGN
 block of ``θ`` (with one output position per sample, or ``per_position=True``) — kept dense while
-``P ≤ base.DENSE_BLOCK_LIMIT`` (4096) and as its exact diagonal above, each parameter a block of its own.
+``P ≤ limits.DENSE_BLOCK_LIMIT`` (4096) and as its exact diagonal above, each parameter a block of its own.
 
 ``M`` must compute each sample from that sample alone along axis 0 of its inputs; this is checked on the first batch
 (the per-sample outputs must reproduce the recorded output) and a module that fails (batch statistics, dropout in
@@ -24,11 +24,10 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..blocks import DenseBlocks
-from ..capture import LayerCall, _differentiable
-from . import base
+from .. import limits
+from ..capture import LayerCall, differentiable
 from .base import Accumulator, PassSettings, outputs_match
 
-SAMPLE_BUDGET = 2**24  # elements of per-sample gradients and outputs materialized at once
 VERIFY_SAMPLES = 2  # samples of the first batch re-run to check that the module computes each sample alone
 
 
@@ -48,7 +47,7 @@ class ParameterSums(Accumulator):
         self.params = {local: own[local] for local in local_names}
         self.sums = {}
         for local, p in self.params.items():
-            shape = (p.numel(), p.numel()) if p.numel() <= base.DENSE_BLOCK_LIMIT else (p.numel(),)
+            shape = (p.numel(), p.numel()) if p.numel() <= limits.DENSE_BLOCK_LIMIT else (p.numel(),)
             self.sums[local] = torch.zeros(shape, dtype=settings.dtype, device=settings.device)
         self._calls: list[LayerCall] = []
         self._count = 0
@@ -73,7 +72,7 @@ class ParameterSums(Accumulator):
         n = call.output_shapes[0][0] if call.output_shapes else 0
         count = min(VERIFY_SAMPLES, n)
         expected = [leaf[:count] if leaf.shape[0] == n else leaf
-                    for leaf in tree_flatten(call.output_values)[0] if _differentiable(leaf)]
+                    for leaf in tree_flatten(call.output_values)[0] if differentiable(leaf)]
         try:
             with torch.no_grad():
                 outputs = _per_sample_outputs(self.module, self._detached_params(), call, n, count)
@@ -118,7 +117,7 @@ class ParameterSums(Accumulator):
                 blocks[block_name] = DenseBlocks.dense(sums, f"{self.origin}: exact dense block (per-sample gradients)", block_name)
             else:
                 blocks[block_name] = DenseBlocks.diagonal(
-                    sums, f"{self.origin}: exact diagonal (per-sample gradients; P above {base.DENSE_BLOCK_LIMIT}, "
+                    sums, f"{self.origin}: exact diagonal (per-sample gradients; P above {limits.DENSE_BLOCK_LIMIT}, "
                           "cross terms dropped)", block_name)
         return blocks
 
@@ -139,13 +138,13 @@ def _single_sample_forward(module: nn.Module, leaves: list, spec, batched: list[
             inputs[i] = value.unsqueeze(0)  # a batch of one
         args, kwargs = tree_unflatten(inputs, spec)
         out = functional_call(module, theta, args, kwargs, strict=False)
-        return tuple(leaf[0] for leaf in tree_flatten(out)[0] if _differentiable(leaf))
+        return tuple(leaf[0] for leaf in tree_flatten(out)[0] if differentiable(leaf))
 
     return forward
 
 
 def _chunks(n: int, per_sample: int):
-    size = max(1, SAMPLE_BUDGET // max(1, per_sample))
+    size = max(1, limits.WORK_BUFFER_ELEMENTS // max(1, per_sample))
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 

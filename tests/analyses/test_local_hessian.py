@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import hessian
 
 from kfac_hessian.analyses import back_matching_hessians, condition_number
-from kfac_hessian.factors import input_second_moments
+from kfac_hessian.factors.driver import input_second_moments
 
 from ..conftest import batches, classification_data
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import kfac_hessian as kh
+from kfac_hessian.blocks import KroneckerBlock
 from kfac_hessian.losses import hessian_sqrt_columns, loss_spec
 
 from ..conftest import PerPosition, TinyCNN, batches, binary_data, classification_data, mlp, regression_data
@@ -327,13 +328,13 @@ def test_column_chunking_does_not_change_factors(curvature):
 
 
 def test_convolution_patches_unfolded_in_chunks_give_the_same_factors(monkeypatch):
-    import kfac_hessian.layers.conv as conv
+    import kfac_hessian.limits as limits
 
     model = TinyCNN()
     g = torch.Generator().manual_seed(3)
     X, y = torch.randn(7, 2, 4, 4, generator=g), torch.randint(0, 3, (7,), generator=g)
     whole = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
-    monkeypatch.setattr(conv, "UNFOLD_BUDGET", 40)  # a few samples' patches per chunk (one conv1 sample: 288)
+    monkeypatch.setattr(limits, "WORK_BUFFER_ELEMENTS", 40)  # a few samples' patches per chunk (one conv1 sample: 288)
     chunked = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
     for name in whole:
         assert torch.allclose(whole[name].A, chunked[name].A, atol=1e-14)
@@ -385,7 +386,7 @@ def test_module_called_twice_contributes_both_calls_as_locations():
 def test_per_position_columns_remove_cross_position_terms():
     import warnings
 
-    from kfac_hessian.models import TinyGPT
+    from benchmarks.reference_models import TinyGPT
 
     from ..references import dense_ggn
 
@@ -421,7 +422,7 @@ def test_position_signs_estimate_the_per_position_blocks():
     approaches the per-position (exact) blocks as 1/√R — and is exact for every draw where there are no cross terms."""
     import warnings
 
-    from kfac_hessian.models import TinyGPT
+    from benchmarks.reference_models import TinyGPT
 
     torch.manual_seed(0)
     model = TinyGPT(9, dim=8, depth=1, heads=2, context=5).double()
@@ -569,5 +570,5 @@ def test_low_precision_models_and_autocast():
             assert block.dtype == torch.float32
             assert rel_err(block.to_dense(), reference[name].to_dense()) < 0.05, name
             assert torch.isfinite(block.eig().topk(3)[0]).all()
-    bf16_block = kh.KroneckerBlock(reference["5"].A.bfloat16(), reference["5"].G.bfloat16(), reference["5"].layout)
+    bf16_block = KroneckerBlock(reference["5"].A.bfloat16(), reference["5"].G.bfloat16(), reference["5"].layout)
     assert bf16_block.eig().eigenvalues().dtype == torch.float32  # decomposed in float32

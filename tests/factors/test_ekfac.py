@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 import kfac_hessian as kh
+from kfac_hessian.blocks import EKFACBlock, KroneckerBlock
 
 from ..conftest import TinyCNN, batches, classification_data, mlp
 from ..references import check_factor_spectra, dense_ggn, rel_err
 
 
-def _basis(block: kh.KroneckerBlock) -> torch.Tensor:
+def _basis(block: KroneckerBlock) -> torch.Tensor:
     """The Kronecker eigenvectors of ``block`` as columns in public order (all ``P`` of them, from ``topk``)."""
     return block.eig(vectors=True).topk(block.num_params)[1].T
 
@@ -24,7 +25,7 @@ def _check(model, loss_fn, X, y, names, **options):
                              per_position=options.get("per_position", False))
     for name in names:
         block = ekfac[name]
-        assert isinstance(block, kh.EKFACBlock), name
+        assert isinstance(block, EKFACBlock), name
         H = dense_ggn(model, loss_fn, X, y, kfac.parameter_names[name])
         Q = _basis(kfac[name])
         assert torch.allclose(Q.T @ Q, torch.eye(len(Q)), atol=1e-10)

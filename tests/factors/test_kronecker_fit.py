@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import kfac_hessian as kh
+from kfac_hessian.blocks import KroneckerBlock
 
 from ..conftest import TinyCNN, batches, classification_data, mlp
 from ..references import check_factor_spectra, dense_ggn, nearest_kronecker_error
@@ -25,7 +26,7 @@ def _errors(model, loss_fn, X, y, names, iterations, **options):
     rows = {}
     for name in names:
         block = fit[name]
-        assert isinstance(block, kh.KroneckerBlock), name
+        assert isinstance(block, KroneckerBlock), name
         H = dense_ggn(model, loss_fn, X, y, kfac.parameter_names[name])
         check_factor_spectra(block, block.to_dense())
         optimum = nearest_kronecker_error(H, block.layout, block.a_is_diagonal)

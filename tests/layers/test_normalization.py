@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import kfac_hessian as kh
+from kfac_hessian.blocks import DenseBlocks
 
 from ..conftest import batches, classification_data
 from ..references import check_factor_spectra, dense_ggn
@@ -49,7 +50,7 @@ def test_dense_block_equals_the_exact_ggn_block(name):
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), batches(X, y, [4, 3]))
     assert model.training and model.bn.training
     factor = kfac[name]
-    assert isinstance(factor, kh.DenseBlocks) and factor.blocks.shape[0] == 1  # one dense block
+    assert isinstance(factor, DenseBlocks) and factor.blocks.shape[0] == 1  # one dense block
     model.eval()
     dense = dense_ggn(model, nn.CrossEntropyLoss(), X, y, [name])  # public order: γ's then β's
     assert torch.allclose(factor.to_dense(), dense, rtol=1e-10, atol=1e-14)
@@ -58,9 +59,9 @@ def test_dense_block_equals_the_exact_ggn_block(name):
 
 @pytest.mark.parametrize("name", ["bn", "ln"])
 def test_wide_layers_keep_the_exact_per_feature_blocks(name, monkeypatch):
-    import kfac_hessian.layers.base as base
+    import kfac_hessian.limits as limits
 
-    monkeypatch.setattr(base, "DENSE_BLOCK_LIMIT", 4)
+    monkeypatch.setattr(limits, "DENSE_BLOCK_LIMIT", 4)
     model = _Norms().double()
     X, y = _data()
     factor = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))[name]
@@ -148,10 +149,10 @@ class _Gammas(nn.Module):
 
 @pytest.mark.parametrize("name, wide", [("rms", False), ("ln", False), ("bn", False), ("rms", True)])
 def test_gamma_only_and_batch_norm_1d_blocks_equal_the_exact_ggn_block(name, wide, monkeypatch):
-    import kfac_hessian.layers.base as base
+    import kfac_hessian.limits as limits
 
     if wide:  # above the limit a γ-only layer keeps the exact diagonal
-        monkeypatch.setattr(base, "DENSE_BLOCK_LIMIT", 4)
+        monkeypatch.setattr(limits, "DENSE_BLOCK_LIMIT", 4)
     model = _Gammas().double().eval()
     X, y = classification_data(n=9, d=3)
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), batches(X, y, [5, 4]))

@@ -72,9 +72,9 @@ def test_free_parameters_get_their_exact_ggn_block(name):
 
 
 def test_above_the_size_limit_the_exact_diagonal(monkeypatch):
-    import kfac_hessian.layers.base as base
+    import kfac_hessian.limits as limits
 
-    monkeypatch.setattr(base, "DENSE_BLOCK_LIMIT", 10)
+    monkeypatch.setattr(limits, "DENSE_BLOCK_LIMIT", 10)
     model = TinyViT().double()
     X, y = _images()
     block = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))["embed.pos"]  # 20 parameters

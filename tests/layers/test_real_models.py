@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import kfac_hessian as kh
-from kfac_hessian.models import ConvNeXtish, MobileNetish, ResNet18
+from kfac_hessian.blocks import DenseBlocks, KroneckerBlock
+from benchmarks.reference_models import ConvNeXtish, MobileNetish, ResNet18
 
 from ..conftest import transformers_problem
 from ..references import dense_ggn, rel_err
@@ -58,7 +59,7 @@ def test_per_sample_and_normalization_blocks_are_exact(family):
     layers) equal the dense GGN blocks with several samples."""
     model, inputs, targets, output = transformers_problem(family, n=2)
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (inputs, targets), output=output)
-    exact = [n for n, b in kfac.items() if isinstance(b, kh.DenseBlocks)]
+    exact = [n for n, b in kfac.items() if isinstance(b, DenseBlocks)]
     assert exact
     for name in exact[:6]:
         dense = dense_ggn(model, nn.CrossEntropyLoss(), inputs, targets, kfac.parameter_names[name], output=output)
@@ -72,5 +73,5 @@ def test_in_project_cnn_families(make):
     X, y = torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 10, (2,), generator=g)
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
     _covered(model, kfac)
-    grouped = [b for b in kfac.values() if isinstance(b, kh.KroneckerBlock) and b.layout.groups > 1]
+    grouped = [b for b in kfac.values() if isinstance(b, KroneckerBlock) and b.layout.groups > 1]
     assert bool(grouped) == (not isinstance(model, ResNet18))  # depthwise convolutions in MobileNet and ConvNeXt

@@ -1,43 +1,22 @@
-"""Eigendecompositions of many blocks in one place: batched by size, split over ranks when distributed.
+"""Eigendecompositions of many small symmetric matrices in one place: batched by size, split over ranks when
+distributed.
 
-Every block reduces to a few small PSD matrices (``CurvatureBlock._eig_matrices``: ``A`` and ``G`` of a
-Kronecker block, the sub-blocks of ``DenseBlocks``). They are decomposed together — eigenvectors by one batched
-``eigh`` per size, eigenvalues alone by ``spectra.symmetric_eigvals`` (concurrent tridiagonalizations on the CPU,
-batched ``eigvalsh`` elsewhere) — and each block assembles its ``BlockEigen`` from its share.
+Every block reduces to a few small PSD matrices (``CurvatureBlock.eig_matrices``: ``A`` and ``G`` of a Kronecker
+block, the sub-blocks of ``DenseBlocks``); ``blocks.base.eig_blocks`` hands all of them here at once, keyed by
+``(block name, index)``. Eigenvectors come from one batched ``eigh`` per size, eigenvalues alone from
+``spectra.symmetric_eigvals`` (concurrent tridiagonalizations on the CPU, batched ``eigvalsh`` elsewhere).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
+import torch.distributed as dist
 
 from .. import distributed as _distributed
 from ..spectra import ClampReport, symmetric_eig, symmetric_eigvals
-from .base import BlockEigen, CurvatureBlock
 
 
-def eig_blocks(blocks: Mapping[str, CurvatureBlock], dtype: torch.dtype | None = None, vectors: bool = False,
-               distributed: bool = False) -> dict[str, BlockEigen]:
-    """``BlockEigen`` of every block (``dtype``: precision of the decompositions; ``vectors``: all eigenvectors now
-    instead of on first use; ``distributed``: each rank of the process group decomposes a cost-balanced share
-    (≈ B·d³ per matrix) and all ranks receive every result)."""
-    # bfloat16/float16 blocks are decomposed in float32 (no LAPACK routine takes them)
-    requests = {(name, i): m for name, block in blocks.items()
-                for i, m in enumerate(block._eig_matrices(dtype or _upcast(block.dtype)))}
-    results = _decompose_distributed(requests, vectors) if distributed else _decompose(requests, vectors)
-    out = {}
-    for name, block in blocks.items():
-        keys = [key for key in requests if key[0] == name]
-        out[name] = block._eigen([requests[k] for k in keys], [results[k] for k in keys], vectors)
-    return out
-
-
-def _upcast(dtype: torch.dtype) -> torch.dtype | None:
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else None
-
-
-def _decompose(matrices: dict, vectors: bool) -> dict:
+def decompose(matrices: dict, vectors: bool) -> dict:
     """``{key: (values (B, d), vectors (B, d, d) or None, reports, forms)}`` for ``{key: (B, d, d)}``."""
     keys = list(matrices)
     if not vectors:
@@ -58,16 +37,14 @@ def _decompose(matrices: dict, vectors: bool) -> dict:
     return results
 
 
-def _decompose_distributed(matrices: dict, vectors: bool) -> dict:
+def decompose_distributed(matrices: dict, vectors: bool) -> dict:
     """Each rank decomposes the matrices assigned to it by cost and broadcasts them, packed (a ``Tridiagonal`` form
     stays with its rank: elsewhere the leading eigenvectors come from a full ``eigh`` when asked for)."""
-    import torch.distributed as dist
-
     _distributed.require_process_group()
     keys = list(matrices)
     costs = [float(len(matrices[k])) * float(matrices[k].shape[-1]) ** 3 for k in keys]
     owners = _distributed.assign_by_cost(costs, dist.get_world_size())
-    mine = _decompose({k: matrices[k] for k, o in zip(keys, owners) if o == dist.get_rank()}, vectors)
+    mine = decompose({k: matrices[k] for k, o in zip(keys, owners) if o == dist.get_rank()}, vectors)
     like = next(iter(matrices.values()))
     results = {}
     for rank in range(dist.get_world_size()):

@@ -1,5 +1,5 @@
-"""Reference architectures built in-project (no torchvision, no downloads): the demo's MLP, the benchmarks'
-ResNet-style CNN and sequence model, a ResNet-18-style CNN with BatchNorm, a small GPT-style decoder, and the
+"""Reference architectures built in-project for the benchmarks and tests (no torchvision, no downloads): the demo's
+MLP (``relu_mlp``, from ``kfac_hessian.demo``), the benchmarks' ResNet-style CNN and sequence model, a ResNet-18-style CNN with BatchNorm, a small GPT-style decoder, and the
 MobileNetV2- and ConvNeXt-style CNN families (depthwise convolutions, channels-first LayerNorm, layer scale)."""
 
 from __future__ import annotations
@@ -7,15 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kfac_hessian.demo import relu_mlp
 
-def relu_mlp(widths: tuple[int, ...]) -> nn.Sequential:
-    """Linear layers of the given widths with ReLU between them (layers named "0", "2", ...)."""
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+__all__ = ["ConvNeXtish", "MobileNetish", "ResNet18", "ResNetish", "SequenceMLP", "TinyGPT", "relu_mlp"]
 
 
 class _Block(nn.Module):
