@@ -21,9 +21,9 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
+from benchmarks.datasets import load_tabular
 from kfac_hessian.analyses import SpectrumTracker
 from kfac_hessian.analyses.tracking import METRICS
-from benchmarks.datasets import load_tabular
 
 ROOT = Path(__file__).resolve().parent.parent
 REGIMES = {"under": {"width": 2}, "well": {"width": 32}, "overfit": {"width": 512, "n_train": 60, "label_noise": 0.2}}

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kfac_hessian.analyses import back_matching_hessians
 from benchmarks.datasets import load_tabular
+from kfac_hessian.analyses import back_matching_hessians
 from kfac_hessian.demo import train_classifier
 
 ROOT = Path(__file__).resolve().parent.parent

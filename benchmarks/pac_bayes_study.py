@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kfac_hessian.bounds import pac_bayes_bound
 from benchmarks.datasets import load_tabular
+from kfac_hessian.bounds import pac_bayes_bound
 from kfac_hessian.demo import train_classifier
 
 BASES = ("identity", "kronecker", "iterative", "exact-layerwise")

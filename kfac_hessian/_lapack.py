@@ -10,7 +10,7 @@ GIL for the duration of a foreign call.
 from __future__ import annotations
 
 import ctypes
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -19,7 +19,7 @@ _REAL_P = {"s": ctypes.POINTER(ctypes.c_float), "d": ctypes.POINTER(ctypes.c_dou
 _DTYPE = {"s": np.float32, "d": np.float64}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _routine(name: str):
     import scipy.linalg.cython_lapack as cython_lapack
 

@@ -134,7 +134,7 @@ class LayerRecorder:
         self._anchors.clear()
         self.expanded.clear()
 
-    def __enter__(self) -> "LayerRecorder":
+    def __enter__(self) -> LayerRecorder:
         try:
             for name, module in self.modules.items():
                 self._handles.append(module.register_forward_hook(self._hook(name), with_kwargs=True))

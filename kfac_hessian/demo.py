@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 
-
 @dataclass
 class DigitsProblem:
     model: nn.Module

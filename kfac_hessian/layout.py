@@ -47,7 +47,7 @@ class BlockLayout:
     def num_weights(self) -> int:
         return self.groups * self.d_out * self.d_in
 
-    def without_bias(self) -> "BlockLayout":
+    def without_bias(self) -> BlockLayout:
         return BlockLayout(self.d_out, self.d_in, False, self.groups, self.transposed)
 
     def weight_matrices(self, flat: Tensor) -> Tensor:

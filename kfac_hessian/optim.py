@@ -24,7 +24,6 @@ of batch variances). Update, per parameter ``p`` with scale ``h`` (like ``torch.
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 
@@ -144,7 +143,7 @@ class ScaleAmendedSGD(torch.optim.Optimizer):
             handle.remove()
         self._hooks.clear()
 
-    def __enter__(self) -> "ScaleAmendedSGD":
+    def __enter__(self) -> ScaleAmendedSGD:
         return self
 
     def __exit__(self, *exc) -> None:

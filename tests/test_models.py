@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import kfac_hessian as kh
-from kfac_hessian.blocks import DenseBlocks
 from benchmarks.reference_models import ResNet18, TinyGPT
+from kfac_hessian.blocks import DenseBlocks
 
 
 def _accounted(model: nn.Module, kfac) -> None:

@@ -49,7 +49,7 @@ class CurvatureBlock(LinearOperator):
         """The ``(P, P)`` matrix, formed from the block's own structure."""
 
     @abstractmethod
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "CurvatureBlock": ...
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> CurvatureBlock: ...
 
     @abstractmethod
     def state(self) -> dict:
@@ -57,7 +57,7 @@ class CurvatureBlock(LinearOperator):
 
     @classmethod
     @abstractmethod
-    def from_state(cls, state: dict, name: str) -> "CurvatureBlock": ...
+    def from_state(cls, state: dict, name: str) -> CurvatureBlock: ...
 
     @abstractmethod
     def eig_matrices(self, dtype: torch.dtype | None) -> list[Tensor]:

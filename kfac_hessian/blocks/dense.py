@@ -9,7 +9,6 @@ Eigenvalues are those of the sub-blocks, eigenvectors those of a sub-block place
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
@@ -28,17 +27,17 @@ class DenseBlocks(CurvatureBlock):
         self.blocks, self.index, self.label, self.name = blocks, index.to(blocks.device), label, name
 
     @classmethod
-    def dense(cls, matrix: Tensor, label: str, name: str = "") -> "DenseBlocks":
+    def dense(cls, matrix: Tensor, label: str, name: str = "") -> DenseBlocks:
         """One ``(P, P)`` block."""
         return cls(matrix.unsqueeze(0), torch.arange(matrix.shape[0], device=matrix.device).unsqueeze(0), label, name)
 
     @classmethod
-    def diagonal(cls, values: Tensor, label: str, name: str = "") -> "DenseBlocks":
+    def diagonal(cls, values: Tensor, label: str, name: str = "") -> DenseBlocks:
         """``P`` blocks ``1×1``."""
         return cls(values.reshape(-1, 1, 1), torch.arange(values.numel(), device=values.device).unsqueeze(1), label, name)
 
     @classmethod
-    def paired(cls, blocks: Tensor, label: str, name: str = "") -> "DenseBlocks":
+    def paired(cls, blocks: Tensor, label: str, name: str = "") -> DenseBlocks:
         """Blocks ``(F, 2, 2)`` on positions ``(f, F + f)`` (a normalization layer's ``γ_f, β_f``)."""
         f = blocks.shape[0]
         features = torch.arange(f, device=blocks.device)
@@ -75,20 +74,20 @@ class DenseBlocks(CurvatureBlock):
         out[self.index[:, :, None], self.index[:, None, :]] = self.blocks
         return out
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "DenseBlocks":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DenseBlocks:
         return DenseBlocks(self.blocks.to(device, dtype), self.index.to(device), self.label, self.name)
 
     def state(self) -> dict:
         return {"blocks": self.blocks, "index": self.index, "label": self.label}
 
     @classmethod
-    def from_state(cls, state: dict, name: str) -> "DenseBlocks":
+    def from_state(cls, state: dict, name: str) -> DenseBlocks:
         return cls(state["blocks"], state["index"], state["label"], name)
 
     def eig_matrices(self, dtype: torch.dtype | None) -> list[Tensor]:
         return [self.blocks if dtype is None else self.blocks.to(dtype)]
 
-    def eigen_from(self, matrices: list[Tensor], decompositions: list[tuple], vectors: bool) -> "DenseBlocksEigen":
+    def eigen_from(self, matrices: list[Tensor], decompositions: list[tuple], vectors: bool) -> DenseBlocksEigen:
         values, vecs, reports, forms = decompositions[0]
         return DenseBlocksEigen(matrices[0], self.index, values, vecs, forms, reports)
 

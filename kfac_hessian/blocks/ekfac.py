@@ -16,7 +16,6 @@ locations that KFAC-expand misses on convolutions.
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
@@ -79,7 +78,7 @@ class EKFACBlock(CurvatureBlock):
         eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
         return self.matmat(eye)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "EKFACBlock":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> EKFACBlock:
         a = None if self.a_vectors is None else self.a_vectors.to(device, dtype)
         return EKFACBlock(self.g_vectors.to(device, dtype), a, self.values.to(device, dtype), self.layout, self.name)
 
@@ -92,7 +91,7 @@ class EKFACBlock(CurvatureBlock):
         return state
 
     @classmethod
-    def from_state(cls, state: dict, name: str) -> "EKFACBlock":
+    def from_state(cls, state: dict, name: str) -> EKFACBlock:
         d_out, d_in, has_bias, groups, transposed = state["layout"]
         layout = BlockLayout(d_out, d_in, bool(has_bias), groups, bool(transposed))
         return cls(state["g_vectors"], state.get("a_vectors"), state["values"], layout, name)
@@ -100,7 +99,7 @@ class EKFACBlock(CurvatureBlock):
     def eig_matrices(self, dtype: torch.dtype | None) -> list[Tensor]:
         return []  # diagonal in its basis already
 
-    def eigen_from(self, matrices: list[Tensor], decompositions: list[tuple], vectors: bool) -> "EKFACEigen":
+    def eigen_from(self, matrices: list[Tensor], decompositions: list[tuple], vectors: bool) -> EKFACEigen:
         return EKFACEigen(self)
 
 

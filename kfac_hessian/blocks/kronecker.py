@@ -93,7 +93,7 @@ class KroneckerBlock(CurvatureBlock):
         perm = self.layout.permutation(self.device)
         return kron[perm][:, perm]
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "KroneckerBlock":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> KroneckerBlock:
         return KroneckerBlock(self.A.to(device, dtype), self.G.to(device, dtype), self.layout, self.name)
 
     def state(self) -> dict:
@@ -102,7 +102,7 @@ class KroneckerBlock(CurvatureBlock):
                 "layout": [layout.d_out, layout.d_in, int(layout.has_bias), layout.groups, int(layout.transposed)]}
 
     @classmethod
-    def from_state(cls, state: dict, name: str) -> "KroneckerBlock":
+    def from_state(cls, state: dict, name: str) -> KroneckerBlock:
         d_out, d_in, has_bias, groups, transposed = state["layout"]
         return cls(state["A"], state["G"], BlockLayout(d_out, d_in, bool(has_bias), groups, bool(transposed)), name)
 
@@ -110,7 +110,7 @@ class KroneckerBlock(CurvatureBlock):
         a, g = (t.to(dtype) if dtype is not None else t for t in self._grouped())
         return [g] if self.a_is_diagonal else [a, g]
 
-    def eigen_from(self, matrices: list[Tensor], decompositions: list[tuple], vectors: bool) -> "KroneckerEigen":
+    def eigen_from(self, matrices: list[Tensor], decompositions: list[tuple], vectors: bool) -> KroneckerEigen:
         g_values, g_vectors, g_reports, g_forms = decompositions[-1]
         clamped = {"G": _worst(g_reports)}
         if self.a_is_diagonal:

@@ -27,9 +27,9 @@ from torch import Tensor, nn
 from ..blocks import DenseBlocks, KroneckerBlock
 from ..exact import layer_operator
 from ..factors import KFAC
-from ..limits import COMPARE_DENSE_LIMIT
 from ..layers import select
 from ..layout import BlockLayout
+from ..limits import COMPARE_DENSE_LIMIT
 from ..spectra import eig_descending, symmetric_eig
 
 
@@ -150,7 +150,7 @@ class PosteriorBasis:
                 columns.append(torch.cat([params[n].flatten() for n in self.parameter_shapes]))
         return torch.stack(columns, dim=1)
 
-    def variances_from(self, other: "PosteriorBasis", variances: list[Tensor]) -> list[Tensor]:
+    def variances_from(self, other: PosteriorBasis, variances: list[Tensor]) -> list[Tensor]:
         """``diag(Q_bᵀ Σ Q_b)`` for ``Σ = Q_o diag(variances) Q_oᵀ`` given in ``other`` (same block structure).
 
         Used when an ``"iterative"`` run recomputes the Kronecker basis: the posterior keeps its covariance's
@@ -163,13 +163,13 @@ class PosteriorBasis:
         return [_carried_variances(new, old, var) for new, old, var in zip(self.blocks, other.blocks, variances)]
 
     @classmethod
-    def identity(cls, model: nn.Module) -> "PosteriorBasis":
+    def identity(cls, model: nn.Module) -> PosteriorBasis:
         """``Q_b = I`` (Dziugaite & Roy 2017)."""
         shapes = _trainable_shapes(model)
         return cls("identity", [_IdentityBlock((n,)) for n in shapes], shapes)
 
     @classmethod
-    def kronecker(cls, model: nn.Module, kfac: KFAC) -> "PosteriorBasis":
+    def kronecker(cls, model: nn.Module, kfac: KFAC) -> PosteriorBasis:
         """Per block of ``kfac`` its eigenbasis — ``V ⊗ U`` of a Kronecker block, the sub-blocks' eigenvectors of
         ``DenseBlocks``; identity for the other parameters. A block whose parameters are not all trainable is left
         to identity blocks, except a frozen bias of a Kronecker block, whose row and column of ``A`` are dropped."""
@@ -209,7 +209,7 @@ class PosteriorBasis:
         layers: list[str] | None = None,
         kind: str = "hessian",
         max_params: int = COMPARE_DENSE_LIMIT,
-    ) -> "PosteriorBasis":
+    ) -> PosteriorBasis:
         """Per block that ``compute_kfac`` would form (``layers`` as there) the eigenvectors of its exact dense block
         (``kind`` "hessian" or "ggn"); small blocks only."""
         params = dict(model.named_parameters(remove_duplicate=False))

@@ -18,16 +18,16 @@ import copy
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from ..model_state import preserved_model_state
 from ..data import Data, iterate_batches, model_output, require_reiterable
 from ..factors import compute_kfac
 from ..losses import loss_spec
+from ..model_state import preserved_model_state
 from .bases import PosteriorBasis
 from .kl import confidence_cost, gaussian_kl, kl_inverse, prior_union_cost
 

@@ -24,8 +24,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import distributed as _distributed
 from ..data import Data, OutputSelector, iterate_batches, model_output, require_reiterable
-from ..losses import check_batch, hessian_vector_product, loss_spec, summed_loss, terms_per_sample
 from ..linear_operator import LinearOperator
+from ..losses import check_batch, hessian_vector_product, loss_spec, summed_loss, terms_per_sample
 from ..model_state import compute_dtype, eager_calls, eager_model, is_batch_norm, preserved_model_state
 
 

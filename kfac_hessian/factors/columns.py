@@ -8,6 +8,7 @@ or the gradient at the true labels (``"empirical"``); each ``(K, *output.shape)`
 from __future__ import annotations
 
 from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 

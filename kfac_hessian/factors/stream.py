@@ -31,12 +31,12 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import distributed as _distributed
+from ..blocks import CurvatureBlock
 from ..capture import LayerCall, LayerRecorder
 from ..data import Data, OutputSelector, call_model, iterate_batches, model_output
 from ..layers import Accumulator, Entry, PassSettings, Selection
 from ..losses import LossSpec, check_batch, terms_per_sample
 from ..model_state import compute_dtype, eager_calls, no_autocast, preserved_model_state
-from ..blocks import CurvatureBlock
 from .checks import all_finite, batch_axis_reason, first_samples, require_finite, warn_about_joint_columns
 from .columns import column_chunks, one_column_per_pass, output_columns
 from .options import PassOptions

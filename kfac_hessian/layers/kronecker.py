@@ -45,7 +45,7 @@ class KroneckerKind(LayerKind):
     def output_rows(self, module: nn.Module, grads: Tensor) -> Tensor:
         """Output gradients ``(K, N, *z.shape[1:])`` as ``(K, N, T, groups·d_out)`` rows."""
 
-    def add_inputs(self, sums: "KroneckerSums", module: nn.Module, inputs: list[Tensor]) -> None:
+    def add_inputs(self, sums: KroneckerSums, module: nn.Module, inputs: list[Tensor]) -> None:
         """Accumulate the inputs of every call of ``module`` in one batch (default: their rows in one piece)."""
         sums.add_rows(concat_locations([self.input_rows(module, x) for x in inputs]))
 
@@ -54,11 +54,11 @@ class KroneckerKind(LayerKind):
         weight = getattr(module, self.parameter_names(module)[0]).detach()
         return self.layout(module).weight_matrices(weight.reshape(1, -1))[0]
 
-    def accumulator(self, name: str, module: nn.Module, settings: PassSettings) -> "KroneckerSums":
+    def accumulator(self, name: str, module: nn.Module, settings: PassSettings) -> KroneckerSums:
         return KroneckerSums(self, name, module, settings)
 
     def per_sample_accumulator(self, name: str, module: nn.Module, settings: PassSettings,
-                               statistic: "PerSampleStatistic") -> "PerSampleSums":
+                               statistic: PerSampleStatistic) -> PerSampleSums:
         """Sums over this layer's per-sample gradients (EKFAC, the Kronecker fit)."""
         return PerSampleSums(self, name, module, settings, statistic)
 

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import limits
 from ..blocks import DenseBlocks
 from ..capture import LayerCall
-from .. import limits
 from .base import Accumulator, LayerKind, PassSettings, forward_is, outputs_match
 
 
@@ -88,7 +88,7 @@ class NormalizationKind(LayerKind):
             expected = expected + module.bias.reshape(shape)
         return outputs_match(expected, call.output_values)
 
-    def accumulator(self, name: str, module: nn.Module, settings: PassSettings) -> "NormSums":
+    def accumulator(self, name: str, module: nn.Module, settings: PassSettings) -> NormSums:
         return NormSums(self, name, module, settings)
 
 

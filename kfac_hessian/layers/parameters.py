@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..blocks import DenseBlocks
 from .. import limits
+from ..blocks import DenseBlocks
 from ..capture import LayerCall, differentiable
 from .base import Accumulator, PassSettings, outputs_match
 

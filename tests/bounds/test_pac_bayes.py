@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_hessian.bounds import PosteriorBasis, binary_kl, pac_bayes_bound
 from benchmarks.datasets import load_tabular
+from kfac_hessian.bounds import PosteriorBasis, binary_kl, pac_bayes_bound
 from kfac_hessian.demo import train_classifier
 
 from ..conftest import batches, classification_data, mlp

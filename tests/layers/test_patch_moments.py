@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import kfac_hessian as kh
+from kfac_hessian.layers.base import PassSettings
 from kfac_hessian.layers.conv import ConvKind, padding_amounts
 from kfac_hessian.layers.kronecker import KroneckerSums
-from kfac_hessian.layers.base import PassSettings
 from kfac_hessian.layers.patch_moments import Geometry, patch_moments
 
 from ..conftest import TinyCNN

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import kfac_hessian as kh
-from kfac_hessian.blocks import DenseBlocks, KroneckerBlock
 from benchmarks.reference_models import ConvNeXtish, MobileNetish, ResNet18
+from kfac_hessian.blocks import DenseBlocks, KroneckerBlock
 
 from ..conftest import transformers_problem
 from ..references import dense_ggn, rel_err
