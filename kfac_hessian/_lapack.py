@@ -13,6 +13,7 @@ import ctypes
 from functools import cache
 
 import numpy as np
+import scipy.linalg.cython_lapack as cython_lapack
 
 _INT_P = ctypes.POINTER(ctypes.c_int)
 _REAL_P = {"s": ctypes.POINTER(ctypes.c_float), "d": ctypes.POINTER(ctypes.c_double)}
@@ -21,8 +22,6 @@ _DTYPE = {"s": np.float32, "d": np.float64}
 
 @cache
 def _routine(name: str):
-    import scipy.linalg.cython_lapack as cython_lapack
-
     capsule = cython_lapack.__pyx_capi__[name]
     capsule_name = ctypes.pythonapi.PyCapsule_GetName
     capsule_name.restype, capsule_name.argtypes = ctypes.c_char_p, [ctypes.py_object]

@@ -31,6 +31,7 @@ from torch import nn
 from . import __version__, compute_ekfac, compute_kfac, compute_kronecker_fit
 from .analyses.overlap import overlap_by_layer
 from .analyses.report import ValidationReport, compare, json_ready
+from .demo import digits_mlp, digits_mlp_description, load_digits_tensors, train_digits_mlp
 from .limits import COMPARE_DENSE_LIMIT
 
 
@@ -70,8 +71,6 @@ def _write_plots(args, report: ValidationReport, out: Path, title: str, overlaps
 
 
 def _run_demo(args) -> dict:
-    from .demo import digits_mlp_description, train_digits_mlp
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     n_samples = 400 if args.quick else None
@@ -157,8 +156,6 @@ def _load_target(target: str):
 def _load_problem(args):
     """``(model, loss_fn, data, output, data description)`` from MODULE:FUNCTION, or from a checkpoint."""
     if args.checkpoint:
-        from .demo import digits_mlp, load_digits_tensors
-
         path = Path(args.checkpoint)
         if not path.is_file():
             raise UsageError(f"--checkpoint {path}: no such file")

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.linalg import eigh_tridiagonal
+from threadpoolctl import ThreadpoolController
 from torch import Tensor
 
 from . import _lapack
@@ -67,8 +69,6 @@ class Tridiagonal:
 
     def leading_vectors(self, m: int) -> Tensor:
         """Eigenvectors of the ``m`` largest eigenvalues as columns ``(d, m)``, descending order."""
-        from scipy.linalg import eigh_tridiagonal
-
         n = len(self.diagonal)
         with _single_threaded_scipy_lapack():
             _, vectors = eigh_tridiagonal(self.diagonal, self.off_diagonal, select="i", select_range=(n - m, n - 1))
@@ -146,8 +146,6 @@ def _single_threaded_scipy_lapack():
     concurrent calls share the cores instead (torch's MKL is not affected)."""
     global _THREADPOOLS
     if _THREADPOOLS is None:  # scanning the loaded libraries takes milliseconds: once per process
-        from threadpoolctl import ThreadpoolController
-
         _THREADPOOLS = ThreadpoolController()
     return _THREADPOOLS.limit(limits=1, user_api="blas")
 
