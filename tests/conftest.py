@@ -80,6 +80,52 @@ class NormCNN(TinyCNN):
         return self.fc(h.flatten(1))
 
 
+def psd(d: int, *batch: int, seed: int = 0) -> torch.Tensor:
+    """A seeded random ``(*batch, d, d)`` positive definite float64 matrix (``X Xᵀ / 2d`` of a ``d × 2d`` ``X``)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*batch, d, 2 * d, generator=g, dtype=torch.float64)
+    return x @ x.transpose(-1, -2) / (2 * d)
+
+
+class Transpose(nn.Module):
+    """Swaps axes 1 and 2: ``(N, T, C)`` outputs presented as ``(N, C, T)``."""
+
+    def forward(self, x):
+        return x.transpose(1, 2)
+
+
+class Conv1D(nn.Module):
+    """transformers.pytorch_utils.Conv1D, written out (the kind recognises the class by its name and ``nf``)."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.5)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class KroneckerKinds(nn.Module):
+    """An embedding (diagonal A), self-attention, a grouped convolution and transformers' Conv1D on sequences."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.embed = nn.Embedding(6, 4, padding_idx=0)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.conv = nn.Conv1d(4, 4, 3, padding=1, groups=2)
+        self.proj = Conv1D(3, 4)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        h = torch.tanh(self.conv(h.transpose(1, 2))).transpose(1, 2).contiguous()
+        return self.proj(h).transpose(1, 2)
+
+
 @pytest.fixture
 def relu_mlp():
     return mlp(nn.ReLU)
@@ -119,8 +165,8 @@ def transformers_problem(family: str, n: int = 3, length: int = 5, seed: int = 0
         config = transformers.LlamaConfig(**text, num_key_value_heads=1, max_position_embeddings=16)
         problem = transformers.LlamaForCausalLM(config), {"input_ids": tokens}, tokens, kh.sequence_logits
     elif family == "vit":
-        config = transformers.ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=2,
-                                        num_attention_heads=2, intermediate_size=32, num_labels=3)
+        config = transformers.ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=16,
+                                        num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=3)
         problem = transformers.ViTForImageClassification(config), images, labels, None
     elif family == "convnext":
         config = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,

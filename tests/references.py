@@ -6,6 +6,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
 
+# the relative error below which a float64 result counts as exact (equal in exact arithmetic, round-off apart)
+EXACT = 1e-10
+
 
 def _flat_function(model: nn.Module, names: list[str], fn):
     """Turn ``fn(params_dict)`` into a function of one flat vector of the parameters ``names``."""
@@ -57,7 +60,8 @@ def dense_ggn(model: nn.Module, loss_fn: nn.Module, X, y: Tensor, layers: list[s
     return jac.T @ lam @ jac
 
 
-def naive_kfac_sequential(model: nn.Sequential, loss_fn: nn.Module, X: Tensor, y: Tensor, index: int) -> tuple[Tensor, Tensor]:
+def naive_kfac_sequential(model: nn.Sequential, loss_fn: nn.Module, X: Tensor, y: Tensor, index: int
+                          ) -> tuple[Tensor, Tensor]:
     """Per-sample KFAC reference for ``model[index]`` (a Linear on (N, d) inputs) of an ``nn.Sequential``.
 
     ``A = (1/N) Σ ā āᵀ``; ``G = Σ_n J_nᵀ Λ_n J_n`` with ``J_n`` the Jacobian of the rest of the network at

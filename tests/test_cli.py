@@ -69,7 +69,8 @@ def test_analyze_also_measures_ekfac_and_the_fit(tmp_path, monkeypatch, capsys):
     (["analyze", "no_such_module_xyz:make"], "cannot import no_such_module_xyz: ModuleNotFoundError"),
     (["analyze", "missing/file.py:make"], "missing/file.py: no such file"),
     (["analyze", "user_problem:nothing"], "user_problem has no function 'nothing'"),
-    (["analyze", "user_problem:wrong"], "must return (model, loss_fn, data) or (model, loss_fn, data, output), got str"),
+    (["analyze", "user_problem:wrong"],
+     "must return (model, loss_fn, data) or (model, loss_fn, data, output), got str"),
     (["analyze", "--checkpoint", "missing.pt"], "--checkpoint missing.pt: no such file"),
 ])
 def test_analyze_errors_are_one_line_and_exit_code_2(argv, message, tmp_path, monkeypatch, capsys):
@@ -110,6 +111,7 @@ def test_analyze_checkpoint_of_builtin_architecture(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)["layers"]
     assert [row["layer"] for row in rows] == ["0", "2"]
     assert all(abs(row["residual_trace_share"]) < 1e-8 for row in rows)  # ReLU: Hessian block = GGN block
-    wrong = ["analyze", "--checkpoint", str(tmp_path / "state.pt"), "--hidden", "16", "--no-plots", "--out", str(tmp_path)]
+    wrong = ["analyze", "--checkpoint", str(tmp_path / "state.pt"), "--hidden", "16", "--no-plots",
+             "--out", str(tmp_path)]
     assert main(wrong) == 2
     assert "is not a state_dict of the digits MLP with --hidden 16" in capsys.readouterr().err

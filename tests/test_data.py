@@ -6,6 +6,7 @@ from torch import nn
 
 import kfac_hessian as kh
 
+from .conftest import Transpose as Transpose12
 from .conftest import classification_data, mlp
 
 
@@ -94,8 +95,3 @@ def test_language_model_logits_are_presented_classes_first():
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (tokens, tokens), output=kh.sequence_logits)
     transposed = kh.compute_kfac(nn.Sequential(model, Transpose12()), nn.CrossEntropyLoss(), (tokens, tokens))
     assert torch.allclose(kfac["1"].G, transposed["0.1"].G, atol=1e-14)
-
-
-class Transpose12(nn.Module):
-    def forward(self, x):
-        return x.transpose(1, 2)

@@ -43,7 +43,8 @@ def results(model, loss_fn, data, distributed):
 
 
 def worker(rank, store_path, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         torch.set_default_dtype(torch.float64)
         model, loss_fn, X, y = problem()

@@ -32,3 +32,22 @@ def test_the_transformers_examples_of_the_layer_kinds_page_run():
 def test_docs_do_not_point_outside_the_repository():
     for path in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]:
         assert "shared/" not in path.read_text(), path
+
+
+def test_every_test_the_docs_cite_exists():
+    """``tests/…py::test_name`` in the docs (and ``::test_name`` continuing the same file) names a test there."""
+    cited = 0
+    for path in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]:
+        for line in path.read_text().splitlines():
+            current = None
+            for file, name in re.findall(r"`(tests/[\w/]+\.py)?(?:::([\w…]+))?`", line):
+                current = file or current
+                if file:
+                    assert (ROOT / file).exists(), (path.name, file)
+                if name and current:
+                    source = (ROOT / current).read_text()
+                    prefix = name.rstrip("…")
+                    assert re.search(rf"^def {prefix}" + ("" if name.endswith("…") else r"\("), source, re.M), \
+                        (path.name, current, name)
+                    cited += 1
+    assert cited > 20

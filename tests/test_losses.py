@@ -106,3 +106,13 @@ def test_unsupported_losses(loss_fn, error, match):
 def test_bad_targets(loss_fn, output, target, match):
     with pytest.raises(ValueError, match=match):
         check_batch(loss_spec(loss_fn), output, target)
+
+
+def test_ggn_columns_square_to_loss_hessian():
+    f = torch.randn(2, 4, 3)  # (N, C, T)
+    cols = hessian_sqrt_columns(loss_spec(nn.CrossEntropyLoss()), f)
+    for n in range(2):
+        for t in range(3):
+            s = cols[:, n, :, t]  # (column, row)
+            p = f[n, :, t].softmax(0)
+            assert torch.allclose(s.T @ s, torch.diag(p) - torch.outer(p, p), atol=1e-14)

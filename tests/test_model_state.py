@@ -22,7 +22,8 @@ def test_a_compiled_model_gives_the_blocks_of_its_eager_module():
     for name in eager:
         assert rel_err(kfac[name].G, eager[name].G) < 1e-14 and float(kfac[name].G.norm()) > 0
     op = kh.layer_operator(compiled, nn.CrossEntropyLoss(), (X, y), "2", kind="ggn")
-    assert rel_err(op.to_dense(), kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "2", kind="ggn").to_dense()) < 1e-14
+    assert rel_err(op.to_dense(), kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "2",
+                                                    kind="ggn").to_dense()) < 1e-14
 
 
 def test_modules_compiled_in_place_run_eagerly_for_the_pass_and_stay_compiled():

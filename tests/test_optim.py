@@ -51,7 +51,8 @@ def test_step_equals_hand_computed_step():
                 p -= 0.1 * buffers[name]
         opt.step()
         # the reference ran two forward passes per step (running stats moved twice): undo by copying buffers
-        reference.load_state_dict({**reference.state_dict(), **{k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}})
+        reference.load_state_dict({**reference.state_dict(), **{k: v for k, v in model.state_dict().items()
+                                                                 if "running" in k or "num_batches" in k}})
     for p, q in zip(model.parameters(), reference.parameters()):
         assert torch.allclose(p, q, atol=1e-13)
     assert set(opt.block_scales()) == {"0", "3"}

@@ -150,7 +150,8 @@ def test_transformers_models_linear_and_conv_layers(family):
     kfac = kh.compute_kfac(wrapped, nn.CrossEntropyLoss(), (X, targets))
     assert kfac.covered_params() == kfac.total_params
     modules = dict(wrapped.named_modules())
-    layers = [n for n in kfac if isinstance(modules.get(n), (nn.Linear, nn.Conv2d)) and getattr(modules[n], "groups", 1) == 1]
+    layers = [n for n in kfac
+              if isinstance(modules.get(n), (nn.Linear, nn.Conv2d)) and getattr(modules[n], "groups", 1) == 1]
     assert layers
     tolerance = 1e-6 if family == "llama" else 1e-10  # Llama's RMSNorm computes in float32
     theirs = {layer: curvlinops_dense(wrapped, nn.CrossEntropyLoss(), [(X, targets)], layer, "type-2", "expand")

@@ -8,6 +8,8 @@ import torch
 import kfac_hessian.spectra as spectra
 from kfac_hessian.spectra import symmetric_eig, symmetric_eigvals
 
+from .conftest import psd
+
 
 def test_clamp_is_reported():
     m = torch.tensor([[[1.0, 0.0], [0.0, -1e-17]]])
@@ -16,9 +18,7 @@ def test_clamp_is_reported():
 
 
 def _psd(d: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(d, 2 * d, generator=g, dtype=torch.float64)
-    return (x @ x.T / (2 * d)).to(dtype)
+    return psd(d, seed=seed).to(dtype)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -35,21 +35,6 @@ def test_eigenvalues_through_the_tridiagonal_form_equal_eigvalsh(dtype, tol, thr
         assert torch.allclose(values.double(), expected, atol=tol * float(expected.max()))
 
 
-def test_the_lapack_calls_equal_scipys():
-    from scipy.linalg import lapack
-
-    from kfac_hessian import _lapack
-
-    matrix = _psd(37).numpy()
-    reflectors, diagonal, off_diagonal, tau, info = _lapack.sytrd(matrix)
-    expected = lapack.dsytrd(matrix, lower=1)
-    assert info == 0 and expected[-1] == 0
-    for ours, theirs in zip((reflectors, diagonal, off_diagonal, tau), expected[:4]):
-        assert abs(ours - theirs).max() < 1e-12
-    values, info = _lapack.sterf(diagonal, off_diagonal)
-    assert info == 0 and abs(values - lapack.dsterf(diagonal, off_diagonal)[0]).max() < 1e-12
-
-
 @pytest.mark.parametrize("m", [1, 4, 40])
 def test_leading_vectors_from_the_tridiagonal_form_are_the_leading_eigenvectors(m):
     matrix = _psd(40)
@@ -58,7 +43,8 @@ def test_leading_vectors_from_the_tridiagonal_form_are_the_leading_eigenvectors(
     values, reference = torch.linalg.eigh(matrix)
     reference = reference.flip(1)[:, :m]
     assert torch.allclose(vectors.T @ vectors, torch.eye(m, dtype=torch.float64), atol=1e-12)
-    assert torch.allclose(vectors @ vectors.T, reference @ reference.T, atol=1e-10)  # same subspace (distinct eigenvalues)
+    # the same subspace (distinct eigenvalues)
+    assert torch.allclose(vectors @ vectors.T, reference @ reference.T, atol=1e-10)
     assert torch.allclose(matrix @ vectors, vectors * values.flip(0)[:m], atol=1e-12)
 
 
@@ -79,3 +65,22 @@ def test_values_only_path_falls_back_where_no_form_applies(monkeypatch):
     ((values, _, forms),) = symmetric_eigvals([_psd(40, torch.float32).unsqueeze(0)])
     assert values.dtype == torch.float32 and forms == [None]  # retried in float64, cast back
     assert torch.allclose(values[0].double(), torch.linalg.eigvalsh(_psd(40)).flip(0), atol=1e-6)
+
+
+def test_float32_eigh_failure_is_retried_in_float64(monkeypatch):
+    calls = []
+    original = torch.linalg.eigh
+
+    def flaky(matrix, *args, **kwargs):
+        calls.append(matrix.dtype)
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("simulated convergence failure")
+        return original(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    m = torch.randn(2, 5, 5, dtype=torch.float32)
+    m = m @ m.transpose(1, 2)
+    values, vectors, _ = symmetric_eig(m, vectors=True)
+    assert calls == [torch.float32, torch.float64]
+    assert values.dtype == torch.float32 and vectors.dtype == torch.float32
+    assert torch.allclose(values, torch.linalg.eigvalsh(m.double()).flip(-1).float(), rtol=1e-5)

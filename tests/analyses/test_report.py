@@ -32,7 +32,8 @@ def test_report_matches_dense_recomputation(dense_limit, tmp_path):
         k_vals, k_vecs = f.eig().topk(4)
         rel = ((k_vals - exact_vals).abs() / exact_vals.abs()).numpy()
         assert row["max_eig_rel_err"] == pytest.approx(rel.max(), rel=1e-5)
-        assert abs(row["exact_trace"] - float(torch.trace(H))) <= max(4 * row["exact_trace_stderr"], 1e-12 * abs(row["exact_trace"]))
+        assert abs(row["exact_trace"] - float(torch.trace(H))) <= max(4 * row["exact_trace_stderr"],
+                                                                      1e-12 * abs(row["exact_trace"]))
         assert row["trace_ratio"] == pytest.approx(float(f.trace()) / row["exact_trace"], rel=1e-12)
         if dense_limit:
             assert row["overlap"] == pytest.approx(eigenspace_overlap(k_vecs, exact_vecs), abs=1e-9)
@@ -40,10 +41,12 @@ def test_report_matches_dense_recomputation(dense_limit, tmp_path):
             all_k = f.eig().eigenvalues().numpy()
             all_e = torch.linalg.eigvalsh(H).numpy()
             top = max(all_k.max(), all_e.max())
-            w1 = wasserstein_distance(np.log10(np.maximum(all_k, 1e-10 * top)), np.log10(np.maximum(all_e, 1e-10 * top)))
+            w1 = wasserstein_distance(np.log10(np.maximum(all_k, 1e-10 * top)),
+                                      np.log10(np.maximum(all_e, 1e-10 * top)))
             assert row["log_spectrum_w1"] == pytest.approx(w1, rel=1e-6)
         else:
-            assert row["exact"] == "lanczos+slq" and row["overlap"] == pytest.approx(eigenspace_overlap(k_vecs, exact_vecs), abs=1e-4)
+            assert row["exact"] == "lanczos+slq" and row["overlap"] == pytest.approx(
+                eigenspace_overlap(k_vecs, exact_vecs), abs=1e-4)
     assert "| layer |" in report.to_markdown()
     path = tmp_path / "r.json"
     report.to_json(path)
@@ -86,7 +89,8 @@ def test_gauss_newton_residual(activation, zero, dense_limit):
     model = mlp(activation, widths=(5, 6, 3))
     X, y = classification_data(n=30)
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
-    report = kh.compare(kfac, model, nn.CrossEntropyLoss(), (X, y), k=3, dense_limit=dense_limit, gauss_newton_residual=True)
+    report = kh.compare(kfac, model, nn.CrossEntropyLoss(), (X, y), k=3, dense_limit=dense_limit,
+                        gauss_newton_residual=True)
     row = report.rows[0]
     H = kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "0").to_dense()
     GGN = kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "0", kind="ggn").to_dense()

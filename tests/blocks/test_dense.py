@@ -5,15 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kfac_hessian.blocks import DenseBlocks, eig_blocks
+from kfac_hessian.blocks import DenseBlocks
+from kfac_hessian.blocks.base import eig_blocks
 
+from ..conftest import psd as _psd
 from ..references import check_factor_spectra
-
-
-def _psd(d: int, *batch: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*batch, d, 2 * d, generator=g, dtype=torch.float64)
-    return x @ x.transpose(-1, -2) / (2 * d)
 
 
 def _dense(blocks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

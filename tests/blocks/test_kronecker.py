@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 import kfac_hessian as kh
-from kfac_hessian.blocks import KroneckerBlock
+from kfac_hessian.blocks import KroneckerBlock, KroneckerEigen
 from kfac_hessian.layout import BlockLayout
 
 from ..conftest import TinyCNN, classification_data, mlp
+from ..conftest import psd as _psd
 from ..references import check_factor_spectra
 
 
@@ -73,7 +74,8 @@ def test_density_counts_every_eigenvalue_in_its_bin(factors, log):
         assert torch.isclose(torch.sum(d.density * (d.edges[1:] - d.edges[:-1])), d.counts.sum())
         # compare bins where eigvalsh resolves the values (not round-off-sized eigenvalues of rank-deficient G)
         top = float(values.max())
-        window = (float(torch.tensor(top * 1e-8).log10()), float(torch.tensor(top).log10()) + 1e-9) if log else (0.0, top * (1 + 1e-9))
+        window = ((float(torch.tensor(top * 1e-8).log10()), float(torch.tensor(top).log10()) + 1e-9) if log
+                  else (0.0, top * (1 + 1e-9)))
         resolved = f.eig().density(bins=30, log=log, range=window)
         x = values[values > 0].log10() if log else values
         expected = torch.histc(x, bins=30, min=window[0], max=window[1])
@@ -117,12 +119,6 @@ def test_top_pairs_after_values_only_compute_only_the_leading_vectors():
     assert torch.allclose(vecs.T @ vecs, full_vecs.T @ full_vecs, atol=1e-10)
 
 
-def _psd(d: int, *batch: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*batch, d, 2 * d, generator=g, dtype=torch.float64)
-    return x @ x.transpose(-1, -2) / (2 * d)
-
-
 def _reference(A: torch.Tensor, G: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """blockdiag_g(G_g ⊗ A_g) in public order, the permutation written out element by element."""
     groups, d_out, d_in, width = layout.groups, layout.d_out, layout.d_in, layout.width
@@ -146,8 +142,9 @@ def _reference(A: torch.Tensor, G: torch.Tensor, layout: BlockLayout) -> torch.T
 
 
 @pytest.mark.parametrize("layout", [
-    BlockLayout(3, 4, True), BlockLayout(3, 4, False), BlockLayout(2, 3, True, groups=3), BlockLayout(1, 4, False, groups=5),
-    BlockLayout(3, 4, True, transposed=True), BlockLayout(3, 5, False, transposed=True),
+    BlockLayout(3, 4, True), BlockLayout(3, 4, False), BlockLayout(2, 3, True, groups=3),
+    BlockLayout(1, 4, False, groups=5), BlockLayout(3, 4, True, transposed=True),
+    BlockLayout(3, 5, False, transposed=True),
 ])
 def test_structures_against_their_dense_reference(layout):
     grouped = layout.groups > 1
@@ -184,3 +181,26 @@ def test_grouped_effective_rank_and_density_against_the_explicit_spectrum():
 def test_factor_shapes_must_fit_the_layout():
     with pytest.raises(ValueError, match="do not fit"):
         KroneckerBlock(_psd(4), _psd(3), BlockLayout(3, 4, True), "x")  # A must be 5 × 5 with the bias
+
+
+def test_rank_deficient_factors_more_parameters_than_samples():
+    """3 samples, 6 inputs: A has rank ≤ 3; eigenvalues are clamped at 0, never negative, never NaN."""
+    model = mlp(nn.ReLU, widths=(6, 8, 3))
+    X, y = torch.randn(3, 6), torch.tensor([0, 1, 2])
+    e = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))["0"].eig()
+    values = e.eigenvalues()
+    assert torch.isfinite(values).all() and (values >= 0).all()
+    assert (e.a_values[4:] < 1e-12 * e.a_values[0]).all()  # rank ≤ 3 (+ the bias direction)
+
+
+def test_density_of_a_layer_with_1e8_products_in_bounded_memory():
+    g = torch.Generator().manual_seed(0)
+    a_values = torch.rand(10_000, generator=g, dtype=torch.float64).sort(descending=True).values
+    g_values = torch.rand(10_000, generator=g, dtype=torch.float64).sort(descending=True).values
+    e = KroneckerEigen(BlockLayout(10_000, 10_000, False), a_values=a_values[None], g_values=g_values[None])
+    d = e.density(bins=50, log=True, chunk=2**22)  # 24 chunks of ≤ 4M products, never 1e8 at once
+    assert float(d.counts.sum()) + d.n_zero == 10**8
+    # log10(μλ) = log10 μ + log10 λ: its mean is the sum of the factor means, exact to binning
+    mean = float((d.centers * d.counts).sum() / d.counts.sum())
+    expected = float(g_values.log10().mean() + a_values.log10().mean())
+    assert abs(mean - expected) < float(d.edges[1] - d.edges[0])

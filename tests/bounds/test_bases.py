@@ -42,7 +42,8 @@ def test_kronecker_basis_is_v_kron_u_on_each_layer():
         P = reference.shape[0]
         block = Q[offset : offset + P, offset : offset + P]
         assert torch.allclose(block, reference, atol=1e-13)
-        assert float(Q[offset : offset + P].abs().sum()) == pytest.approx(float(block.abs().sum()), rel=1e-14)  # block-diagonal
+        assert float(Q[offset : offset + P].abs().sum()) == pytest.approx(float(block.abs().sum()),
+                                                                          rel=1e-14)  # block-diagonal
         offset += P
     assert offset == Q.shape[0]
 
@@ -166,7 +167,8 @@ def test_kronecker_basis_covers_every_kind_of_block():
     Q = basis.to_dense()
     assert torch.allclose(Q.T @ Q, torch.eye(Q.shape[0]), atol=1e-12)
     names = list(basis.parameter_shapes)
-    offsets = dict(zip(names, torch.tensor([0] + [s.numel() for s in basis.parameter_shapes.values()]).cumsum(0).tolist()))
+    offsets = dict(zip(names, torch.tensor([0] + [s.numel() for s in basis.parameter_shapes.values()]).cumsum(0)
+                       .tolist()))
     for block_name, block in kfac.items():
         params = kfac.parameter_names[block_name]
         index = torch.cat([torch.arange(offsets[p], offsets[p] + basis.parameter_shapes[p].numel()) for p in params])

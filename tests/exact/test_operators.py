@@ -10,9 +10,8 @@ from torch import nn
 import kfac_hessian as kh
 
 from ..conftest import NormCNN, TinyCNN, batches, binary_data, classification_data, mlp, regression_data
-from ..references import dense_ggn, dense_hessian, rel_err
+from ..references import EXACT, dense_ggn, dense_hessian, rel_err
 
-EXACT = 1e-10
 LOSSES = {
     "ce": (nn.CrossEntropyLoss, classification_data),
     "mse": (nn.MSELoss, regression_data),
@@ -46,7 +45,8 @@ def test_conv_layers_and_all_parameters_equal_dense(kind):
         op = kh.layer_operator(model, nn.CrossEntropyLoss(), data, layer, kind=kind)
         assert rel_err(op.to_dense(), reference(model, nn.CrossEntropyLoss(), X, y, [layer])) < EXACT
     everything = kh.layer_operator(model, nn.CrossEntropyLoss(), data, None, kind=kind)
-    assert rel_err(everything.to_dense(), reference(model, nn.CrossEntropyLoss(), X, y, ["conv1", "conv2", "fc"])) < EXACT
+    assert rel_err(everything.to_dense(), reference(model, nn.CrossEntropyLoss(), X, y,
+                                                    ["conv1", "conv2", "fc"])) < EXACT
 
 
 def test_tanh_hessian_differs_from_ggn_relu_equals():

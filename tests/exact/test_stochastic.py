@@ -13,7 +13,8 @@ from ..conftest import classification_data, mlp
 
 @pytest.fixture(scope="module")
 def op_and_dense():
-    op = kh.layer_operator(mlp(nn.Tanh, widths=(6, 8, 3)), nn.CrossEntropyLoss(), classification_data(n=20, d=6), "0", "ggn")
+    op = kh.layer_operator(mlp(nn.Tanh, widths=(6, 8, 3)), nn.CrossEntropyLoss(), classification_data(n=20, d=6), "0",
+                           "ggn")
     return op, op.to_dense()
 
 

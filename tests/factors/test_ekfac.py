@@ -1,5 +1,6 @@
 """EKFAC: the Kronecker eigenbasis with the exact second moments of the per-sample gradients as eigenvalues —
-``Λ = diag(Qᵀ H Q)`` for the dense float64 GGN block ``H`` and ``Q`` the Kronecker eigenbasis, on every Kronecker kind."""
+``Λ = diag(Qᵀ H Q)`` for the dense float64 GGN block ``H`` and ``Q`` the Kronecker eigenbasis, on every Kronecker
+kind."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 import kfac_hessian as kh
 from kfac_hessian.blocks import EKFACBlock, KroneckerBlock
 
+from ..conftest import KroneckerKinds as _Kinds
 from ..conftest import TinyCNN, batches, classification_data, mlp
 from ..references import check_factor_spectra, dense_ggn, rel_err
 
@@ -57,25 +59,6 @@ def test_mlp_and_cnn_blocks():
         values = ekfac[name].eig().eigenvalues()
         assert float(values[0]) <= float(exact[-1]) * (1 + 1e-12) and float(values[-1]) >= -1e-15, name
 
-class _Kinds(nn.Module):
-    """An embedding (diagonal A), self-attention, a grouped convolution and transformers' Conv1D on sequences."""
-
-    def __init__(self):
-        super().__init__()
-        from ..layers.test_transposed_linear import Conv1D
-
-        torch.manual_seed(2)
-        self.embed = nn.Embedding(6, 4, padding_idx=0)
-        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
-        self.conv = nn.Conv1d(4, 4, 3, padding=1, groups=2)
-        self.proj = Conv1D(3, 4)
-
-    def forward(self, tokens):
-        h = self.embed(tokens)
-        h = h + self.attn(h, h, h, need_weights=False)[0]
-        h = torch.tanh(self.conv(h.transpose(1, 2))).transpose(1, 2).contiguous()
-        return self.proj(h).transpose(1, 2)
-
 
 def test_every_kronecker_kind_with_per_position_columns():
     """Several output positions: with per-position columns the per-sample gradients are the exact GGN's."""
@@ -106,19 +89,3 @@ def test_other_blocks_are_kept_and_the_result_behaves_like_kfac(tmp_path):
     assert torch.allclose(same["0"].values, ekfac["0"].values, atol=1e-14)
     with pytest.raises(ValueError, match="configure compute_kfac"):
         kh.compute_ekfac(model, nn.CrossEntropyLoss(), (X, y), kfac=kfac, approx="reduce")
-
-
-def test_results_that_do_not_fit_the_model_are_refused():
-    torch.manual_seed(5)
-    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3)).double()
-    X, y = classification_data(n=10)
-    X = X.double()
-    norm_only = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), layers=["1"])
-    with pytest.raises(ValueError, match="no Kronecker block"):
-        kh.compute_ekfac(model, nn.CrossEntropyLoss(), (X, y), kfac=norm_only)
-    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
-    with pytest.raises(ValueError, match="no layer or parameter named '3'"):
-        kh.compute_kronecker_fit(nn.Sequential(nn.Linear(5, 3)).double(), nn.CrossEntropyLoss(), (X, y), kfac=kfac)
-    swapped = nn.Sequential(nn.LayerNorm(5), nn.Tanh(), nn.Tanh(), nn.Linear(5, 3)).double()  # "0" is no Linear now
-    with pytest.raises(ValueError, match=r"layers \['0'\] are not the Kronecker layers"):
-        kh.compute_kronecker_fit(swapped, nn.CrossEntropyLoss(), (X, y), kfac=kfac)

@@ -32,7 +32,9 @@ def _errors(model, loss_fn, X, y, names, iterations, **options):
         optimum = nearest_kronecker_error(H, block.layout, block.a_is_diagonal)
         rows[name] = (float((kfac[name].to_dense() - H).norm()), float((block.to_dense() - H).norm()), optimum)
         # the factors keep KFAC's scale split: tr A as KFAC's
-        a_trace = (lambda A: A.sum() if A.dim() == 1 else A.diagonal(dim1=-2, dim2=-1).sum())
+        def a_trace(A):
+            return A.sum() if A.dim() == 1 else A.diagonal(dim1=-2, dim2=-1).sum()
+
         assert torch.allclose(a_trace(block.A), a_trace(kfac[name].A), rtol=1e-10)
     return kfac, fit, rows
 
@@ -66,7 +68,7 @@ def test_convolutions_with_weight_sharing():
 def test_every_kronecker_kind_with_per_position_columns():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from .test_ekfac import _Kinds
+    from ..conftest import KroneckerKinds as _Kinds
 
     g = torch.Generator().manual_seed(3)
     tokens, labels = torch.randint(0, 6, (5, 3), generator=g), torch.randint(0, 3, (5, 3), generator=g)

@@ -9,10 +9,8 @@ from torch import nn
 
 import kfac_hessian as kh
 
-from ..conftest import batches
-from ..references import dense_ggn, dense_hessian, rel_err
-
-EXACT = 1e-10
+from ..conftest import TinyCNN, batches
+from ..references import EXACT, dense_ggn, dense_hessian, rel_err
 
 
 @pytest.mark.parametrize(
@@ -84,3 +82,26 @@ def test_depthwise_spectrum_and_top_eigenvectors():
     from ..references import check_factor_spectra
 
     check_factor_spectra(block, dense, k=6)
+
+
+def test_cnn_runs_and_factor_shapes():
+    model = TinyCNN().double()
+    X, y = torch.randn(3, 2, 4, 4), torch.tensor([0, 1, 2])
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    assert kfac["conv1"].A.shape == (2 * 9 + 1, 19) and kfac["conv1"].G.shape == (3, 3)
+    assert kfac["conv2"].A.shape == (3 * 4, 12)
+    assert kfac["conv1"].num_params == sum(p.numel() for p in model.conv1.parameters())
+
+
+def test_convolution_patches_unfolded_in_chunks_give_the_same_factors(monkeypatch):
+    import kfac_hessian.limits as limits
+
+    model = TinyCNN()
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.randn(7, 2, 4, 4, generator=g), torch.randint(0, 3, (7,), generator=g)
+    whole = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    monkeypatch.setattr(limits, "WORK_BUFFER_ELEMENTS", 40)  # a few samples' patches per chunk (one conv1 sample: 288)
+    chunked = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    for name in whole:
+        assert torch.allclose(whole[name].A, chunked[name].A, atol=1e-14)
+        assert torch.allclose(whole[name].G, chunked[name].G, atol=1e-14)

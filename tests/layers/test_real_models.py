@@ -46,7 +46,8 @@ def test_one_token_blocks_are_the_exact_ggn_blocks(family):
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (inputs, targets), output=output)
     tied = {n for n in kfac.tied} | {"transformer.wte"}
     names = [n for n in kfac if n not in tied]
-    dense = {n: dense_ggn(model, nn.CrossEntropyLoss(), inputs, targets, kfac.parameter_names[n], output=output) for n in names}
+    dense = {n: dense_ggn(model, nn.CrossEntropyLoss(), inputs, targets, kfac.parameter_names[n], output=output)
+             for n in names}
     scale = max(float(d.norm()) for d in dense.values())
     tolerance = 1e-6 if family == "llama" else 1e-10
     for name in names:
@@ -66,7 +67,8 @@ def test_per_sample_and_normalization_blocks_are_exact(family):
         assert rel_err(kfac[name].to_dense(), dense) < 1e-9, name
 
 
-@pytest.mark.parametrize("make", [lambda: ResNet18(width=4), lambda: MobileNetish(width=4), lambda: ConvNeXtish(widths=(4, 8))])
+@pytest.mark.parametrize(
+    "make", [lambda: ResNet18(width=4), lambda: MobileNetish(width=4), lambda: ConvNeXtish(widths=(4, 8))])
 def test_in_project_cnn_families(make):
     model = make().double()
     g = torch.Generator().manual_seed(3)

@@ -95,5 +95,6 @@ def test_with_layers_given_the_summary_lists_what_was_left_out():
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), layers=["2"])
     assert list(kfac) == ["2"]
     summary = kfac.summary()
-    assert "0: skipped (24 parameters) — not selected" in summary and "4: skipped (15 parameters) — not selected" in summary
+    assert ("0: skipped (24 parameters) — not selected" in summary
+            and "4: skipped (15 parameters) — not selected" in summary)
     assert "covered 20 of 59 parameters (33.9 %)" in summary

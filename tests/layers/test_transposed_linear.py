@@ -9,24 +9,8 @@ from torch import nn
 
 import kfac_hessian as kh
 
-from ..conftest import batches
-from ..references import check_factor_spectra, dense_ggn, dense_hessian, rel_err
-
-EXACT = 1e-10
-
-
-class Conv1D(nn.Module):
-    """transformers.pytorch_utils.Conv1D, written out (the kind recognises the class by its name and ``nf``)."""
-
-    def __init__(self, nf: int, nx: int):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.5)
-        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
-
-    def forward(self, x):
-        size_out = x.size()[:-1] + (self.nf,)
-        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+from ..conftest import Conv1D, batches
+from ..references import EXACT, check_factor_spectra, dense_ggn, dense_hessian, rel_err
 
 
 def _conv1d_classes():

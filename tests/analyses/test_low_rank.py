@@ -1,13 +1,12 @@
-"""Low-rank structure of eigenvectors and the outlier count."""
+"""Low-rank structure of eigenvectors."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
 import kfac_hessian as kh
-from kfac_hessian.analyses import count_outliers, low_rank_structure
+from kfac_hessian.analyses import low_rank_structure
 
 from ..conftest import classification_data, mlp
 
@@ -28,11 +27,3 @@ def test_random_vectors_are_not_rank_one():
     v = torch.randn(4, e.num_params, generator=torch.Generator().manual_seed(0))
     energy = low_rank_structure(v / v.norm(dim=1, keepdim=True), e).energy_share
     assert (energy < 0.9).all()
-
-
-@pytest.mark.parametrize("n_outliers", [0, 1, 9])
-def test_planted_outliers(n_outliers):
-    g = torch.Generator().manual_seed(n_outliers)
-    bulk = torch.rand(500, generator=g) * 0.1  # bulk within [0, 0.1]
-    outliers = 5 + torch.rand(n_outliers, generator=g) * 10
-    assert count_outliers(torch.cat([bulk, outliers])) == n_outliers
