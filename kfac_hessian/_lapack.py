@@ -29,7 +29,8 @@ def _routine(name: str):
     pointer.restype, pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
     real = _REAL_P[name[0]]
     if name.endswith("sytrd"):  # uplo, n, a, lda, d, e, tau, work, lwork, info
-        signature = ctypes.CFUNCTYPE(None, ctypes.c_char_p, _INT_P, real, _INT_P, real, real, real, real, _INT_P, _INT_P)
+        signature = ctypes.CFUNCTYPE(None, ctypes.c_char_p, _INT_P, real, _INT_P, real, real, real, real, _INT_P,
+                                     _INT_P)
     else:  # sterf: n, d, e, info
         signature = ctypes.CFUNCTYPE(None, _INT_P, real, real, _INT_P)
     return signature(pointer(capsule, capsule_name(capsule)))

@@ -96,7 +96,8 @@ class LayerRecorder:
         def record(module: nn.Module, args: tuple, kwargs: dict, output):
             if self._paused:
                 return output
-            call = LayerCall(_detach(args), _detach(kwargs), output_values=_detach(output) if self.keep_values else None)
+            call = LayerCall(_detach(args), _detach(kwargs),
+                             output_values=_detach(output) if self.keep_values else None)
             self.calls[name].append(call)
             if not torch.is_grad_enabled():
                 return output

@@ -64,7 +64,8 @@ def _write_plots(args, report: ValidationReport, out: Path, title: str, overlaps
     except ImportError:  # pragma: no cover
         _log(args, "matplotlib is not installed: no plots (pip install 'kfac_hessian[plot]')")
         return []
-    files = [plot_spectra(report, out / "spectra.png", title), plot_top_eigenvalues(report, out / "top_eigenvalues.png", title)]
+    files = [plot_spectra(report, out / "spectra.png", title),
+             plot_top_eigenvalues(report, out / "top_eigenvalues.png", title)]
     if overlaps:
         files.append(plot_overlap_matrices(overlaps, labels, out / "overlap_across_seeds.png", args.k, baselines))
     return [str(f) for f in files]
@@ -80,16 +81,19 @@ def _run_demo(args) -> dict:
     problems = []
     for seed in seeds:
         _log(args, f"training seed {seed} ({epochs} epochs) …")
-        problem = train_digits_mlp(epochs=epochs, seed=seed, n_samples=n_samples, device=args.device, dtype=torch.float64)
+        problem = train_digits_mlp(epochs=epochs, seed=seed, n_samples=n_samples, device=args.device,
+                                   dtype=torch.float64)
         _log(args, f"seed {seed}: trained in {problem.seconds:.1f}s, "
                    f"train acc {problem.train_accuracy:.3f}, test acc {problem.test_accuracy:.3f}")
         problems.append(problem)
     main = problems[0]
     start = time.perf_counter()
-    kfacs = [compute_kfac(p.model, p.loss_fn, p.train, curvature=args.curvature, progress=not args.quiet and not args.json)
+    kfacs = [compute_kfac(p.model, p.loss_fn, p.train, curvature=args.curvature,
+                          progress=not args.quiet and not args.json)
              for p in problems]
     _log(args, f"Kronecker factors ({args.curvature}) of {len(problems)} models in {time.perf_counter() - start:.2f}s")
-    _log(args, f"\nexact {args.kind} blocks of seed 0 (dense up to P={dense_limit}, Lanczos above) — the longest phase:")
+    _log(args, f"\nexact {args.kind} blocks of seed 0 (dense up to P={dense_limit}, Lanczos above) — "
+               "the longest phase:")
     report = compare(kfacs[0], main.model, main.loss_fn, main.train, k=args.k, kind=args.kind, n_classes=10,
                      dense_limit=dense_limit, progress=lambda line: _log(args, line))
     _log(args, f"\nKronecker approximation vs exact {args.kind} per layer (seed 0, k={args.k}, 10 classes):\n")
@@ -126,8 +130,8 @@ def _run_demo(args) -> dict:
 def _load_target(target: str):
     """``FUNCTION`` of ``MODULE:FUNCTION``, ``MODULE`` importable or a path to a ``.py`` file."""
     if not target or ":" not in target:
-        raise UsageError(f"expected MODULE:FUNCTION (e.g. my_project.setup:make_problem or path/to/setup.py:make_problem),"
-                         f" got {target!r}")
+        raise UsageError("expected MODULE:FUNCTION (e.g. my_project.setup:make_problem or "
+                         f"path/to/setup.py:make_problem), got {target!r}")
     module_name, _, function_name = target.rpartition(":")
     if not module_name or not function_name:
         raise UsageError(f"expected MODULE:FUNCTION, got {target!r}")
@@ -176,7 +180,8 @@ def _load_problem(args):
     problem = _load_target(args.target)()
     if not isinstance(problem, tuple) or len(problem) not in (3, 4):
         raise UsageError(f"{args.target} must return (model, loss_fn, data) or (model, loss_fn, data, output), "
-                         f"got {type(problem).__name__}{f' of length {len(problem)}' if isinstance(problem, tuple) else ''}")
+                         f"got {type(problem).__name__}"
+                         f"{f' of length {len(problem)}' if isinstance(problem, tuple) else ''}")
     model, loss_fn, data, output = (*problem, None) if len(problem) == 3 else problem
     if not isinstance(model, nn.Module) or not isinstance(loss_fn, nn.Module):
         raise UsageError(f"{args.target} must return (model: nn.Module, loss_fn: nn.Module, data, …), got "
@@ -200,8 +205,9 @@ def _run_analyze(args) -> dict:
         _log(args, "nearest Kronecker product: power-iteration passes …")
         also["fit"] = compute_kronecker_fit(model, loss_fn, data, kfac=kfac, seed=0, output=output)
     _log(args, f"\nexact {args.kind} blocks (the longest phase):")
-    report = compare(kfac, model, loss_fn, data, k=args.k, kind=args.kind, gauss_newton_residual=args.gauss_newton_residual,
-                     output=output, progress=lambda line: _log(args, line), also=also)
+    report = compare(kfac, model, loss_fn, data, k=args.k, kind=args.kind,
+                     gauss_newton_residual=args.gauss_newton_residual, output=output,
+                     progress=lambda line: _log(args, line), also=also)
     _log(args, "\n" + report.to_markdown())
     result = {"meta": _meta(args, description, model, type(model).__name__), **report.to_dict()}
     result["skipped"] = kfac.skipped
@@ -239,13 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--no-plots", action="store_true", help="write report.json only")
     demo = commands.add_parser("demo", parents=[common], formatter_class=formatter,
                                help="digits MLP: validation, overlap across seeds, plots")
-    demo.add_argument("--epochs", type=_positive, default=None, help="training epochs per seed (default: 60; 5 with --quick)")
+    demo.add_argument("--epochs", type=_positive, default=None,
+                      help="training epochs per seed (default: 60; 5 with --quick)")
     demo.add_argument("--quick", action="store_true",
                       help="400 images, 5 epochs, 2 seeds, exact blocks dense up to 1000 parameters (for tests)")
     analyze = commands.add_parser("analyze", parents=[common], formatter_class=formatter,
                                   help="validate a user's model given as MODULE:FUNCTION")
     analyze.add_argument("target", nargs="?",
-                         help="MODULE:FUNCTION returning (model, loss_fn, data[, output]); MODULE importable or a .py file")
+                         help="MODULE:FUNCTION returning (model, loss_fn, data[, output]); "
+                              "MODULE importable or a .py file")
     analyze.add_argument("--checkpoint", help="state_dict of the built-in digits MLP (--arch), analysed on digits")
     analyze.add_argument("--arch", choices=["digits-mlp"], default="digits-mlp", help="architecture of --checkpoint")
     analyze.add_argument("--hidden", type=_positive, nargs="+", default=[64, 32], help="hidden widths of --arch")

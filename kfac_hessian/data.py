@@ -13,14 +13,14 @@ feature (class) axis as axis 1 (``docs/conventions.md`` §1): language-model log
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 Batch = tuple[Any, Tensor]
-Data = Union[Batch, Iterable[Batch]]
+Data = Batch | Iterable[Batch]
 OutputSelector = Callable[[Any], Tensor]
 
 
@@ -29,7 +29,8 @@ def sequence_logits(output: Any) -> Tensor:
     first, as ``CrossEntropyLoss`` takes it with ``(N, T)`` targets. Pass it as ``output=``."""
     logits = output if isinstance(output, Tensor) else getattr(output, "logits", None)
     if not isinstance(logits, Tensor) or logits.dim() != 3:
-        raise ValueError(f"sequence_logits expects (N, T, V) logits (or an output with .logits), got {_describe(output)}")
+        raise ValueError(f"sequence_logits expects (N, T, V) logits (or an output with .logits), "
+                         f"got {_describe(output)}")
     return logits.transpose(1, 2)
 
 

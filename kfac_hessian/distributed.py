@@ -41,7 +41,8 @@ def assign_by_cost(costs: list[float], world_size: int) -> list[int]:
     return owners
 
 
-def broadcast_packed(owner: int, shapes: list[tuple[int, ...]], tensors: list[Tensor] | None, like: Tensor) -> list[Tensor]:
+def broadcast_packed(owner: int, shapes: list[tuple[int, ...]], tensors: list[Tensor] | None,
+                     like: Tensor) -> list[Tensor]:
     """Rank ``owner`` sends ``tensors`` (with the given shapes) packed in one buffer; all ranks return them."""
     size = sum(int(torch.Size(s).numel()) for s in shapes)
     if dist.get_rank() == owner:

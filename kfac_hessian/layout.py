@@ -94,7 +94,8 @@ class BlockLayout:
         elif self.groups == 1:
             torch.mul(g_vectors.unsqueeze(2), a_weights.unsqueeze(1), out=weights.view(k, self.d_out, self.d_in))
         else:
-            weights.view(k, self.groups, self.d_out, self.d_in)[rows, slot] = g_vectors.unsqueeze(2) * a_weights.unsqueeze(1)
+            weights.view(k, self.groups, self.d_out, self.d_in)[rows, slot] = (g_vectors.unsqueeze(2)
+                                                                               * a_weights.unsqueeze(1))
         if self.has_bias:
             bias = out[:, self.num_weights :].view(k, self.groups, self.d_out)
             bias[rows, slot] = g_vectors * a_vectors[:, self.d_in :]

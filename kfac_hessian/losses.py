@@ -99,14 +99,15 @@ def check_batch(spec: LossSpec, output: Tensor, target: Tensor) -> None:
         if tuple(target.shape) != expected:
             hint = ""
             if output.dim() == 3 and tuple(target.shape) == tuple(output.shape[:2]):
-                hint = ("; the output looks like (N, T, C) with the classes last, but CrossEntropyLoss takes them on axis 1: "
-                        "pass output=kfac_hessian.sequence_logits (logits.transpose(1, 2))")
+                hint = ("; the output looks like (N, T, C) with the classes last, but CrossEntropyLoss takes them on "
+                        "axis 1: pass output=kfac_hessian.sequence_logits (logits.transpose(1, 2))")
             raise ValueError(f"CrossEntropyLoss targets have shape {tuple(target.shape)}, expected {expected} for an "
                              f"output of shape {tuple(output.shape)}{hint}")
         if (target == spec.ignore_index).any():
             raise ValueError(f"targets equal to ignore_index={spec.ignore_index} are not supported")
         if target.numel() and (target.min() < 0 or target.max() >= output.shape[1]):
-            raise ValueError(f"class indices must lie in [0, {output.shape[1]}), got [{int(target.min())}, {int(target.max())}]")
+            raise ValueError(f"class indices must lie in [0, {output.shape[1]}), "
+                             f"got [{int(target.min())}, {int(target.max())}]")
     else:
         name = "MSELoss" if spec.name == "mse" else "BCEWithLogitsLoss"
         if tuple(target.shape) != tuple(output.shape):
@@ -145,7 +146,8 @@ def output_gradient(spec: LossSpec, output: Tensor, target: Tensor, leading: int
     return output.sigmoid() - target
 
 
-def sample_output_gradients(spec: LossSpec, output: Tensor, n_samples: int, generator: torch.Generator | None) -> Tensor:
+def sample_output_gradients(spec: LossSpec, output: Tensor, n_samples: int,
+                            generator: torch.Generator | None) -> Tensor:
     """Monte-Carlo Fisher columns, shape ``(n_samples, *output.shape)``.
 
     Labels are drawn from the model's predictive distribution and the summed loss is differentiated
@@ -182,9 +184,8 @@ def hessian_sqrt_columns(spec: LossSpec, output: Tensor) -> Tensor:
         # which maps e_C to −√p (‖w‖² ≥ 2: no cancellation).
         w = sqrt_p.clone()
         w[..., -1] += 1
-        q = torch.eye(p.shape[-1], dtype=out.dtype, device=out.device)[:, :-1] - 2 * w.unsqueeze(-1) * w[..., None, :-1] / (
-            w.pow(2).sum(-1)[..., None, None]
-        )
+        q = (torch.eye(p.shape[-1], dtype=out.dtype, device=out.device)[:, :-1]
+             - 2 * w.unsqueeze(-1) * w[..., None, :-1] / w.pow(2).sum(-1)[..., None, None])
         s = s @ q  # (N, *, C_row, C − 1)
         return s.movedim(-1, 0).movedim(-1, 2).contiguous()  # (C − 1, N, C_row, *)
     root = math.sqrt(2.0) * torch.ones_like(out) if spec.name == "mse" else (out.sigmoid() * (1 - out.sigmoid())).sqrt()

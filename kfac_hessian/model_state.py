@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 
 def is_batch_norm(module: nn.Module) -> bool:
@@ -19,16 +20,23 @@ def is_batch_norm(module: nn.Module) -> bool:
 @contextlib.contextmanager
 def preserved_model_state(model: nn.Module, batch_norm_eval: bool = False) -> Iterator[None]:
     """Restore train/eval flags, ``requires_grad`` and ``.grad`` of every parameter, the running statistics of every
-    BatchNorm (a train-mode forward pass updates them) and the weight of every ``Embedding(max_norm=…)`` (its forward
-    renormalizes looked-up rows in place), on exit — even on error.
+    BatchNorm (a train-mode forward pass updates them), the weight of every ``Embedding(max_norm=…)`` (its forward
+    renormalizes looked-up rows in place) and the buffers of every parametrization, on exit — even on error.
 
-    ``batch_norm_eval``: put every BatchNorm in eval mode inside (the curvature passes' default).
+    ``batch_norm_eval``: put every BatchNorm in eval mode inside (the curvature passes' default). Parametrizations
+    always run in eval mode inside: ``spectral_norm`` takes a power-iteration step on its ``_u``/``_v`` buffers at
+    every train-mode access of the weight, so the pass, the per-sample re-runs and the exact products would each see
+    a different function.
     """
     modes = [(m, m.training) for m in model.modules()]
     batch_norms = [m for m in model.modules() if is_batch_norm(m)]
+    parametrizations = [m for m in model.modules() if isinstance(m, parametrize.ParametrizationList)]
     statistics = [(b, b.detach().clone()) for m in batch_norms for b in m.buffers(recurse=False)]
+    statistics += [(b, b.detach().clone()) for m in parametrizations for b in m.buffers()]
     statistics += [(m.weight, m.weight.detach().clone()) for m in model.modules()
                    if isinstance(m, nn.Embedding) and m.max_norm is not None]
+    for module in parametrizations:
+        module.eval()
     if batch_norm_eval:
         for module in batch_norms:
             module.eval()
@@ -79,9 +87,9 @@ def eager_model(model: nn.Module) -> nn.Module:
     for name, module in model.named_modules():
         if _is_compiled_wrapper(module):
             raise ValueError(
-                f"submodule {name!r} is a torch.compile'd OptimizedModule, whose compiled graph bypasses the hooks that "
-                f"gather curvature; compute curvature on the eager model (e.g. set `{name} = {name}._orig_mod` for the "
-                "analysis, or compile after it)"
+                f"submodule {name!r} is a torch.compile'd OptimizedModule, whose compiled graph bypasses the hooks "
+                f"that gather curvature; compute curvature on the eager model (e.g. set `{name} = {name}._orig_mod` "
+                "for the analysis, or compile after it)"
             )
     return model
 
@@ -99,7 +107,8 @@ def no_autocast() -> contextlib.ExitStack:
 @contextlib.contextmanager
 def eager_calls(model: nn.Module) -> Iterator[None]:
     """Modules compiled in place (``module.compile()``) run their eager forward inside (restored on exit)."""
-    compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    compiled = [(m, m._compiled_call_impl) for m in model.modules()
+                if getattr(m, "_compiled_call_impl", None) is not None]
     try:
         for module, _ in compiled:
             module._compiled_call_impl = None

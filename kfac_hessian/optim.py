@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from .layers import KroneckerKind, kronecker_kind, select
 from .model_state import is_batch_norm
 
+__all__ = ["ScaleAmendedSGD"]
+
 
 class ScaleAmendedSGD(torch.optim.Optimizer):
     """SGD with per-block scale amendment (module docstring).
@@ -54,8 +56,9 @@ class ScaleAmendedSGD(torch.optim.Optimizer):
         layers: list[str] | None = None,
     ):
         if not isinstance(model, nn.Module):
-            raise TypeError(f"ScaleAmendedSGD takes the model itself (it observes its layers' inputs with forward hooks), "
-                            f"got {type(model).__name__}: use ScaleAmendedSGD(model, lr=...), not model.parameters()")
+            raise TypeError("ScaleAmendedSGD takes the model itself (it observes its layers' inputs with forward "
+                            f"hooks), got {type(model).__name__}: use ScaleAmendedSGD(model, lr=...), "
+                            "not model.parameters()")
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
         if not 0 <= momentum < 1:
@@ -69,7 +72,8 @@ class ScaleAmendedSGD(torch.optim.Optimizer):
         self.ema = ema
         self._layers, self._kinds = _kronecker_layers(model, layers)
         self._batch_norm = _pair_batch_norms(model, self._layers, self._kinds, batch_norm)
-        self._block_of = {getattr(m, p): name for name, m in self._layers.items() for p in self._kinds[name].parameter_names(m)}
+        self._block_of = {getattr(m, p): name for name, m in self._layers.items()
+                          for p in self._kinds[name].parameter_names(m)}
         self.input_power: dict[str, float] = {}  # smoothed mean ‖ā‖² / width per layer
         self._hooks = [m.register_forward_hook(self._observe(name)) for name, m in self._layers.items()]
 
@@ -150,7 +154,8 @@ class ScaleAmendedSGD(torch.optim.Optimizer):
         self.remove_hooks()
 
 
-def _kronecker_layers(model: nn.Module, layers: list[str] | None) -> tuple[dict[str, nn.Module], dict[str, KroneckerKind]]:
+def _kronecker_layers(model: nn.Module,
+                      layers: list[str] | None) -> tuple[dict[str, nn.Module], dict[str, KroneckerKind]]:
     """The optimizer's blocks: the selected Kronecker layers with vector inputs, and their kinds."""
     selected = {e.module_name: e.module for e in select(model, layers).entries if e.kind is not None}
     kinds = {name: kronecker_kind(m) for name, m in selected.items()}
@@ -160,7 +165,8 @@ def _kronecker_layers(model: nn.Module, layers: list[str] | None) -> tuple[dict[
             raise ValueError(f"{other} are not Kronecker layers with vector inputs (Linear, convolutions, Conv1D)")
     kinds = {name: kind for name, kind in kinds.items() if kind is not None}
     if not kinds:
-        raise ValueError(f"{type(model).__name__} has no Kronecker layer with vector inputs (Linear, convolutions, Conv1D)")
+        raise ValueError(f"{type(model).__name__} has no Kronecker layer with vector inputs "
+                         "(Linear, convolutions, Conv1D)")
     return {name: selected[name] for name in kinds}, kinds
 
 

@@ -60,7 +60,8 @@ def plot_spectra(report, path: Path, title: str = "") -> Path:
             ax.hist(np.log10(exact[kept]), bins=bins, alpha=0.55, color="tab:orange",
                     label=f"exact, dense ({below} below 1e-10·λmax)" if below else "exact, dense")
         else:  # SLQ: quadrature weights sum to 1 per probe; scaled to the number of eigenvalues
-            counts, _ = np.histogram(np.log10(exact[kept]), bins=bins, weights=weights[kept] / weights.sum() * len(approx))
+            counts, _ = np.histogram(np.log10(exact[kept]), bins=bins,
+                                     weights=weights[kept] / weights.sum() * len(approx))
             centers = 0.5 * (bins[1:] + bins[:-1])
             ax.plot(centers, np.where(counts > 0, counts, np.nan), color="tab:orange", marker=".", lw=1.2,
                     label="exact, SLQ estimate")

@@ -46,7 +46,8 @@ def symmetric_eig(matrices: Tensor, vectors: bool) -> tuple[Tensor, Tensor | Non
     except torch.linalg.LinAlgError:
         if matrices.dtype == torch.float64:
             raise
-        values, vecs = torch.linalg.eigh(matrices.double()) if vectors else (torch.linalg.eigvalsh(matrices.double()), None)
+        values, vecs = (torch.linalg.eigh(matrices.double()) if vectors
+                        else (torch.linalg.eigvalsh(matrices.double()), None))
         values = values.to(matrices.dtype)
         vecs = vecs.to(matrices.dtype) if vecs is not None else None
     values, reports = _descending_clamped(values)
@@ -88,8 +89,9 @@ def symmetric_eigvals(batches: list[Tensor]) -> list[tuple[Tensor, list[ClampRep
 
     On the CPU (float32/float64, one matrix of ``d ≥ TRIDIAGONAL_MIN_SIZE``) through one blocked tridiagonalization
     and ``sterf``, keeping the ``Tridiagonal`` form for later leading eigenvectors; these matrices run concurrently
-    on ``EIG_THREADS`` threads (default ``torch.get_num_threads()``) with one LAPACK thread each (largest first). Everything else goes through
-    torch's ``eigvalsh``, one batched call per size, and keeps no form. A float32 failure is retried in float64 (no form kept then).
+    on ``EIG_THREADS`` threads (default ``torch.get_num_threads()``) with one LAPACK thread each (largest first).
+    Everything else goes through torch's ``eigvalsh``, one batched call per size, and keeps no form. A float32 failure
+    is retried in float64 (no form kept then).
     """
     results: list = [None] * len(batches)
     tridiagonal, groups = [], {}
@@ -141,8 +143,8 @@ _THREADPOOLS = None
 
 def _single_threaded_scipy_lapack():
     """scipy's OpenBLAS keeps its worker threads spinning after a call, and they then compete with torch's threads
-    for the cores: on this project's 2-core machine a gradient pass right after a multithreaded ``sytrd`` ran
-    markedly slower (a one-off check, not a repo benchmark). One OpenBLAS thread per LAPACK call avoids that, and
+    for the cores: on a 2-core machine a gradient pass right after a multithreaded ``sytrd`` measured markedly
+    slower (a one-off check, not a repo benchmark). One OpenBLAS thread per LAPACK call avoids that, and
     concurrent calls share the cores instead (torch's MKL is not affected)."""
     global _THREADPOOLS
     if _THREADPOOLS is None:  # scanning the loaded libraries takes milliseconds: once per process
@@ -216,7 +218,8 @@ def histogram(chunks: Callable[[], Iterator[Tensor]], extent: tuple[float, float
     return SpectralDensity(edges, counts, n_zero, log)
 
 
-def values_density(values: Tensor, bins: int, log: bool, range: tuple[float, float] | None, chunk: int) -> SpectralDensity:
+def values_density(values: Tensor, bins: int, log: bool, range: tuple[float, float] | None,
+                   chunk: int) -> SpectralDensity:
     """``SpectralDensity`` of explicitly given (non-negative) eigenvalues, in chunks of ``chunk``."""
     n_zero = 0
     if log:

@@ -35,7 +35,8 @@ def eigenspace_overlap(V1: Tensor, V2: Tensor) -> float:
         if not torch.allclose(gram, torch.eye(k, dtype=torch.float64, device=V.device), atol=1e-4):
             hint = " (for a (P, k) column basis pass V.T)" if torch.allclose(
                 V.double().T @ V.double(), torch.eye(P, dtype=torch.float64, device=V.device), atol=1e-4) else ""
-            raise ValueError(f"{name}'s rows are not orthonormal (max |V Vᵀ − I| = {float((gram - torch.eye(k, dtype=gram.dtype, device=gram.device)).abs().max()):.2e}); "
+            raise ValueError(f"{name}'s rows are not orthonormal (max |V Vᵀ − I| = "
+                             f"{float((gram - torch.eye(k, dtype=gram.dtype, device=gram.device)).abs().max()):.2e}); "
                              f"eigenspace_overlap takes (k, P) orthonormal row bases{hint}")
     return float((V1 @ V2.T.to(V1.dtype)).pow(2).sum() / k)
 

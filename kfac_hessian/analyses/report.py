@@ -97,7 +97,8 @@ class ValidationReport:
         ("log_spectrum_w1", "{:.3f}", "Wasserstein-1 distance between the log10 spectra (decades)"),
         ("outliers_kronecker", "{}", "eigenvalues above the widest log-gap, approximation"),
         ("outliers_exact", "{}", "the same for the exact block"),
-        ("energy_share", "{:.3f}", "mean σ₁²/Σσ² of the exact top eigenvectors as weight matrices (1 = rank one; Kronecker blocks)"),
+        ("energy_share", "{:.3f}", "mean σ₁²/Σσ² of the exact top eigenvectors as weight matrices (1 = rank one; "
+         "Kronecker blocks)"),
         ("residual_frobenius", "{:.3f}", "‖H − GGN‖_F / ‖H‖_F (with gauss_newton_residual)"),
         ("seconds_kronecker", "{:.3f}", "seconds for the approximation's top-k (after the eigenvalues of all blocks, "
          "computed together)"),
@@ -118,7 +119,8 @@ class ValidationReport:
             cells = []
             for key, spec, _ in columns:
                 value = row.get(key)
-                cells.append("–" if value is None or (isinstance(value, float) and math.isnan(value)) else spec.format(value))
+                cells.append("–" if value is None or (isinstance(value, float) and math.isnan(value))
+                             else spec.format(value))
             lines.append("| " + " | ".join(cells) + " |")
         if legend:
             lines += ["", "Columns (– = not measured):"] + [f"  {key}: {meaning}" for key, _, meaning in columns]

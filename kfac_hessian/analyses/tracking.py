@@ -111,7 +111,8 @@ class SpectrumTracker:
                 row = {"step": step, "layer": name, "num_params": eig.num_params, **spectral_metrics(eig, self.top_k)}
                 if self.hutchinson_probes:
                     params = kfac.parameter_names.get(name, name)
-                    op = layer_operator(self.model, self.loss_fn, self.data, params, kind=self.exact_kind, output=self.output)
+                    op = layer_operator(self.model, self.loss_fn, self.data, params, kind=self.exact_kind,
+                                        output=self.output)
                     estimate = hutchinson_trace(op, self.hutchinson_probes, seed=self.seed)
                     row["exact_trace"], row["exact_trace_stderr"] = float(estimate.value), float(estimate.stderr)
                 rows.append(row)

@@ -55,7 +55,8 @@ def decompose_distributed(matrices: dict, vectors: bool) -> dict:
             shapes += [(b, d), (b, 2)] + ([(b, d, d)] if vectors else [])
             if rank == dist.get_rank():
                 values, vecs, reports, _ = mine[k]
-                tensors += [values, torch.tensor([[r.count, r.most_negative] for r in reports])] + ([vecs] if vectors else [])
+                tensors += ([values, torch.tensor([[r.count, r.most_negative] for r in reports])]
+                            + ([vecs] if vectors else []))
         received = iter(_distributed.broadcast_packed(rank, shapes, tensors, matrices[owned[0]] if owned else like))
         for k in owned:
             values, report = next(received), next(received)

@@ -23,7 +23,8 @@ class DenseBlocks(CurvatureBlock):
 
     def __init__(self, blocks: Tensor, index: Tensor, label: str, name: str = ""):
         if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2] or index.shape != blocks.shape[:2]:
-            raise ValueError(f"expected blocks (B, b, b) and index (B, b), got {tuple(blocks.shape)}, {tuple(index.shape)}")
+            raise ValueError(f"expected blocks (B, b, b) and index (B, b), got {tuple(blocks.shape)}, "
+                             f"{tuple(index.shape)}")
         self.blocks, self.index, self.label, self.name = blocks, index.to(blocks.device), label, name
 
     @classmethod
@@ -34,7 +35,8 @@ class DenseBlocks(CurvatureBlock):
     @classmethod
     def diagonal(cls, values: Tensor, label: str, name: str = "") -> DenseBlocks:
         """``P`` blocks ``1×1``."""
-        return cls(values.reshape(-1, 1, 1), torch.arange(values.numel(), device=values.device).unsqueeze(1), label, name)
+        return cls(values.reshape(-1, 1, 1), torch.arange(values.numel(), device=values.device).unsqueeze(1), label,
+                   name)
 
     @classmethod
     def paired(cls, blocks: Tensor, label: str, name: str = "") -> DenseBlocks:
@@ -44,7 +46,8 @@ class DenseBlocks(CurvatureBlock):
         return cls(blocks, torch.stack([features, features + f], dim=1), label, name)
 
     def __repr__(self) -> str:
-        return f"DenseBlocks({self.name!r}, {self.blocks.shape[0]} × {tuple(self.blocks.shape[1:])}, P={self.num_params})"
+        return (f"DenseBlocks({self.name!r}, {self.blocks.shape[0]} × {tuple(self.blocks.shape[1:])}, "
+                f"P={self.num_params})")
 
     @property
     def num_params(self) -> int:

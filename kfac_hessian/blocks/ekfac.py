@@ -31,11 +31,13 @@ class EKFACBlock(CurvatureBlock):
 
     storage_tag = "ekfac"
 
-    def __init__(self, g_vectors: Tensor, a_vectors: Tensor | None, values: Tensor, layout: BlockLayout, name: str = ""):
+    def __init__(self, g_vectors: Tensor, a_vectors: Tensor | None, values: Tensor, layout: BlockLayout,
+                 name: str = ""):
         groups, d_out, width = layout.groups, layout.d_out, layout.width
         if g_vectors.shape != (groups, d_out, d_out) or values.shape != (groups, d_out, width) or (
                 a_vectors is not None and a_vectors.shape != (groups, width, width)):
-            raise ValueError(f"shapes {tuple(g_vectors.shape)}, {None if a_vectors is None else tuple(a_vectors.shape)}, "
+            raise ValueError(f"shapes {tuple(g_vectors.shape)}, "
+                             f"{None if a_vectors is None else tuple(a_vectors.shape)}, "
                              f"{tuple(values.shape)} do not fit {layout}")
         self.g_vectors, self.a_vectors, self.values, self.layout, self.name = g_vectors, a_vectors, values, layout, name
 

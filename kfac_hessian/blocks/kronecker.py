@@ -33,7 +33,8 @@ class KroneckerBlock(CurvatureBlock):
 
     def __init__(self, A: Tensor, G: Tensor, layout: BlockLayout, name: str = ""):
         grouped = layout.groups > 1
-        a_shapes = [(layout.groups, layout.width, layout.width)] if grouped else [(layout.width, layout.width), (layout.width,)]
+        a_shapes = ([(layout.groups, layout.width, layout.width)] if grouped
+                    else [(layout.width, layout.width), (layout.width,)])
         g_shape = (layout.groups, layout.d_out, layout.d_out) if grouped else (layout.d_out, layout.d_out)
         if tuple(A.shape) not in a_shapes or tuple(G.shape) != g_shape:
             raise ValueError(f"factor shapes {tuple(A.shape)}, {tuple(G.shape)} do not fit {layout}")
@@ -63,8 +64,8 @@ class KroneckerBlock(CurvatureBlock):
         if self.a_is_diagonal:
             return f"Kronecker G ⊗ diag(A), A diagonal ({layout.width},), G {tuple(self.G.shape)}"
         if layout.groups > 1:
-            return (f"Kronecker per group, {layout.groups} groups × (G {(layout.d_out,) * 2} ⊗ A {(layout.width,) * 2}), "
-                    "cross-group terms dropped")
+            return (f"Kronecker per group, {layout.groups} groups × "
+                    f"(G {(layout.d_out,) * 2} ⊗ A {(layout.width,) * 2}), cross-group terms dropped")
         return f"Kronecker G ⊗ A, A {tuple(self.A.shape)}, G {tuple(self.G.shape)}"
 
     def _grouped(self) -> tuple[Tensor, Tensor]:
@@ -176,7 +177,8 @@ class KroneckerEigen(BlockEigen):
 
     @property
     def a_order(self) -> Tensor:
-        """A diagonal ``A``'s eigenvectors are unit vectors: ``a_order[i]`` is the index of its ``i``-th largest entry."""
+        """A diagonal ``A``'s eigenvectors are unit vectors: ``a_order[i]`` is the index of its ``i``-th largest
+        entry."""
         if self._a_order is None:
             raise AttributeError("a_order exists for a diagonal A (embeddings) only")
         return self._public(self._a_order)
@@ -199,7 +201,8 @@ class KroneckerEigen(BlockEigen):
             if width > DENSE_BLOCK_LIMIT:
                 raise ValueError(f"A is diagonal: its {width} eigenvectors are unit vectors (a_order gives their "
                                  "indices); a dense matrix of them is refused")
-            return self._public(torch.eye(width, dtype=self._values["A"].dtype, device=self._a_order.device)[:, self._a_order[0]].unsqueeze(0))
+            eye = torch.eye(width, dtype=self._values["A"].dtype, device=self._a_order.device)
+            return self._public(eye[:, self._a_order[0]].unsqueeze(0))
         return self._public(self._all_vectors("A"))
 
     @property
@@ -252,7 +255,8 @@ class KroneckerEigen(BlockEigen):
 
     def effective_rank(self) -> float:
         """Exact from the factors: per group the products' distribution is the product of the factors', so its
-        entropy is ``H(λ_g) + H(μ_g)``; across groups the mixture adds ``−Σ_g q_g log q_g``, ``q_g`` the trace shares."""
+        entropy is ``H(λ_g) + H(μ_g)``; across groups the mixture adds ``−Σ_g q_g log q_g``, ``q_g`` the trace
+        shares."""
         traces = self._values["A"].double().sum(-1) * self._values["G"].double().sum(-1)
         total = float(traces.sum())
         if total <= 0:
@@ -316,7 +320,8 @@ class KroneckerEigen(BlockEigen):
         pairs = [(a, g) for a, g in pairs if len(a) and len(g)]
         extent = None
         if pairs:
-            corners = torch.cat([combine(torch.stack([g.min(), g.max()])[:, None], torch.stack([a.min(), a.max()])[None, :]).flatten()
+            corners = torch.cat([combine(torch.stack([g.min(), g.max()])[:, None],
+                                         torch.stack([a.min(), a.max()])[None, :]).flatten()
                                  for a, g in pairs])
             extent = (float(corners.min()), float(corners.max()))
 

@@ -74,7 +74,8 @@ def default_error_fn(loss_fn: nn.Module) -> ErrorFn:
         return lambda output, target: (output.argmax(1) != target).to(output.dtype)
     if kind == "bce_with_logits":
         return lambda output, target: ((output > 0) != (target > 0.5)).to(output.dtype).reshape(len(output), -1).mean(1)
-    raise ValueError("a 0-1 error is not defined for MSELoss; pass error_fn=(output, target) -> per-sample error in [0, 1]")
+    raise ValueError("a 0-1 error is not defined for MSELoss; "
+                     "pass error_fn=(output, target) -> per-sample error in [0, 1]")
 
 
 def pac_bayes_bound(
@@ -143,12 +144,14 @@ def pac_bayes_bound(
     with preserved_model_state(model):
         model.eval()  # deterministic forward passes (dropout off, BatchNorm on running statistics)
         trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        fixed = {n: t.detach() for n, t in list(model.named_parameters()) + list(model.named_buffers()) if n not in trained}
+        fixed = {n: t.detach() for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                 if n not in trained}
         prior_mean = _prior_mean(init_state, trained)
         posterior_basis = _make_basis(basis, model, loss_fn, train_data, curvature)
 
         mean = {n: t.clone().requires_grad_() for n, t in trained.items()}
-        log_std = [c.abs().clamp_min(1e-8).log().detach().requires_grad_() for c in posterior_basis.to_coordinates(trained)]
+        log_std = [c.abs().clamp_min(1e-8).log().detach().requires_grad_()
+                   for c in posterior_basis.to_coordinates(trained)]
         rho = torch.tensor(init_log_prior_std, dtype=next(iter(trained.values())).dtype, device=device).clamp(
             max=_max_rho(prior_variance_max, precision)).requires_grad_()
         fixed_cost = confidence_cost(n_train, delta)
@@ -156,7 +159,8 @@ def pac_bayes_bound(
         def objective_terms() -> tuple[Tensor, Tensor]:
             distance = sum(((mean[n] - prior_mean[n]) ** 2).sum() for n in mean)
             kl = gaussian_kl(torch.cat([s.flatten() for s in log_std]), distance, 2 * rho)
-            bre = torch.sqrt((kl + prior_union_cost(2 * rho, prior_variance_max, precision) + fixed_cost) / (2 * (n_train - 1)))
+            bre = torch.sqrt((kl + prior_union_cost(2 * rho, prior_variance_max, precision) + fixed_cost)
+                             / (2 * (n_train - 1)))
             return kl, bre
 
         history: list[dict] = []
@@ -168,7 +172,8 @@ def pac_bayes_bound(
         optimizer = torch.optim.RMSprop([*mean.values(), *log_std, rho], lr=lr, alpha=0.9)
         for epoch in epoch_range:
             if basis == "iterative" and epoch > 0 and epoch % refresh_every == 0:
-                posterior_basis, log_std = _refresh_kronecker(model, fixed, mean, loss_fn, train_data, curvature, posterior_basis, log_std)
+                posterior_basis, log_std = _refresh_kronecker(model, fixed, mean, loss_fn, train_data, curvature,
+                                                              posterior_basis, log_std)
                 optimizer = torch.optim.RMSprop([*mean.values(), *log_std, rho], lr=lr, alpha=0.9)
             surrogate_sum, steps = 0.0, 0
             for _, inputs, target in iterate_batches(train_data, device):
@@ -197,12 +202,14 @@ def pac_bayes_bound(
             distance = sum(((mean[n] - prior_mean[n]) ** 2).sum() for n in mean)
             kl = gaussian_kl(torch.cat([s.flatten() for s in log_std]), distance,
                              torch.tensor(log_prior_variance, dtype=distance.dtype)).item()
-            train_error = _stochastic_error(model, fixed, mean, posterior_basis, log_std, train_data, error_fn, n_samples, generator, progress)
+            train_error = _stochastic_error(model, fixed, mean, posterior_basis, log_std, train_data, error_fn,
+                                            n_samples, generator, progress)
             train_error_bound = kl_inverse(train_error, math.log(2 / delta_prime) / n_samples)
             bound = kl_inverse(train_error_bound, (kl + 2 * math.log(j) + fixed_cost) / (n_train - 1))
             test_error = mean_test_error = None
             if test_data is not None:
-                test_error = _stochastic_error(model, fixed, mean, posterior_basis, log_std, test_data, error_fn, n_samples, generator, False)
+                test_error = _stochastic_error(model, fixed, mean, posterior_basis, log_std, test_data, error_fn,
+                                               n_samples, generator, False)
                 mean_test_error = _mean_error(model, fixed, mean, test_data, error_fn)
             mean_train_error = _mean_error(model, fixed, mean, train_data, error_fn)
 
@@ -243,9 +250,10 @@ def _converged(history: list[dict]) -> bool:
 
     b_re, objective = drop([h["b_re"] for h in history]), drop([h["surrogate"] + h["b_re"] for h in history])
     if b_re > 0.015 or objective > 0.05:
-        warnings.warn(f"the posterior optimization had not converged after {len(history)} epochs: over the last fifth of "
-                      f"them B_RE still fell by {100 * b_re:.1f} % and the objective by {100 * objective:.1f} %; raise "
-                      "epochs (or lr) for a tighter bound", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"the posterior optimization had not converged after {len(history)} epochs: "
+                      f"over the last fifth of them B_RE still fell by {100 * b_re:.1f} % and the objective by "
+                      f"{100 * objective:.1f} %; raise epochs (or lr) for a tighter bound",
+                      RuntimeWarning, stacklevel=3)
         return False
     return True
 
@@ -253,9 +261,11 @@ def _converged(history: list[dict]) -> bool:
 def _check_settings(basis, epochs, lr, c, b, delta, delta_prime, n_samples, refresh_every) -> None:
     if not isinstance(basis, PosteriorBasis) and basis not in BASES:
         raise ValueError(f"basis must be one of {BASES} or a PosteriorBasis, got {basis!r}")
-    for name, value in (("epochs", epochs), ("n_samples", n_samples), ("refresh_every", refresh_every), ("precision", b)):
+    for name, value in (("epochs", epochs), ("n_samples", n_samples), ("refresh_every", refresh_every),
+                        ("precision", b)):
         if not isinstance(value, int) or value < (0 if name == "epochs" else 1):
-            raise ValueError(f"{name} must be a {'non-negative' if name == 'epochs' else 'positive'} integer, got {value!r}")
+            raise ValueError(f"{name} must be a {'non-negative' if name == 'epochs' else 'positive'} integer, "
+                             f"got {value!r}")
     for name, value in (("lr", lr), ("prior_variance_max", c)):
         if not value > 0:
             raise ValueError(f"{name} must be positive, got {value!r}")
@@ -289,7 +299,8 @@ def _make_basis(basis, model, loss_fn, data, curvature) -> PosteriorBasis:
         return PosteriorBasis.identity(model)
     if basis == "exact-layerwise":
         return PosteriorBasis.exact_layerwise(model, loss_fn, data)
-    return PosteriorBasis.kronecker(model, compute_kfac(model, loss_fn, data, curvature=curvature, dtype=torch.float64, seed=0))
+    return PosteriorBasis.kronecker(model, compute_kfac(model, loss_fn, data, curvature=curvature, dtype=torch.float64,
+                                                        seed=0))
 
 
 def _refresh_kronecker(model, fixed, mean, loss_fn, data, curvature, old_basis, log_std):

@@ -3,8 +3,9 @@
 One *run* builds a block Krylov basis (every new block orthogonalized twice against the whole basis and
 against the locked vectors), with Rayleigh-Ritz on the block-tridiagonal projection. A Ritz pair has
 converged when its residual ``‖A x − θ x‖ ≤ tol · max(|θ|, 10⁻⁶‖A‖)`` (``‖A‖`` estimated by the largest
-Ritz value in magnitude), so every eigenvalue is accurate relative to itself, not only to ``‖A‖``. Converged pairs are *locked*: the next run starts from a fresh random block orthogonal to them.
-Runs repeat until one finds nothing above the current k-th eigenvalue, so eigenvalues of any multiplicity
+Ritz value in magnitude), so every eigenvalue is accurate relative to itself, not only to ``‖A‖``. Converged
+pairs are *locked*: the next run starts from a fresh random block orthogonal to them. Runs repeat until one
+finds nothing above the current k-th eigenvalue, so eigenvalues of any multiplicity
 come out with all their copies (a Krylov space of one start block holds at most ``block_size`` copies).
 Small operators (``P ≤ dense_limit``) are formed densely and decomposed with ``eigh``.
 
@@ -83,8 +84,8 @@ def _fold(vectors: Tensor, b: int) -> Tensor:
     return padded.reshape(vectors.shape[0], -1, b).sum(1)
 
 
-def _run(apply, n: int, block_size: int, max_dim: int, n_want: int, tol: float, locked: Tensor, generator, start: Tensor | None,
-         norm: float = 0.0):
+def _run(apply, n: int, block_size: int, max_dim: int, n_want: int, tol: float, locked: Tensor, generator,
+         start: Tensor | None, norm: float = 0.0):
     """One block Lanczos run on the complement of ``locked`` from ``start`` (random when ``None``); ``norm``: the
     largest eigenvalue magnitude found so far (a run on a deflated operator judges its residuals against ``‖A‖``,
     not against what is left).
@@ -102,7 +103,8 @@ def _run(apply, n: int, block_size: int, max_dim: int, n_want: int, tol: float, 
         given = torch.linalg.qr(_orthogonalize(_fold(start, b), [locked])).Q
         basis[:, : given.shape[1]] = given
         if given.shape[1] < b:  # fewer start vectors than the block: random directions complete it
-            basis[:, given.shape[1] : b] = _random_block((n, b - given.shape[1]), generator, dtype, device, [locked, given])
+            basis[:, given.shape[1] : b] = _random_block((n, b - given.shape[1]), generator, dtype, device,
+                                                         [locked, given])
     j, matvecs = 0, 0
     while True:
         current = basis[:, j : j + b]
@@ -129,7 +131,8 @@ def _run(apply, n: int, block_size: int, max_dim: int, n_want: int, tol: float, 
         # a (nearly) invariant subspace: continue from fresh directions, decoupled from the basis
         deficient = r.diagonal().abs() <= 10 * torch.finfo(dtype).eps * scale
         if deficient.any():
-            fresh = _random_block((n, int(deficient.sum())), generator, dtype, device, [basis[:, :j], locked, q[:, ~deficient]])
+            fresh = _random_block((n, int(deficient.sum())), generator, dtype, device,
+                                  [basis[:, :j], locked, q[:, ~deficient]])
             q = q.clone()
             q[:, deficient] = fresh
             r = r.clone()
@@ -168,7 +171,8 @@ def _largest(apply, n: int, k: int, tol: float, max_dim: int, block_size: int, m
             break
     converged = finished or (len(values) >= k and vectors.shape[1] >= n)
     if not converged:
-        notes.append(f"stopped after {runs} runs (max_runs={max_runs}, max_iter={max_dim}) with {len(values)} converged pairs of {k}")
+        notes.append(f"stopped after {runs} runs (max_runs={max_runs}, max_iter={max_dim}) with {len(values)} "
+                     f"converged pairs of {k}")
     order = values.argsort(descending=True)[:k]
     return values[order], vectors[:, order], residuals[order], converged and len(values) >= k, matvecs, runs, notes
 
@@ -200,8 +204,9 @@ def lanczos(
         dense_limit: at or below this ``P`` the operator is formed densely (``op @ I``) and ``eigh`` is used.
         max_runs: bound on the locking restarts (default ``2k + 4``).
         start: ``(m, P)`` vectors (rows, as ``topk`` returns them) for the first run's start block — a warm start,
-            e.g. the exact eigenvectors at an earlier checkpoint, or the top Kronecker or EKFAC eigenvectors; with ``m > block_size``
-            vector ``j`` is added into start column ``j mod block_size`` (``which="largest"`` only).
+            e.g. the exact eigenvectors at an earlier checkpoint, or the top Kronecker or EKFAC eigenvectors; with
+            ``m > block_size`` vector ``j`` is added into start column ``j mod block_size`` (``which="largest"``
+            only).
 
     A result that did not converge is returned with ``converged=False``, its residuals and notes, and a
     ``RuntimeWarning``.
@@ -228,7 +233,8 @@ def lanczos(
         theta, vecs = torch.linalg.eigh(0.5 * (dense + dense.T))
         largest, smallest = torch.arange(n - 1, n - 1 - k_hi, -1), torch.arange(k_lo)
         idx = torch.cat([largest, smallest.flip(0) if which == "both" else smallest]).to(device)
-        return LanczosResult(theta[idx], vecs[:, idx].T, torch.zeros(k, dtype=dtype, device=device), True, n, 1, "dense")
+        return LanczosResult(theta[idx], vecs[:, idx].T, torch.zeros(k, dtype=dtype, device=device), True, n, 1,
+                             "dense")
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     max_dim = min(n, max_iter if max_iter is not None else max(4 * k + 40, 60))
     max_runs = max_runs if max_runs is not None else 2 * k + 4
@@ -247,7 +253,8 @@ def lanczos(
     converged = all(p[3] for _, p in parts)
     notes = [note for _, p in parts for note in p[6]]
     result = LanczosResult(
-        values, vectors, residuals, converged, sum(p[4] for _, p in parts), sum(p[5] for _, p in parts), "block-lanczos", notes
+        values, vectors, residuals, converged, sum(p[4] for _, p in parts), sum(p[5] for _, p in parts),
+        "block-lanczos", notes
     )
     if not converged:
         warnings.warn("lanczos did not converge: " + "; ".join(notes), RuntimeWarning, stacklevel=2)

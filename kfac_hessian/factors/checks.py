@@ -55,9 +55,9 @@ def warn_about_dropout(model: nn.Module, seed: int | None) -> None:
               if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0]
     if active:
         warnings.warn(
-            f"dropout is active (train mode) in {active[:3]}{' …' if len(active) > 3 else ''}: the curvature is that of "
-            f"a random network{'' if seed is None else f' (reproducible with seed={seed})'}; call model.eval() for the "
-            "deterministic one", UserWarning, stacklevel=3)
+            f"dropout is active (train mode) in {active[:3]}{' …' if len(active) > 3 else ''}: "
+            f"the curvature is that of a random network{'' if seed is None else f' (reproducible with seed={seed})'}; "
+            "call model.eval() for the deterministic one", UserWarning, stacklevel=3)
 
 
 def warn_about_joint_columns(positions: int) -> None:

@@ -16,7 +16,8 @@ from ..losses import LossSpec, hessian_sqrt_columns, output_gradient, sample_out
 from .options import Curvature
 
 
-def output_columns(spec: LossSpec, curvature: Curvature, output: Tensor, target: Tensor, mc_samples: int, generator) -> Tensor:
+def output_columns(spec: LossSpec, curvature: Curvature, output: Tensor, target: Tensor, mc_samples: int,
+                   generator) -> Tensor:
     """Columns ``(K, *output.shape)`` backpropagated from the output for ``curvature``."""
     if curvature == "ggn":
         return hessian_sqrt_columns(spec, output)

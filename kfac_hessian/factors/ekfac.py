@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..blocks import CurvatureBlock, EKFACBlock, KroneckerBlock, eig_blocks
+from ..blocks import CurvatureBlock, EKFACBlock, KroneckerBlock
+from ..blocks.base import eig_blocks
 from ..data import Data
 from ..layers import Entry, PerSampleStatistic
 from ..layout import BlockLayout

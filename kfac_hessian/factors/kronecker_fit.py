@@ -1,5 +1,6 @@
 """``compute_kronecker_fit``: the nearest Kronecker product to each layer's curvature block in the Frobenius norm
-(Van Loan & Pitsianis 1993; for curvature blocks the KFOC idea of Koroko et al., arXiv:2201.10285), without forming the block.
+(Van Loan & Pitsianis 1993; for curvature blocks the KFOC idea of Koroko et al., arXiv:2201.10285), without forming
+the block.
 
 Write the block as ``H = scale · Σ_{n,k} vec(∇W̄_{nk}) vec(∇W̄_{nk})ᵀ`` (``factors.per_sample``). Rearranged so that
 ``G ⊗ A`` becomes ``vec(G) vec(A)ᵀ``, ``H`` becomes ``R(H)`` with
@@ -18,6 +19,7 @@ fit is over diagonal ``A``: ``diag(R(H)ᵀ G)``. The factors are rescaled so tha
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -65,7 +67,8 @@ class KroneckerFit(PerSampleStatistic):
         flat = matrices.transpose(0, 2).reshape(b, -1, o, w)  # (groups, m, d_out, width)
         m = flat.shape[1]
         side = flat.transpose(1, 2).reshape(b, o, m * w)  # [X_1, X_2, …]
-        self.ra += (flat.reshape(b, m * o, w) @ self.A).reshape(b, m, o, w).transpose(1, 2).reshape(b, o, m * w) @ side.mT
+        self.ra += ((flat.reshape(b, m * o, w) @ self.A).reshape(b, m, o, w).transpose(1, 2).reshape(b, o, m * w)
+                    @ side.mT)
         stacked = flat.reshape(b, m * o, w)  # [X_1; X_2; …]
         self.rg += stacked.mT @ (self.G @ side).reshape(b, o, m, w).transpose(1, 2).reshape(b, m * o, w)
 
@@ -108,6 +111,19 @@ class KroneckerFit(PerSampleStatistic):
         return {name: KroneckerBlock(A.to(device), G.to(device), layout, name)}
 
 
+def _fit_statistic(pairs: dict[str, tuple[Tensor, Tensor]], traces: dict[str, Tensor],
+                   fits: dict[str, KroneckerFit]) -> Callable[[Entry, KroneckerBlock], KroneckerFit]:
+    """The per-sample statistic of one pass: a ``KroneckerFit`` from each layer's current pair, recorded in ``fits``."""
+
+    def statistic(entry: Entry, block: KroneckerBlock) -> KroneckerFit:
+        name = entry.module_name
+        A, G = pairs[name]
+        fits[name] = KroneckerFit(A, G, traces[name], block.layout, block.dtype, block.device)
+        return fits[name]
+
+    return statistic
+
+
 def compute_kronecker_fit(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -145,14 +161,7 @@ def compute_kronecker_fit(
     change = float("inf")
     for _ in range(iterations):
         fits: dict[str, KroneckerFit] = {}
-
-        def statistic(entry: Entry, block: KroneckerBlock) -> KroneckerFit:
-            name = entry.module_name
-            A, G = pairs[name]
-            fits[name] = KroneckerFit(A, G, traces[name], block.layout, block.dtype, block.device)
-            return fits[name]
-
-        result = per_sample_pass(model, loss_fn, data, kfac, statistic, options)
+        result = per_sample_pass(model, loss_fn, data, kfac, _fit_statistic(pairs, traces, fits), options)
         change = max((float(((fit.score - scores[name]).abs() / fit.score.clamp_min(1e-300)).max())
                       if name in scores else float("inf")) for name, fit in fits.items())
         scores = {name: fit.score for name, fit in fits.items()}

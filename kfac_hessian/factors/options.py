@@ -112,7 +112,8 @@ FIELDS = tuple(field.name for field in dataclasses.fields(PassOptions))
 
 def split_pass_options(arguments: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``arguments`` split into the fields of ``PassOptions`` and the rest."""
-    return ({k: v for k, v in arguments.items() if k in FIELDS}, {k: v for k, v in arguments.items() if k not in FIELDS})
+    return ({k: v for k, v in arguments.items() if k in FIELDS},
+            {k: v for k, v in arguments.items() if k not in FIELDS})
 
 
 def check_approx(approx: str) -> None:

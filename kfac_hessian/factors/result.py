@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..blocks import BlockEigen, CurvatureBlock, eig_blocks
+from ..blocks import BlockEigen, CurvatureBlock
+from ..blocks.base import eig_blocks
 from . import storage
 
 _META = ("curvature", "approx", "loss", "reduction", "n_samples", "skipped", "parameter_names", "counts",
@@ -57,7 +58,8 @@ class KFAC(Mapping[str, CurvatureBlock]):
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def eig(self, dtype: torch.dtype | None = None, vectors: bool = False, distributed: bool = False) -> dict[str, BlockEigen]:
+    def eig(self, dtype: torch.dtype | None = None, vectors: bool = False,
+            distributed: bool = False) -> dict[str, BlockEigen]:
         """Eigen-structures of every block, decomposed together (``blocks.eig_blocks``): batched by size, on the CPU
         eigenvalues through concurrent tridiagonalizations, eigenvectors on first use unless ``vectors=True``.
 
@@ -83,7 +85,8 @@ class KFAC(Mapping[str, CurvatureBlock]):
     def summary(self) -> str:
         """One line per block (its structure and parameter count) and per skipped entry (why), and the covered share
         of the model's parameters."""
-        lines = [f"KFAC curvature={self.curvature} approx={self.approx} loss={self.loss}({self.reduction}) N={self.n_samples}"]
+        lines = [f"KFAC curvature={self.curvature} approx={self.approx} loss={self.loss}({self.reduction}) "
+                 f"N={self.n_samples}"]
         for name, block in self.blocks.items():
             tied = f" (tied: {', '.join(self.tied[name])})" if name in self.tied else ""
             lines.append(f"  {name}: {block.describe()}, P={block.num_params}{tied}")
@@ -92,7 +95,8 @@ class KFAC(Mapping[str, CurvatureBlock]):
             lines.append(f"  {name}: skipped{f' ({count} parameters)' if count is not None else ''} — {reason}")
         if self.total_params:
             covered = self.covered_params()
-            lines.append(f"  covered {covered} of {self.total_params} parameters ({100 * covered / self.total_params:.1f} %)"
+            lines.append(f"  covered {covered} of {self.total_params} parameters "
+                         f"({100 * covered / self.total_params:.1f} %)"
                          + (", tied parameters counted once" if self.tied else ""))
         return "\n".join(lines)
 

@@ -19,7 +19,7 @@ def save(path, meta: dict, blocks: dict[str, CurvatureBlock]) -> None:
     torch.save({
         "format": SAVE_FORMAT,
         "meta": meta,
-        # "kind" is the key the format has always used for the block class's storage tag
+        # SAVE_FORMAT keys the block class's storage tag as "kind": another key would need a new format version
         "blocks": {name: {"kind": block.storage_tag, **block.state()} for name, block in blocks.items()},
     }, path)
 

@@ -7,7 +7,8 @@ kind                          modules                                           
 ============================  ======================================================  ==============================
 ``attention``                 ``nn.MultiheadAttention`` (self-attention)              ``G ⊗ A`` of the in-projection
 ``linear``                    ``nn.Linear``                                           ``G ⊗ A``
-``transposed_linear``         ``transformers``' ``Conv1D`` (GPT-2)                    ``G ⊗ A``, weight ``(d_in, d_out)``
+``transposed_linear``         ``transformers``' ``Conv1D`` (GPT-2)                    ``G ⊗ A``, weight
+                                                                                      ``(d_in, d_out)``
 ``conv``                      ``nn.Conv1d/2d/3d``, any ``groups``                     ``G_g ⊗ A_g`` per group
 ``embedding``                 ``nn.Embedding``                                        ``G ⊗ diag(A)``
 ``batch_norm`` … ``rms_norm``  ``BatchNorm*``, ``GroupNorm``, ``LayerNorm``, ``RMSNorm``  exact ``(γ, β)`` block
@@ -25,15 +26,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .attention import AttentionKind
 from .base import Accumulator, LayerKind, PassSettings, forward_is, outputs_match
 from .conv import ConvKind
 from .embedding import EmbeddingKind
-from .kronecker import KroneckerKind, KroneckerSums, PerSampleStatistic, PerSampleSums
+from .kronecker import KroneckerKind, KroneckerSums, PerSampleStatistic
 from .linear import LinearKind
 from .normalization import BATCH_NORM, GROUP_NORM, LAYER_NORM, RMS_NORM, NormalizationKind
-from .parameters import ParameterSums, full_name
+from .parameters import ParameterSums, full_name, is_parametrization, own_parameters
 from .transposed_linear import TransposedLinearKind
 
 _BUILT_IN: tuple[LayerKind, ...] = (AttentionKind(), LinearKind(), TransposedLinearKind(), ConvKind(), EmbeddingKind(),
@@ -62,8 +65,23 @@ def kinds() -> list[LayerKind]:
 
 
 def kind_for(module: nn.Module) -> LayerKind | None:
-    """The first kind that claims ``module`` (``None``: its parameters get per-sample blocks)."""
+    """The first kind that claims ``module`` (``None``: its parameters get per-sample blocks). A module with a
+    parametrized tensor is claimed by none: its trainable tensors are the parametrization's originals, not the
+    computed tensor a kind's formula takes."""
+    if parametrize.is_parametrized(module):
+        return None
     return next((kind for kind in kinds() if kind.claims(module)), None)
+
+
+def hook_computed_reason(module: nn.Module) -> str | None:
+    """Why a module whose tensors a forward pre-hook recomputes from other parameters is skipped (``None``: it is
+    not). The deprecated ``torch.nn.utils.weight_norm`` writes ``weight`` on the module at every call, which a
+    per-sample re-run would leave behind as a batched tensor."""
+    if any(isinstance(hook, WeightNorm) for hook in module._forward_pre_hooks.values()):
+        return ("its weight is recomputed from weight_g and weight_v by the deprecated hook "
+                "torch.nn.utils.weight_norm; use torch.nn.utils.parametrizations.weight_norm, whose originals get "
+                "exact per-sample blocks")
+    return None
 
 
 def kronecker_kind(module: nn.Module) -> KroneckerKind | None:
@@ -116,6 +134,9 @@ FROZEN = "all its parameters are frozen (requires_grad=False); name it in layers
 def _origin(module: nn.Module) -> str:
     """Why a module's parameters get per-sample blocks, in a few words."""
     cls = type(module)
+    if parametrize.is_parametrized(module):
+        tensors = ", ".join(module.parametrizations)
+        return f"{tensors} of {cls.__name__.removeprefix('Parametrized')} computed by a parametrization: its originals"
     kind = kind_for(module)
     if kind is not None and kind.unsupported_reason(module) is not None:
         return f"{kind.unsupported_reason(module)} (no {kind.name} block)"
@@ -139,30 +160,35 @@ def select(model: nn.Module, layers: list[str] | str | None) -> Selection:
     if not names:
         raise ValueError("layers=[] selects nothing; pass None for every layer")
     owners = {full_name(m_name, p_name): (m_name, p_name) for m_name, m in modules.items()
-              for p_name, _ in m.named_parameters(recurse=False)}
+              if not is_parametrization(m) for p_name, _ in own_parameters(m)}
     entries: dict[tuple, Entry] = {}
     for name in names:
-        if name in modules and name != "" and list(modules[name].parameters(recurse=False)):
+        if name in modules and name != "" and own_parameters(modules[name]):
             module = modules[name]
+            if hook_computed_reason(module) is not None:
+                raise ValueError(f"layer {name!r}: {hook_computed_reason(module)}")
             kind = kind_for(module)
             covered = []
-            if kind is not None and kind.unsupported_reason(module) is not None and not kind.per_sample_fallback(module):
+            if (kind is not None and kind.unsupported_reason(module) is not None
+                    and not kind.per_sample_fallback(module)):
                 raise ValueError(f"layer {name!r}: {kind.unsupported_reason(module)}")
             if kind is not None and kind.unsupported_reason(module) is None:
                 covered = kind.parameter_names(module)
                 entries[(name, None)] = Entry(kind, name, module, covered)
-            for local, _ in module.named_parameters(recurse=False):
+            for local, _ in own_parameters(module):
                 if local not in covered:
                     _add_parameter(entries, name, module, local)
         elif name in owners:
             m_name, local = owners[name]
             module = modules[m_name]
+            if hook_computed_reason(module) is not None:
+                raise ValueError(f"parameter {name!r}: {hook_computed_reason(module)}")
             kind = kind_for(module)
             if kind is not None and kind.unsupported_reason(module) is None and local in kind.parameter_names(module):
                 raise ValueError(f"parameter {name!r} is part of layer {m_name!r}'s {kind.name} block: name the layer")
             _add_parameter(entries, m_name, module, local)
         else:
-            candidates = [n for n, m in modules.items() if n and list(m.parameters(recurse=False))]
+            candidates = [n for n, m in modules.items() if n and not is_parametrization(m) and own_parameters(m)]
             if name in modules and name != "":
                 raise ValueError(f"module {name!r} ({type(modules[name]).__name__}) has no parameters of its own; "
                                  f"layers with parameters: {candidates}")
@@ -190,8 +216,11 @@ def _add_parameter(entries: dict, module_name: str, module: nn.Module, local: st
 def _select_all(modules: dict[str, nn.Module]) -> Selection:
     selection = Selection([])
     for name, module in modules.items():
-        own = list(module.named_parameters(recurse=False))
-        if not own:
+        own = own_parameters(module)
+        if not own or is_parametrization(module):  # originals belong to the module they parametrize
+            continue
+        if hook_computed_reason(module) is not None:
+            selection.skipped[name] = hook_computed_reason(module)
             continue
         kind = kind_for(module)
         covered: list[str] = []
@@ -214,24 +243,20 @@ def _select_all(modules: dict[str, nn.Module]) -> Selection:
     return selection
 
 
+# the extension API (a new kind: docs/layer_kinds.md); Entry, Selection, select, kronecker_kind and the accumulators
+# of the built-in kinds are package-internal
 __all__ = [
     "Accumulator",
-    "Entry",
     "KroneckerKind",
     "KroneckerSums",
-    "PerSampleStatistic",
-    "PerSampleSums",
     "LayerKind",
     "NormalizationKind",
-    "ParameterSums",
     "PassSettings",
-    "Selection",
+    "PerSampleStatistic",
     "forward_is",
     "kind_for",
     "kinds",
-    "kronecker_kind",
     "outputs_match",
     "register",
-    "select",
     "unregister",
 ]

@@ -97,8 +97,8 @@ class _RecordedAtHelper:
         return self.helper
 
     def called_as_cross_attention(self) -> None:
-        self.skip_reason = ("called as cross-attention (query, key, value differ): its q/k/v projections have different "
-                            "inputs and no single Kronecker block")
+        self.skip_reason = ("called as cross-attention (query, key, value differ): its q/k/v projections have "
+                            "different inputs and no single Kronecker block")
 
 
 class AttentionSums(_RecordedAtHelper, KroneckerSums):

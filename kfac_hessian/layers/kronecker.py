@@ -194,8 +194,8 @@ class PerSampleSums(Accumulator):
     """Feeds a ``PerSampleStatistic`` the per-sample gradients of one Kronecker layer. The rows are taken into the
     statistic's bases once — ``ã = Uᵀ ā``, ``g̃ = Vᵀ g`` — so the per-sample gradient in the basis is ``Σ_t g̃_t ã_tᵀ``;
     with one location per sample the statistic gets the rows themselves; with several the matrices are formed a few
-    samples at a time (``limits.WORK_BUFFER_ELEMENTS``), never all at once; for a diagonal ``A`` (token inputs) as the sums of
-    ``g̃`` over each sample's occurrences of a token."""
+    samples at a time (``limits.WORK_BUFFER_ELEMENTS``), never all at once; for a diagonal ``A`` (token inputs) as the
+    sums of ``g̃`` over each sample's occurrences of a token."""
 
     def __init__(self, kind: KroneckerKind, name: str, module: nn.Module, settings: PassSettings,
                  statistic: PerSampleStatistic):

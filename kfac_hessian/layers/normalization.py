@@ -102,7 +102,8 @@ class NormSums(Accumulator):
         self.per_feature = 1 + int(getattr(module, "bias", None) is not None)  # (γ_f, β_f) or γ_f
         self.num_params = self.per_feature * self.n_features
         self.dense = self.num_params <= limits.DENSE_BLOCK_LIMIT
-        shape = (self.num_params, self.num_params) if self.dense else (self.n_features, self.per_feature, self.per_feature)
+        shape = ((self.num_params, self.num_params) if self.dense
+                 else (self.n_features, self.per_feature, self.per_feature))
         self.sums = torch.zeros(shape, dtype=settings.dtype, device=settings.device)
         self.calls = 0
         self._x_hat: Tensor | None = None
@@ -143,20 +144,24 @@ class NormSums(Accumulator):
         sums = self.sums.mul_(scale).to(device)
         what = "(γ, β)" if self.per_feature == 2 else "γ"
         if self.dense:
-            block = DenseBlocks.dense(sums, f"normalization, exact dense {what} block of {self.n_features} features", self.name)
+            block = DenseBlocks.dense(sums, f"normalization, exact dense {what} block of {self.n_features} features",
+                                      self.name)
         elif self.per_feature == 2:
             block = DenseBlocks.paired(sums, f"normalization, {self.n_features} exact 2×2 (γ, β) blocks "
                                              "(cross-feature terms dropped)", self.name)
         else:
             block = DenseBlocks.diagonal(sums.reshape(-1), f"normalization, exact diagonal of the γ block of "
-                                                           f"{self.n_features} features (cross-feature terms dropped)", self.name)
+                                                           f"{self.n_features} features (cross-feature terms dropped)",
+                                         self.name)
         return {self.name: block}
 
 
 BATCH_NORM = NormalizationKind("batch_norm", [nn.modules.batchnorm._BatchNorm], _batch_norm, channels_first=True,
                                own_forward_only=True)
-GROUP_NORM = NormalizationKind("group_norm", [nn.GroupNorm], lambda m, x: F.group_norm(x, m.num_groups, None, None, m.eps),
+GROUP_NORM = NormalizationKind("group_norm", [nn.GroupNorm],
+                               lambda m, x: F.group_norm(x, m.num_groups, None, None, m.eps),
                                channels_first=True, own_forward_only=True)
 LAYER_NORM = NormalizationKind("layer_norm", [nn.LayerNorm],
-                               lambda m, x: F.layer_norm(x, m.normalized_shape, None, None, m.eps), own_forward_only=True)
+                               lambda m, x: F.layer_norm(x, m.normalized_shape, None, None, m.eps),
+                               own_forward_only=True)
 RMS_NORM = NormalizationKind("rms_norm", [nn.RMSNorm], _rms_norm, own_forward_only=True)

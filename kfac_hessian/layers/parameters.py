@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import limits
@@ -35,6 +36,22 @@ def full_name(module_name: str, local: str) -> str:
     return f"{module_name}.{local}" if module_name else local
 
 
+def own_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The trainable tensors ``module`` owns, by local name: its own parameters and, when a tensor of it is computed
+    by a parametrization (``torch.nn.utils.parametrize``: ``weight_norm``, ``spectral_norm``, ``orthogonal``, …),
+    the parametrization's originals (``parametrizations.weight.original0``, …), which are what training changes."""
+    own = list(module.named_parameters(recurse=False))
+    if parametrize.is_parametrized(module):
+        own += [(f"parametrizations.{tensor}.{local}", p) for tensor, originals in module.parametrizations.items()
+                for local, p in originals.named_parameters(recurse=False)]
+    return own
+
+
+def is_parametrization(module: nn.Module) -> bool:
+    """Whether ``module`` holds the originals of a parametrized tensor (they belong to the module it parametrizes)."""
+    return isinstance(module, parametrize.ParametrizationList)
+
+
 class ParameterSums(Accumulator):
     """``Σ u uᵀ`` (or ``Σ u²``) of each of ``module``'s parameters ``local_names`` (module docstring); ``origin`` says
     why they are here (it starts every block's ``describe()``)."""
@@ -43,7 +60,7 @@ class ParameterSums(Accumulator):
 
     def __init__(self, name: str, module: nn.Module, local_names: list[str], origin: str, settings: PassSettings):
         self.name, self.module, self.origin = name, module, origin
-        own = dict(module.named_parameters(recurse=False))
+        own = dict(own_parameters(module))
         self.params = {local: own[local] for local in local_names}
         self.sums = {}
         for local, p in self.params.items():
@@ -80,12 +97,14 @@ class ParameterSums(Accumulator):
             self.skip_reason = (f"its forward could not be re-run per sample under torch.func.vmap "
                                 f"({type(error).__name__}: {str(error).splitlines()[0][:160]})")
             return
-        if len(outputs) != len(expected) or not all(outputs_match(o, e.expand_as(o)) for o, e in zip(outputs, expected)):
+        if len(outputs) != len(expected) or not all(outputs_match(o, e.expand_as(o))
+                                                    for o, e in zip(outputs, expected)):
             self.skip_reason = ("its forward does not compute each sample from that sample alone along axis 0 of its "
                                 "inputs (batch statistics, dropout in train mode, or a sequence-first layout?)")
 
     def _detached_params(self) -> dict[str, Tensor]:
-        # copies: a forward that writes to its parameters (Embedding(max_norm) renormalizes rows) must not reach the model
+        # copies: a forward that writes to its parameters (Embedding(max_norm) renormalizes rows) must not reach the
+        # model
         return {local: p.detach().clone() for local, p in self.params.items()}
 
     def add_gradients(self, grads: list[list[Tensor]]) -> None:
@@ -114,7 +133,8 @@ class ParameterSums(Accumulator):
             block_name = full_name(self.name, local)
             sums = sums.mul_(scale).to(device)
             if sums.dim() == 2:
-                blocks[block_name] = DenseBlocks.dense(sums, f"{self.origin}: exact dense block (per-sample gradients)", block_name)
+                blocks[block_name] = DenseBlocks.dense(sums, f"{self.origin}: exact dense block (per-sample gradients)",
+                                                       block_name)
             else:
                 blocks[block_name] = DenseBlocks.diagonal(
                     sums, f"{self.origin}: exact diagonal (per-sample gradients; P above {limits.DENSE_BLOCK_LIMIT}, "
@@ -125,7 +145,8 @@ class ParameterSums(Accumulator):
 def _batched_inputs(call: LayerCall, n: int) -> tuple[list, object, list[int]]:
     """The call's inputs as pytree leaves, their structure, and which leaves carry the batch (axis 0 of size ``n``)."""
     leaves, spec = tree_flatten((call.args, call.kwargs))
-    batched = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.dim() >= 1 and leaf.shape[0] == n]
+    batched = [i for i, leaf in enumerate(leaves)
+               if isinstance(leaf, Tensor) and leaf.dim() >= 1 and leaf.shape[0] == n]
     return leaves, spec, batched
 
 
@@ -148,7 +169,8 @@ def _chunks(n: int, per_sample: int):
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def _per_sample_outputs(module: nn.Module, theta: dict[str, Tensor], call: LayerCall, n: int, count: int) -> list[Tensor]:
+def _per_sample_outputs(module: nn.Module, theta: dict[str, Tensor], call: LayerCall, n: int,
+                        count: int) -> list[Tensor]:
     """The module's outputs for the first ``count`` of the call's ``n`` samples, one sample at a time (``vmap``)."""
     leaves, spec, batched = _batched_inputs(call, n)
     forward = _single_sample_forward(module, leaves, spec, batched)

@@ -9,9 +9,10 @@ samples and output locations, the block of ``Σ ā āᵀ`` between offsets ``i``
 That is the full correlation ``C_Δ = Σ_{q ∈ input} x(q) x(q + d∘Δ)ᵀ`` minus the same sum over the input positions
 outside ``W_i`` — a border of at most the padding's width, split by inclusion–exclusion into the rows outside the
 window's row range (full width), the columns outside its column range (full height) and, added back, their
-crossings; one product per row range serves every kernel offset sharing it. ``C_{−Δ} = C_Δᵀ``, so ``((2k_h − 1)(2k_w − 1) + 1)/2``
-products over all input positions (13 for a 3×3 kernel) replace the ``(k_h k_w)²`` block products over all
-output locations of an unfolded patch matrix (81), plus small products over the border strips.
+crossings; one product per row range serves every kernel offset sharing it. ``C_{−Δ} = C_Δᵀ``, so
+``((2k_h − 1)(2k_w − 1) + 1)/2`` products over all input positions (13 for a 3×3 kernel) replace the ``(k_h k_w)²``
+block products over all output locations of an unfolded patch matrix (81), plus small products over the border
+strips.
 
 ``C_Δ`` is one product of two shifted views of the input flattened per channel, after ``d(k − 1)`` zero rows and
 columns are appended to every sample: a shift of at most that many then lands on zeros, never on the next row
@@ -46,7 +47,8 @@ def patch_moments_elements(geometry: Geometry, inputs: Tensor) -> int:
     """Elements of the temporaries ``patch_moments`` builds per sample (for chunking the batch)."""
     (kh, kw), (dh, dw), _ = geometry.planar
     h, w = (1, inputs.shape[-1]) if len(geometry.kernel) == 1 else inputs.shape[-2:]
-    return inputs.shape[1] * (h + dh * (kh - 1)) * (w + dw * (kw - 1))  # the zero-extended copy; the border strips are a small fraction of it
+    # the zero-extended copy; the border strips are a small fraction of it
+    return inputs.shape[1] * (h + dh * (kh - 1)) * (w + dw * (kw - 1))
 
 
 def patch_moments(geometry: Geometry, inputs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
@@ -72,7 +74,8 @@ def patch_moments(geometry: Geometry, inputs: Tensor, dtype: torch.dtype) -> tup
     partners = [(i2, j2) for i2 in range(kh) for j2 in range(kw)]
     for i in range(kh):
         for j in range(kw):
-            corner = _border_products(x, outside_rows[i], outside_cols[j], [(i2 - i, j2 - j) for i2, j2 in partners], dh, dw)
+            corner = _border_products(x, outside_rows[i], outside_cols[j], [(i2 - i, j2 - j) for i2, j2 in partners],
+                                      dh, dw)
             sums[:, i, j] = total - by_row[i][1] - by_col[j][1] + corner[1]
             for k, (i2, j2) in enumerate(partners):
                 gram[:, i, j, :, i2, j2] = (_correlation(correlations, i2 - i, j2 - j)

@@ -12,9 +12,7 @@ from torch import nn
 import kfac_hessian as kh
 
 from ..conftest import batches, classification_data
-from ..references import check_factor_spectra, dense_ggn, rel_err
-
-EXACT = 1e-10
+from ..references import EXACT, check_factor_spectra, dense_ggn, rel_err
 
 
 class TinyViT(nn.Module):
@@ -87,7 +85,8 @@ class LayerNorm2d(nn.LayerNorm):
     """timm's LayerNorm2d: an nn.LayerNorm over the channels of NCHW inputs (its own forward permutes)."""
 
     def forward(self, x):
-        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
 
 
 class _ConvNet(nn.Module):
@@ -234,3 +233,51 @@ def test_sequence_first_calls():
         kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), approx="reduce")
     with pytest.raises(ValueError, match="layer 'norm': its output"):
         kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), layers=["norm"])
+
+
+def _parametrized_mlp(parametrization: str) -> nn.Sequential:
+    torch.manual_seed(0)
+    first = nn.Linear(5, 4)
+    if parametrization == "weight_norm":
+        first = nn.utils.parametrizations.weight_norm(first)
+    elif parametrization == "spectral_norm":
+        first = nn.utils.parametrizations.spectral_norm(first)
+    elif parametrization == "orthogonal":
+        first = nn.utils.parametrizations.orthogonal(first)
+    return nn.Sequential(first, nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+@pytest.mark.parametrize("parametrization", ["weight_norm", "spectral_norm", "orthogonal"])
+def test_parametrized_weights_get_exact_blocks_of_their_originals_on_both_paths(parametrization):
+    model = _parametrized_mlp(parametrization)  # train mode: spectral_norm would step its power iteration
+    X, y = classification_data(n=6)
+    X = X.double()
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    originals = [n for n, _ in model.named_parameters() if ".parametrizations.weight.original" in n]
+    assert originals and kfac.covered_params() == kfac.total_params == sum(p.numel() for p in model.parameters())
+    if parametrization == "weight_norm":  # torch: no forward-mode derivative, an asymmetric second derivative
+        with pytest.raises(NotImplementedError, match="weight_norm"):
+            kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "0")
+    else:  # the exact path covers the originals too
+        op = kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "0", kind="ggn")
+        assert op.param_names == ["0.bias", *originals]
+        dense = op.to_dense()
+    assert all(torch.equal(b, buffers[name]) for name, b in model.named_buffers()) and model.training
+    model.eval()  # the reference: the function the passes see (parametrizations in eval mode)
+    if parametrization != "weight_norm":
+        assert rel_err(dense, dense_ggn(model, nn.CrossEntropyLoss(), X, y, ["0.bias", *originals])) < EXACT
+    for name in ["0.bias", *originals]:
+        assert "computed by a parametrization" in kfac[name].describe()
+        assert rel_err(kfac[name].to_dense(), dense_ggn(model, nn.CrossEntropyLoss(), X, y, [name])) < EXACT
+
+
+def test_the_deprecated_hook_weight_norm_is_skipped_with_the_fix():
+    with pytest.warns(FutureWarning):
+        first = nn.utils.weight_norm(nn.Linear(5, 4))
+    model = nn.Sequential(first, nn.Tanh(), nn.Linear(4, 3))
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), classification_data())
+    assert "parametrizations.weight_norm" in kfac.skipped["0"] and list(kfac) == ["2"]
+    assert kfac.counts["0"] == sum(p.numel() for p in first.parameters())
+    with pytest.raises(ValueError, match="parametrizations.weight_norm"):
+        kh.compute_kfac(model, nn.CrossEntropyLoss(), classification_data(), layers=["0"])
