@@ -6,6 +6,7 @@ Every curvature pass runs inside ``preserved_model_state`` and on ``eager_model(
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -54,6 +55,16 @@ def preserved_model_state(model: nn.Module, batch_norm_eval: bool = False) -> It
         with torch.no_grad():
             for buffer, value in statistics:
                 buffer.copy_(value)
+
+
+@contextlib.contextmanager
+def quiet_vmap_fallbacks() -> Iterator[None]:
+    """Silence torch's notice that an operator runs through vmap's slow fallback (no batching rule): it concerns
+    torch's own coverage, the results are the same, and our per-sample and exact products are correct with it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented "
+                                "the batching rule")
+        yield
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)

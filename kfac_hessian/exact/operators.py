@@ -28,7 +28,14 @@ from ..data import Data, OutputSelector, iterate_batches, model_output, require_
 from ..layers.parameters import own_parameters
 from ..linear_operator import LinearOperator
 from ..losses import check_batch, hessian_vector_product, loss_spec, summed_loss, terms_per_sample
-from ..model_state import compute_dtype, eager_calls, eager_model, is_batch_norm, preserved_model_state
+from ..model_state import (
+    compute_dtype,
+    eager_calls,
+    eager_model,
+    is_batch_norm,
+    preserved_model_state,
+    quiet_vmap_fallbacks,
+)
 
 
 @contextlib.contextmanager
@@ -155,6 +162,7 @@ class CurvatureOperator(LinearOperator):
 
         return forward
 
+    @quiet_vmap_fallbacks()
     def _batch_products(self, forward, theta: tuple[Tensor, ...], tangents: list[Tensor], target: Tensor):
         if self.kind == "hessian":
             output = forward(*theta)

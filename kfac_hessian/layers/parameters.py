@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .. import limits
 from ..blocks import DenseBlocks
 from ..capture import LayerCall, differentiable
+from ..model_state import quiet_vmap_fallbacks
 from .base import Accumulator, PassSettings, outputs_match
 
 VERIFY_SAMPLES = 2  # samples of the first batch re-run to check that the module computes each sample alone
@@ -169,6 +170,7 @@ def _chunks(n: int, per_sample: int):
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
+@quiet_vmap_fallbacks()
 def _per_sample_outputs(module: nn.Module, theta: dict[str, Tensor], call: LayerCall, n: int,
                         count: int) -> list[Tensor]:
     """The module's outputs for the first ``count`` of the call's ``n`` samples, one sample at a time (``vmap``)."""
@@ -179,6 +181,7 @@ def _per_sample_outputs(module: nn.Module, theta: dict[str, Tensor], call: Layer
     return list(vmap(lambda *v: forward(theta, *v))(*[leaves[i][:count] for i in batched]))
 
 
+@quiet_vmap_fallbacks()
 def _per_sample_gradients(module: nn.Module, theta: dict[str, Tensor], call: LayerCall,
                           leaf_grads: list[Tensor]) -> dict[str, Tensor]:
     """``u[k, n] = (∂M(x_n)/∂θ)ᵀ g_{nk}`` for every parameter in ``theta``, as ``(K, N, *θ.shape)``."""

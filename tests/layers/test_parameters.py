@@ -4,6 +4,8 @@ reason or refused, never computed wrong."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -281,3 +283,14 @@ def test_the_deprecated_hook_weight_norm_is_skipped_with_the_fix():
     assert kfac.counts["0"] == sum(p.numel() for p in first.parameters())
     with pytest.raises(ValueError, match="parametrizations.weight_norm"):
         kh.compute_kfac(model, nn.CrossEntropyLoss(), classification_data(), layers=["0"])
+
+
+def test_torch_vmap_fallback_notices_do_not_reach_the_user():
+    model = _parametrized_mlp("orthogonal")  # tril_ has no vmap batching rule: torch warns about its slow fallback
+    X, y = classification_data(n=6)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="There is a performance drop")
+        kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X.double(), y))
+        kh.layer_operator(model, nn.CrossEntropyLoss(), (X.double(), y), "0", kind="ggn") @ torch.ones(
+            sum(p.numel() for _, p in model[0].named_parameters()), dtype=torch.float64)
+    assert "0.parametrizations.weight.original" in kfac
