@@ -116,7 +116,9 @@ class ParameterSums(Accumulator):
             for local, u in _per_sample_gradients(self.module, self._detached_params(), call, leaf_grads).items():
                 per_sample[local] = u if local not in per_sample else per_sample[local] + u
         for local, u in per_sample.items():
-            flat = u.reshape(-1, self.params[local].numel()).to(self.sums[local].dtype)
+            # detached: a forward that also uses parameters outside theta (the real, trainable ones) would leave an
+            # autograd graph on the gradients and keep it alive in the block
+            flat = u.detach().reshape(-1, self.params[local].numel()).to(self.sums[local].dtype)
             if self.sums[local].dim() == 2:
                 self.sums[local].addmm_(flat.T, flat)
             else:

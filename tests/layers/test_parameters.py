@@ -294,3 +294,17 @@ def test_torch_vmap_fallback_notices_do_not_reach_the_user():
         kh.layer_operator(model, nn.CrossEntropyLoss(), (X.double(), y), "0", kind="ggn") @ torch.ones(
             sum(p.numel() for _, p in model[0].named_parameters()), dtype=torch.float64)
     assert "0.parametrizations.weight.original" in kfac
+
+
+def test_per_sample_blocks_carry_no_autograd_graph():
+    class Scaled(nn.Module):  # the per-sample re-run of `scale` also runs through the trainable lin.weight
+        def __init__(self):
+            super().__init__()
+            self.lin, self.scale = nn.Linear(5, 3), nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    kfac = kh.compute_kfac(Scaled(), nn.CrossEntropyLoss(), classification_data())
+    assert "scale" in kfac and not any(t.requires_grad for b in kfac.values() for t in b.state().values()
+                                        if isinstance(t, torch.Tensor))
