@@ -1,12 +1,12 @@
 """Real architectures end to end: a digits MLP, ResNet-18 with BatchNorm and a small GPT with tied embeddings.
 
-Usage: python benchmarks/architectures.py [--train-seconds 60] [--k 10] [--quick] [--output FILE]
+Usage: python -m benchmarks.architectures [--train-seconds 60] [--k 10] [--quick] [--output FILE]
 For each model: compute_kfac (GGN), eigendecompositions of every factor (timed), the summary's coverage, and
 for a few layers the overlap of the KFAC, EKFAC and nearest-Kronecker top-k eigenspaces with the exact GGN block's
 (block Lanczos), their λ₁ against the exact one, and the Lanczos products from a warm (Kronecker) start.
 The GPT is trained for --train-seconds on the characters of Python's own argparse source (shipped with
 Python, nothing downloaded). Writes docs/results/architectures.md; --quick (a smoke run of about a minute: ResNet-18 at
-width 16, a smaller GPT, fewer layers) prints only, unless --output is given.
+width 16, a GPT of width 32 and context 8, fewer layers) prints only, unless --output is given.
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ from torch import nn
 
 import kfac_hessian as kh
 from benchmarks.reference_models import ResNet18, TinyGPT
+from kfac_hessian.blocks import KroneckerBlock
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def timed(fn):
+def timed(fn, *args, **kwargs):
     start = time.perf_counter()
-    out = fn()
+    out = fn(*args, **kwargs)
     return out, time.perf_counter() - start
 
 
@@ -47,14 +48,14 @@ def overlaps(model, loss_fn, data, layers, k, dense_limit=2000, fit_iterations=3
     for name in layers:
         k_layer = min(k, kfac[name].num_params - 1)
         op = kh.layer_operator(model, loss_fn, data, name, kind="ggn")
-        result, seconds = timed(lambda: kh.lanczos(op, k_layer, tol=1e-3, seed=0, dense_limit=dense_limit))
+        result, seconds = timed(kh.lanczos, op, k_layer, tol=1e-3, seed=0, dense_limit=dense_limit)
         row = {"layer": name, "structure": type(kfac[name]).__name__, "P": kfac[name].num_params, "k": k_layer,
                "exact_seconds": seconds, "matvecs": result.n_matvecs}
         for label, approximation in (("kfac", kfac), ("ekfac", ekfac), ("fit", fit)):
             values, vectors = approximation[name].eig().topk(k_layer)
             row[f"{label}_overlap"] = kh.eigenspace_overlap(vectors, result.eigenvectors)
             row[f"{label}_top_ratio"] = float(values[0] / result.eigenvalues[0])
-        if isinstance(kfac[name], kh.KroneckerBlock) and kfac[name].num_params > dense_limit:
+        if isinstance(kfac[name], KroneckerBlock) and kfac[name].num_params > dense_limit:
             start = kfac[name].eig().topk(k_layer)[1]
             warm = kh.lanczos(op, k_layer, tol=1e-3, seed=0, dense_limit=dense_limit, start=start)
             row["warm_matvecs"] = warm.n_matvecs
@@ -89,9 +90,10 @@ def digits_section(args):
     rows, costs = overlaps(model, loss_fn, data, ["0", "2", "4"], args.k, dense_limit=1000)
     extra = (f"Trained {steps} Adam steps (batch 64, lr 1e-3) on the {len(split.X_train)} training images: training "
              f"accuracy {accuracy:.3f}. Every measurement on all training images.")
-    return {"name": "ReLU MLP 64-128-128-10 on scikit-learn digits", "params": sum(p.numel() for p in model.parameters()),
-            "t_factors": t_factors, "t_eig": t_eig, "t_eig_values": t_eig_values, "summary": kfac.summary().splitlines()[-1],
-            "rows": rows, "costs": costs, "exact_n": len(split.X_train), "extra": extra}
+    return {"name": "ReLU MLP 64-128-128-10 on scikit-learn digits",
+            "params": sum(p.numel() for p in model.parameters()), "t_factors": t_factors, "t_eig": t_eig,
+            "t_eig_values": t_eig_values, "summary": kfac.summary().splitlines()[-1], "rows": rows, "costs": costs,
+            "exact_n": len(split.X_train), "extra": extra}
 
 
 def resnet_section(args):
@@ -107,9 +109,10 @@ def resnet_section(args):
     layers = ["fc", "layers.3.1.bn2", "layers.1.0.conv1"] if not args.quick else ["fc", "layers.3.1.bn2"]
     rows, costs = overlaps(model, loss_fn, data[:1], layers, args.k)
     width = 16 if args.quick else 64
-    return {"name": f"ResNet-18 (width {width}, random 32×32 inputs, N={args.n_images})", "params": sum(p.numel() for p in model.parameters()),
-            "t_factors": t_factors, "t_eig": t_eig, "t_eig_values": t_eig_values, "summary": kfac.summary().splitlines()[-1],
-            "rows": rows, "costs": costs, "exact_n": 32, "extra": ""}
+    return {"name": f"ResNet-18 (width {width}, random 32×32 inputs, N={args.n_images})",
+            "params": sum(p.numel() for p in model.parameters()), "t_factors": t_factors, "t_eig": t_eig,
+            "t_eig_values": t_eig_values, "summary": kfac.summary().splitlines()[-1], "rows": rows, "costs": costs,
+            "exact_n": 32, "extra": ""}
 
 
 def train_tiny_gpt(seconds: float, dim: int, model=None, context: int = 64, n_eval: int = 64):
@@ -143,7 +146,7 @@ def train_tiny_gpt(seconds: float, dim: int, model=None, context: int = 64, n_ev
 
 
 def gpt_section(args):
-    context, dim = 64, 32 if args.quick else 64
+    context, dim = (8, 32) if args.quick else (64, 64)  # --quick: V·8 per-position passes a batch, not V·64
     model, vocabulary, data, info = train_tiny_gpt(args.train_seconds, dim, context=context)
     loss_fn = nn.CrossEntropyLoss()
     kfac, t_factors = timed(lambda: kh.compute_kfac(model, loss_fn, data))
@@ -155,9 +158,10 @@ def gpt_section(args):
                            dense_limit=200 if args.quick else 2000, fit_iterations=2, per_position=True)
     extra = (f"{info} The exact-batch factors use per-position columns (`per_position=True`: the exact GGN's "
              f"per-sample gradients, {vocabulary}·{context} backward passes per batch).")
-    return {"name": f"TinyGPT (dim {dim}, 2 blocks, context {context}, tied head)", "params": sum(p.numel() for p in model.parameters()),
-            "t_factors": t_factors, "t_eig": t_eig, "t_eig_values": t_eig_values, "summary": kfac.summary().splitlines()[-1],
-            "rows": rows, "costs": costs, "exact_n": 32, "extra": extra}
+    return {"name": f"TinyGPT (dim {dim}, 2 blocks, context {context}, tied head)",
+            "params": sum(p.numel() for p in model.parameters()), "t_factors": t_factors, "t_eig": t_eig,
+            "t_eig_values": t_eig_values, "summary": kfac.summary().splitlines()[-1], "rows": rows, "costs": costs,
+            "exact_n": 32, "extra": extra}
 
 
 def main() -> None:
@@ -175,14 +179,15 @@ def main() -> None:
         args.output = ROOT / "docs" / "results" / "architectures.md"
     sections = [digits_section(args), resnet_section(args), gpt_section(args)]
     lines = ["# Real architectures (generated)", "",
-             f"Command: `python benchmarks/architectures.py --train-seconds {args.train_seconds:.0f} --k {args.k}` "
-             f"({time.strftime('%Y-%m-%d')}, CPU, {torch.get_num_threads()} threads, float32). Overlap = ‖V_K V_Eᵀ‖²_F / k between "
-             "an approximation's top-k eigenvectors and the exact GGN block's (block Lanczos, residual tol 1e-3), on one "
-             "batch of 32 (all training images for the MLP): KFAC (G ⊗ A; exact dense blocks for normalization layers), EKFAC (`compute_ekfac`: the "
-             "Kronecker eigenbasis with the exact second moments) and the nearest Kronecker product (`compute_kronecker_fit`, "
-             "3 power-iteration passes; 2 for the GPT). Every EKFAC eigenvalue is a Rayleigh quotient of the exact block, "
-             "so its λ₁ ratio is at most 1. The last column: Lanczos products to the same tolerance started from the "
-             "Kronecker top-k eigenvectors (`lanczos(start=…)`) instead of a random vector.", ""]
+             f"Command: `python -m benchmarks.architectures --train-seconds {args.train_seconds:.0f} --k {args.k}` "
+             f"({time.strftime('%Y-%m-%d')}, CPU, {torch.get_num_threads()} threads, float32). "
+             "Overlap = ‖V_K V_Eᵀ‖²_F / k between an approximation's top-k eigenvectors and the exact GGN block's "
+             "(block Lanczos, residual tol 1e-3), on one batch of 32 (all training images for the MLP): KFAC "
+             "(G ⊗ A; exact dense blocks for normalization layers), EKFAC (`compute_ekfac`: the Kronecker eigenbasis "
+             "with the exact second moments) and the nearest Kronecker product (`compute_kronecker_fit`, "
+             "3 power-iteration passes; 2 for the GPT). Every EKFAC eigenvalue is a Rayleigh quotient of the exact "
+             "block, so its λ₁ ratio is at most 1. The last column: Lanczos products to the same tolerance started "
+             "from the Kronecker top-k eigenvectors (`lanczos(start=…)`) instead of a random vector.", ""]
     for s in sections:
         lines += [f"## {s['name']}: {s['params']:,} parameters", "", s["extra"], "",
                   f"compute_kfac (ggn): {s['t_factors']:.1f} s; eig of all factors: {s['t_eig']:.2f} s with vectors, "
@@ -190,8 +195,8 @@ def main() -> None:
                   f"On the exact batch, for the layers below: compute_kfac {s['costs']['kfac']:.2f} s, compute_ekfac "
                   f"(eigenvectors + one pass) {s['costs']['ekfac']:.2f} s, compute_kronecker_fit "
                   f"{s['costs']['fit']:.2f} s.", "",
-                  "| layer | structure | P | k | top-k overlap KFAC / EKFAC / fit | λ₁ ÷ exact λ₁: KFAC / EKFAC / fit | "
-                  "exact Lanczos s (matvecs) | matvecs from the Kronecker top-k |",
+                  "| layer | structure | P | k | top-k overlap KFAC / EKFAC / fit | "
+                  "λ₁ ÷ exact λ₁: KFAC / EKFAC / fit | exact Lanczos s (matvecs) | matvecs from the Kronecker top-k |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in s["rows"]:
             overlap = " / ".join(f"{r[f'{m}_overlap']:.3f}" for m in ("kfac", "ekfac", "fit"))

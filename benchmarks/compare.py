@@ -1,6 +1,6 @@
 """Side-by-side timings in one run: compute_kfac vs the gradient floor, eig, and the exact path.
 
-Usage: python benchmarks/compare.py [--n 2048] [--n-cnn 256] [--repeats 3] [--device cpu|cuda]
+Usage: python -m benchmarks.compare [--n 2048] [--n-cnn 256] [--repeats 3] [--device cpu|cuda]
        [--workloads mlp,cnn] [--skip-exact]
 Prints a markdown report section by section. Ratios are measured in the same run, interleaved.
 """
@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.sparse.linalg import eigsh
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kfac_hessian as kh  # noqa: E402
-from models import workload  # noqa: E402  (run as a script from any folder)
+import kfac_hessian as kh
+from benchmarks.models import workload
 
 
 def sync(device):
@@ -38,7 +35,7 @@ def timed(fn, device):
 def interleaved(cases: dict, repeats: int, device) -> dict:
     """Run every case once per round, ``repeats`` rounds; return (median, min, max) seconds per case."""
     times = {name: [] for name in cases}
-    for name, fn in cases.items():  # warm-up round
+    for fn in cases.values():  # warm-up round
         fn()
     for _ in range(repeats):
         for name, fn in cases.items():
@@ -61,7 +58,7 @@ def gradient_pass(model, loss_fn, data):
 
 def c_backward_passes(model, loss_fn, data, c=10):
     params = list(model.parameters())
-    for X, y in data:
+    for X, _ in data:
         out = model(X)
         for k in range(c):
             torch.autograd.grad(out[:, k].sum(), params, retain_graph=k < c - 1)
@@ -171,6 +168,45 @@ def serial_eig(kfac):
         spectra.EIG_THREADS = None
 
 
+def workload_cases(model, loss_fn, data) -> dict:
+    """Every timed case of one workload, by name; each a function of no arguments."""
+    cases = {
+        "floor: forward + 1 backward": lambda: gradient_pass(model, loss_fn, data),
+        "forward + 10 backward passes": lambda: c_backward_passes(model, loss_fn, data),
+        "compute_kfac ggn": lambda: kh.compute_kfac(model, loss_fn, data, curvature="ggn"),
+        "compute_kfac ggn, 9 columns in one vmapped pass": lambda: kh.compute_kfac(
+            model, loss_fn, data, curvature="ggn", column_chunk=9
+        ),
+        "compute_kfac mc": lambda: kh.compute_kfac(model, loss_fn, data, curvature="mc", seed=0),
+        "compute_kfac empirical": lambda: kh.compute_kfac(model, loss_fn, data, curvature="empirical"),
+        "compute_ekfac mc (its compute_kfac, eigenvectors, correction pass)": lambda: kh.compute_ekfac(
+            model, loss_fn, data, curvature="mc", seed=0),
+        "compute_ekfac empirical": lambda: kh.compute_ekfac(model, loss_fn, data, curvature="empirical"),
+        "compute_kronecker_fit mc, 3 passes after compute_kfac": lambda: kh.compute_kronecker_fit(
+            model, loss_fn, data, curvature="mc", seed=0, iterations=3, tol=0.0),
+    }
+    cases.update(peer_cases(model, loss_fn, data))
+    for curvature in ("ggn", "mc"):
+        cases[f"user's job, ours {curvature}: compute_kfac + eig() + topk(20) of every layer"] = (
+            lambda c=curvature: users_job(model, loss_fn, data, c))
+        cases[f"user's job, ours {curvature}: … + every sorted spectrum (eigenvalues())"] = (
+            lambda c=curvature: users_job(model, loss_fn, data, c, sorted_spectrum=True))
+    kfac = kh.compute_kfac(model, loss_fn, data)
+    kfac_mc = kh.compute_kfac(model, loss_fn, data, curvature="mc", seed=0)
+    cases["eig, all factors (values)"] = lambda: kfac.eig(vectors=False)
+    cases["eig, all factors (values), one tridiagonalization at a time"] = lambda: serial_eig(kfac)
+    cases["eig, all factors (vectors)"] = lambda: kfac.eig(vectors=True)
+    cases["eig, all factors: torch.linalg.eigh one factor at a time"] = lambda: [
+        torch.linalg.eigh(m) for f in kfac.values() for m in (f.A, f.G)]
+    cases["eig, all factors: torch.linalg.eigvalsh one factor at a time"] = lambda: [
+        torch.linalg.eigvalsh(m) for f in kfac.values() for m in (f.A, f.G)]
+    cases["eig values + top-10 eigenpairs of every layer"] = lambda: [
+        e.topk(10) for e in kfac.eig(vectors=False).values()]
+    cases["compute_ekfac mc, kfac= given (eigenvectors + correction pass)"] = lambda: kh.compute_ekfac(
+        model, loss_fn, data, kfac=kfac_mc, seed=0)
+    return cases
+
+
 def fmt(t):
     return f"{t[0]:.3f} ({t[1]:.3f}–{t[2]:.3f})"
 
@@ -197,40 +233,7 @@ def main(argv=None):
         model, loss_fn, data = workload(name, n)
         model = model.to(device)
         data = [(X.to(device), y.to(device)) for X, y in data]
-        cases = {
-            "floor: forward + 1 backward": lambda: gradient_pass(model, loss_fn, data),
-            "forward + 10 backward passes": lambda: c_backward_passes(model, loss_fn, data),
-            "compute_kfac ggn": lambda: kh.compute_kfac(model, loss_fn, data, curvature="ggn"),
-            "compute_kfac ggn, 9 columns in one vmapped pass": lambda: kh.compute_kfac(
-                model, loss_fn, data, curvature="ggn", column_chunk=9
-            ),
-            "compute_kfac mc": lambda: kh.compute_kfac(model, loss_fn, data, curvature="mc", seed=0),
-            "compute_kfac empirical": lambda: kh.compute_kfac(model, loss_fn, data, curvature="empirical"),
-            "compute_ekfac mc (its compute_kfac, eigenvectors, correction pass)": lambda: kh.compute_ekfac(
-                model, loss_fn, data, curvature="mc", seed=0),
-            "compute_ekfac empirical": lambda: kh.compute_ekfac(model, loss_fn, data, curvature="empirical"),
-            "compute_kronecker_fit mc, 3 passes after compute_kfac": lambda: kh.compute_kronecker_fit(
-                model, loss_fn, data, curvature="mc", seed=0, iterations=3, tol=0.0),
-        }
-        cases.update(peer_cases(model, loss_fn, data))
-        for curvature in ("ggn", "mc"):
-            cases[f"user's job, ours {curvature}: compute_kfac + eig() + topk(20) of every layer"] = (
-                lambda c=curvature: users_job(model, loss_fn, data, c))
-            cases[f"user's job, ours {curvature}: … + every sorted spectrum (eigenvalues())"] = (
-                lambda c=curvature: users_job(model, loss_fn, data, c, sorted_spectrum=True))
-        kfac = kh.compute_kfac(model, loss_fn, data)
-        kfac_mc = kh.compute_kfac(model, loss_fn, data, curvature="mc", seed=0)
-        cases["eig, all factors (values)"] = lambda: kfac.eig(vectors=False)
-        cases["eig, all factors (values), one tridiagonalization at a time"] = lambda: serial_eig(kfac)
-        cases["eig, all factors (vectors)"] = lambda: kfac.eig(vectors=True)
-        cases["eig, all factors: torch.linalg.eigh one factor at a time"] = lambda: [
-            torch.linalg.eigh(m) for f in kfac.values() for m in (f.A, f.G)]
-        cases["eig, all factors: torch.linalg.eigvalsh one factor at a time"] = lambda: [
-            torch.linalg.eigvalsh(m) for f in kfac.values() for m in (f.A, f.G)]
-        cases["eig values + top-10 eigenpairs of every layer"] = lambda: [
-            e.topk(10) for e in kfac.eig(vectors=False).values()]
-        cases["compute_ekfac mc, kfac= given (eigenvectors + correction pass)"] = lambda: kh.compute_ekfac(
-            model, loss_fn, data, kfac=kfac_mc, seed=0)
+        cases = workload_cases(model, loss_fn, data)
         if args.only:
             keep = ["floor", "compute_kfac mc", "compute_kfac empirical"] + args.only.split(",")
             cases = {c: fn for c, fn in cases.items() if any(c.startswith(k) or k in c for k in keep)}
@@ -249,10 +252,12 @@ def main(argv=None):
         for case, t in result.items():
             lines.append(f"| {case} | {fmt(t)} | {t[0] / floor:.2f} |")
         for t in ("mc", "empirical"):
-            ours, factors, peer = (result.get(f"compute_ekfac {t}" + (" (its compute_kfac, eigenvectors, correction pass)"
-                                   if t == "mc" else "")), result.get(f"compute_kfac {t}"), result.get(f"curvlinops EKFAC {t}"))
+            suffix = " (its compute_kfac, eigenvectors, correction pass)" if t == "mc" else ""
+            ours, factors, peer = (result.get(f"compute_ekfac {t}{suffix}"), result.get(f"compute_kfac {t}"),
+                                   result.get(f"curvlinops EKFAC {t}"))
             if ours and factors:
-                lines.append(f"| → compute_ekfac {t} / compute_kfac {t} (medians; goal ≤ 2) | {ours[0] / factors[0]:.2f} | |")
+                lines.append(f"| → compute_ekfac {t} / compute_kfac {t} (medians; goal ≤ 2) | "
+                             f"{ours[0] / factors[0]:.2f} | |")
             if ours and peer:
                 lines.append(f"| → compute_ekfac {t}: ours / curvlinops EKFAC (medians) | {ours[0] / peer[0]:.2f} | |")
         for ours, theirs in (("ggn", "type-2"), ("mc", "mc")):
@@ -277,28 +282,37 @@ def exact_section(args, device):
     lines = ["", f"## exact path: layer {layer} of the MLP (P = 10,250), GGN, N={args.exact_n}", "",
              "| method | k | seconds | matvecs | max rel. error of top-k vs reference |", "|---|---|---|---|---|"]
     for k in (10, 20):
-        op = kh.layer_operator(model, loss_fn, data, layer, kind="ggn")
-        ref = kh.lanczos(op, k, tol=1e-10, max_iter=400, seed=0, dense_limit=0)
-        reference = ref.eigenvalues.double().cpu().numpy()
-
-        def error(values):
-            return np.max(np.abs(np.sort(np.asarray(values))[::-1][:k] - reference) / reference)
-
-        op_l = kh.layer_operator(model, loss_fn, data, layer, kind="ggn")
-        t_l, ours = timed(lambda: kh.lanczos(op_l, k, tol=1e-3, seed=1, dense_limit=0), device)
-        lines.append(f"| kh.lanczos (residual tol 1e-3) | {k} | {t_l:.2f} | {op_l.n_matvecs} | {error(ours.eigenvalues.cpu().numpy()):.1e} |")
-        op_s = kh.layer_operator(model, loss_fn, data, layer, kind="ggn")
-        t_s, vals = timed(lambda: eigsh(op_s.to_scipy(), k=k, which="LA", tol=1e-3)[0], device)
-        lines.append(f"| scipy eigsh (tol 1e-3) | {k} | {t_s:.2f} | {op_s.n_matvecs} | {error(vals):.1e} |")
-        op_p = kh.layer_operator(model, loss_fn, data, layer, kind="ggn")
-        t_p, (vals, count) = timed(lambda: power_iteration(op_p, k, tol=1e-6), device)
-        lines.append(f"| power iteration + deflation (eigenvalue change 1e-6) | {k} | {t_p:.2f} | {count} | {error(vals):.1e} |")
-        t_k, kfac = timed(lambda: kh.compute_kfac(model, loss_fn, data, layers=[layer]), device)
-        t_e, _ = timed(lambda: kfac[layer].eig().topk(k), device)
-        lines.append(f"| Kronecker top-k (factors + eig + topk) | {k} | {t_k + t_e:.3f} | 0 | (approximation) |")
-        lines.append(f"| → speed ratio kh.lanczos / Kronecker | {k} | {t_l / (t_k + t_e):.0f}× | | |")
+        lines += exact_rows(model, loss_fn, data, layer, k, device)
         print("\n".join(lines), flush=True)
         lines = []
+    return lines
+
+
+def exact_rows(model, loss_fn, data, layer, k, device) -> list[str]:
+    """The exact-path table's rows for one ``k``: each method timed on a fresh operator (its own matvec count)."""
+    op = kh.layer_operator(model, loss_fn, data, layer, kind="ggn")
+    ref = kh.lanczos(op, k, tol=1e-10, max_iter=400, seed=0, dense_limit=0)
+    reference = ref.eigenvalues.double().cpu().numpy()
+
+    def error(values):
+        return np.max(np.abs(np.sort(np.asarray(values))[::-1][:k] - reference) / reference)
+
+    lines = []
+    op_l = kh.layer_operator(model, loss_fn, data, layer, kind="ggn")
+    t_l, ours = timed(lambda: kh.lanczos(op_l, k, tol=1e-3, seed=1, dense_limit=0), device)
+    lines.append(f"| kh.lanczos (residual tol 1e-3) | {k} | {t_l:.2f} | {op_l.n_matvecs} | "
+                 f"{error(ours.eigenvalues.cpu().numpy()):.1e} |")
+    op_s = kh.layer_operator(model, loss_fn, data, layer, kind="ggn")
+    t_s, vals = timed(lambda: eigsh(op_s.to_scipy(), k=k, which="LA", tol=1e-3)[0], device)
+    lines.append(f"| scipy eigsh (tol 1e-3) | {k} | {t_s:.2f} | {op_s.n_matvecs} | {error(vals):.1e} |")
+    op_p = kh.layer_operator(model, loss_fn, data, layer, kind="ggn")
+    t_p, (vals, count) = timed(lambda: power_iteration(op_p, k, tol=1e-6), device)
+    lines.append(f"| power iteration + deflation (eigenvalue change 1e-6) | {k} | {t_p:.2f} | {count} | "
+                 f"{error(vals):.1e} |")
+    t_k, kfac = timed(lambda: kh.compute_kfac(model, loss_fn, data, layers=[layer]), device)
+    t_e, _ = timed(lambda: kfac[layer].eig().topk(k), device)
+    lines.append(f"| Kronecker top-k (factors + eig + topk) | {k} | {t_k + t_e:.3f} | 0 | (approximation) |")
+    lines.append(f"| → speed ratio kh.lanczos / Kronecker | {k} | {t_l / (t_k + t_e):.0f}× | | |")
     return lines
 
 

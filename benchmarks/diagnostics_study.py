@@ -1,6 +1,6 @@
 """Which per-layer spectral metrics separate under-parameterized, well-sized and overfitting networks?
 
-Usage: python benchmarks/diagnostics_study.py [--seeds 2] [--epochs 150] [--quick]
+Usage: python -m benchmarks.diagnostics_study [--seeds 2] [--epochs 150] [--quick]
 Data: scikit-learn's bundled digits, wine, breast_cancer, iris and two make_classification tasks. Per data set
 three regimes of a 1-hidden-layer ReLU MLP trained with Adam: "under" (width 2), "well" (width 32, full
 training set), "overfit" (width 512, 60 training samples, 20 % label noise). A SpectrumTracker (MC Fisher)
@@ -40,7 +40,8 @@ def run(dataset: str, regime: str, seed: int, epochs: int, every: int):
     split = load_tabular(name, n_train=options.get("n_train"), label_noise=options.get("label_noise", 0.0),
                          seed=seed, **DATASETS[dataset])
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(split.n_features, options["width"]), nn.ReLU(), nn.Linear(options["width"], split.n_classes))
+    model = nn.Sequential(nn.Linear(split.n_features, options["width"]), nn.ReLU(),
+                          nn.Linear(options["width"], split.n_classes))
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     tracker = SpectrumTracker(model, loss_fn, (split.X_train, split.y_train), every=every, curvature="mc", seed=seed)
@@ -100,9 +101,9 @@ def render(runs: list[dict], costs: list[float], args) -> str:
     keys = [f"{p}.{m}" for p in ("first", "last") for m in METRICS]
     lines = [
         "# Spectral diagnostics by training regime (generated)", "",
-        f"Command: `python benchmarks/diagnostics_study.py --seeds {args.seeds} --epochs {args.epochs} --every {args.every}` "
-        f"({time.strftime('%Y-%m-%d')}, CPU). {len(runs)} runs; metrics of the MC-Fisher Kronecker blocks at the end of "
-        "training ('first' = hidden layer, 'last' = output layer).",
+        f"Command: `python -m benchmarks.diagnostics_study --seeds {args.seeds} --epochs {args.epochs} "
+        f"--every {args.every}` ({time.strftime('%Y-%m-%d')}, CPU). {len(runs)} runs; metrics of the MC-Fisher "
+        "Kronecker blocks at the end of training ('first' = hidden layer, 'last' = output layer).",
         f"Tracker cost per call: median {1e3 * statistics.median(costs):.1f} ms, max {1e3 * max(costs):.1f} ms "
         "(one compute_kfac pass over the training set + eigenvalues of all factors).", "",
         "## Median per regime (over data sets and seeds)", "",
@@ -112,7 +113,8 @@ def render(runs: list[dict], costs: list[float], args) -> str:
         cells = [statistics.median(r[key] for r in runs if r["regime"] == g) for g in REGIMES]
         lines.append(f"| {key} | " + " | ".join(f"{c:.3g}" for c in cells) + " |")
     lines += ["", "## Rank correlation with the generalization gap", "",
-              "Spearman ρ over all runs (p-value), and within each data set (median ρ over data sets, 3·seeds runs each).", "",
+              "Spearman ρ over all runs (p-value), and within each data set (median ρ over data sets, "
+              "3·seeds runs each).", "",
               "| metric | ρ (all runs) | p | median ρ within data set |", "|---|---|---|---|"]
     gaps = np.array([r["gap"] for r in runs])
     for key in keys:

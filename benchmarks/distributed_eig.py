@@ -1,6 +1,6 @@
 """eig() wall time with 1 vs 2 gloo ranks on a model with many layers (same total CPU threads).
 
-Usage: python benchmarks/distributed_eig.py [--layers 12] [--width 768] [--threads 2]
+Usage: python -m benchmarks.distributed_eig [--layers 12] [--width 768] [--threads 2]
 One rank uses all threads; with two ranks each uses half, so the comparison shows the split of the work
 (cost-balanced by d³), not extra hardware.
 """
@@ -33,7 +33,8 @@ def make(layers: int, width: int):
 
 def worker(rank, world, store, args, queue):
     torch.set_num_threads(max(1, args.threads // world))
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
     try:
         kfac = make(args.layers, args.width)
         kfac.eig(distributed=True)  # warm-up
@@ -63,7 +64,8 @@ def main():
     for world in (1, 2):
         queue = context.Queue()
         with tempfile.TemporaryDirectory() as tmp:
-            mp.start_processes(worker, args=(world, os.path.join(tmp, "store"), args, queue), nprocs=world, join=True, start_method="spawn")
+            mp.start_processes(worker, args=(world, os.path.join(tmp, "store"), args, queue), nprocs=world, join=True,
+                               start_method="spawn")
         print(f"| {world} | {max(1, args.threads // world)} | {queue.get():.3f} |", flush=True)
 
 

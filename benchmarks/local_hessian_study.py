@@ -1,6 +1,6 @@
 """How orthogonal initialization, skip connections and batch norm change the back-matching local Hessians.
 
-Usage: python benchmarks/local_hessian_study.py [--seeds 3] [--depth 8] [--epochs 20]
+Usage: python -m benchmarks.local_hessian_study [--seeds 3] [--depth 8] [--epochs 20]
 A deep ReLU MLP on digits (64 → 64 ×depth → 10). Variants: default (PyTorch) init; orthogonal init (gain 1);
 residual blocks h ← ReLU(h + W h); BatchNorm after every hidden Linear. For every hidden block we measure the
 condition numbers of its local Hessians (kfac_hessian.analyses.back_matching_hessians) at initialization and
@@ -76,7 +76,8 @@ def measure(model: DeepMLP, X: torch.Tensor, y: torch.Tensor) -> dict:
     names = [f"blocks.{k}" for k in range(len(model.blocks))]
     bn = {f"blocks.{k}": f"norms.{k}" for k in range(len(model.blocks))} if model.norms is not None else {}
     model.eval()
-    result = back_matching_hessians(model, (X, y), layers=names, residual=names if model.residual else (), batch_norm=bn)
+    result = back_matching_hessians(model, (X, y), layers=names, residual=names if model.residual else (),
+                                    batch_norm=bn)
     model.train()
     return {
         "input_condition": statistics.median(r.input_condition for r in result.values()),
@@ -135,9 +136,10 @@ def render(rows: list[dict], args) -> str:
 
     lines = [
         "# Back-matching local Hessians by design choice (generated)", "",
-        f"Command: `python benchmarks/local_hessian_study.py --seeds {args.seeds} --depth {args.depth} --width {args.width} "
-        f"--epochs {args.epochs} --lr {args.lr}` ({time.strftime('%Y-%m-%d')}, CPU).",
-        f"Digits, MLP 64 → {args.width} ×{args.depth} → 10, SGD (momentum 0.9, lr {args.lr}, batch 64, {args.epochs} epochs). "
+        f"Command: `python -m benchmarks.local_hessian_study --seeds {args.seeds} --depth {args.depth} "
+        f"--width {args.width} --epochs {args.epochs} --lr {args.lr}` ({time.strftime('%Y-%m-%d')}, CPU).",
+        f"Digits, MLP 64 → {args.width} ×{args.depth} → 10, SGD (momentum 0.9, lr {args.lr}, batch 64, "
+        f"{args.epochs} epochs). "
         "Conditions are medians over the hidden blocks, then median (min–max) over seeds. Input Hessian: WᵀDW, "
         "(I+W)ᵀD(I+W) for residual blocks; weight Hessian: D ⊗ A (D = γ²/σ² with BatchNorm, else I).", "",
         "| variant | input cond. (init) | weight cond. (init) | input cond. (trained) | weight cond. (trained) | "

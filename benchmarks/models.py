@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .reference_models import ResNetish, SequenceMLP, relu_mlp
+from benchmarks.reference_models import ResNetish, SequenceMLP, relu_mlp
 
 
 def workload(name: str, n: int, seed: int = 0):

@@ -6,11 +6,14 @@ read through ``sequence_logits``), computes ``compute_kfac`` (ggn, mc, empirical
 eigenvalues and the top-5 eigenvalues. ``--save`` stores them; ``--compare`` recomputes them and checks each with
 ``torch.equal`` against the stored ones (exit status 1 on any difference, missing or extra key).
 
-The package and ``benchmarks`` are imported from the checkout in the working directory, so the same script file can
-check any commit (about a minute on 2 CPU cores):
+Run it with ``python -m`` from the root of the checkout under test (about a minute on 2 CPU cores): ``-m`` puts the
+working directory first on ``sys.path``, so ``kfac_hessian`` and ``benchmarks`` come from that checkout rather than
+from the editable install; ``main`` refuses to run otherwise. A commit older than this file needs a copy of it in
+its ``benchmarks/`` first:
 
-    cd /tmp/old_worktree && python /path/to/benchmarks/numerics_check.py --save /tmp/numerics_old.pt
-    cd /work/main && python benchmarks/numerics_check.py --compare /tmp/numerics_old.pt
+    cp benchmarks/numerics_check.py /tmp/old_worktree/benchmarks/
+    cd /tmp/old_worktree && python -m benchmarks.numerics_check --save /tmp/numerics_old.pt
+    cd /work/main && python -m benchmarks.numerics_check --compare /tmp/numerics_old.pt
 """
 
 from __future__ import annotations
@@ -22,9 +25,8 @@ import time
 import warnings
 from pathlib import Path
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # before torch/numpy load their pools
-    os.environ[_var] = "2"
-sys.path.insert(0, os.getcwd())  # the checkout under test, ahead of the editable install and this file's directory
+# Both runs with the same thread pools, sized before torch and numpy start them.
+os.environ.update(dict.fromkeys(("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"), "2"))
 
 import torch
 from torch import nn
@@ -33,12 +35,12 @@ import kfac_hessian
 from benchmarks.models import workload
 from kfac_hessian import compute_ekfac, compute_kfac, compute_kronecker_fit, sequence_logits
 
-# The script compares two commits: the reference models live in kfac_hessian.models before the refactor and in
-# benchmarks/reference_models.py after it. Only the import location differs; the classes are the same.
+# Commits up to 9ba63df keep the reference models in kfac_hessian.models, later ones in
+# benchmarks/reference_models.py; the classes are the same, so either checkout can be checked.
 try:
     from benchmarks.reference_models import ResNet18, TinyGPT
 except ImportError:
-    from benchmarks.reference_models import ResNet18, TinyGPT
+    from kfac_hessian.models import ResNet18, TinyGPT
 
 
 class _LanguageModel(TinyGPT):
@@ -105,7 +107,7 @@ def compute_all(n: int) -> dict[str, torch.Tensor]:
             for layer, block in kfac.items():
                 key = f"{name}/{label}/{layer}"
                 _flatten(f"{key}/state", block.state(), out)
-                values = eigs[layer].eigenvalues  # a method today, possibly a property after the refactor
+                values = eigs[layer].eigenvalues  # a method or a property: either commit's API may be under test
                 out[f"{key}/eigenvalues"] = (values() if callable(values) else values).clone()
                 out[f"{key}/top5"] = eigs[layer].topk(5)[0].clone()
             print(f"  {name:8s} {label:16s} {len(kfac):3d} blocks  {time.perf_counter() - start:5.1f} s", flush=True)

@@ -1,6 +1,6 @@
 """PAC-Bayes bounds with the posterior in the identity, Kronecker, iterative-Kronecker and exact layer-wise bases.
 
-Usage: python benchmarks/pac_bayes_study.py [--seeds 2] [--epochs E] [--lr 0.01] [--n-samples 1000] [--quick]
+Usage: python -m benchmarks.pac_bayes_study [--seeds 2] [--epochs E] [--lr 0.01] [--n-samples 1000] [--quick]
 Tasks: binary digits (0–4 vs 5–9) and breast cancer, true and random training labels, a 1-hidden-layer ReLU MLP
 (width 50) trained with SGD. The same posterior optimization (RMSprop, same epochs and learning rate; by default
 pac_bayes_bound's own: 2000 steps at lr 0.01) runs in every basis; only the basis differs. Writes
@@ -31,7 +31,8 @@ def trained_mlp(task: str, label_noise: float, seed: int, width: int, epochs: in
     model = nn.Sequential(nn.Linear(split.n_features, width), nn.ReLU(), nn.Linear(width, 1), nn.Flatten(0))
     init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     loss = nn.BCEWithLogitsLoss()
-    train_classifier(model, loss, split.X_train, split.y_train, epochs, lr=0.05, batch_size=100, seed=seed, optimizer="sgd")
+    train_classifier(model, loss, split.X_train, split.y_train, epochs, lr=0.05, batch_size=100, seed=seed,
+                     optimizer="sgd")
     return split, model, init_state, loss
 
 
@@ -78,7 +79,7 @@ def render(rows: list[dict], args) -> str:
     lines = [
         "# PAC-Bayes bounds by posterior basis (generated)",
         "",
-        f"Command: `python benchmarks/pac_bayes_study.py --seeds {args.seeds}"
+        f"Command: `python -m benchmarks.pac_bayes_study --seeds {args.seeds}"
         f"{f' --epochs {args.epochs}' if args.epochs else ''} --lr {args.lr} --n-samples {args.n_samples}` "
         f"({time.strftime('%Y-%m-%d')}, CPU, float32).",
         f"MLP d → {args.width} → 1, BCE surrogate, SGD {args.train_epochs} epochs; posterior: RMSprop lr {args.lr}, "
@@ -95,11 +96,11 @@ def render(rows: list[dict], args) -> str:
                 group = [r for r in rows if r["task"] == task and r["labels"] == labels and r["basis"] == basis]
                 if not group:
                     continue
-                col = lambda key: [g[key] for g in group]  # noqa: E731
+                col = {key: [g[key] for g in group] for key in group[0]}
                 lines.append(
-                    f"| {task} (m={group[0]['n_train']}) | {labels} | {basis} | **{cell(col('bound'))}** | "
-                    f"{cell(col('train_error'))} | {cell(col('test_error'))} | {cell(col('mean_test_error'))} | "
-                    f"{cell(col('kl'), 0)} | {sum(col('converged'))}/{len(group)} | {cell(col('seconds'), 0)} |"
+                    f"| {task} (m={group[0]['n_train']}) | {labels} | {basis} | **{cell(col['bound'])}** | "
+                    f"{cell(col['train_error'])} | {cell(col['test_error'])} | {cell(col['mean_test_error'])} | "
+                    f"{cell(col['kl'], 0)} | {sum(col['converged'])}/{len(group)} | {cell(col['seconds'], 0)} |"
                 )
     return "\n".join(lines) + "\n"
 

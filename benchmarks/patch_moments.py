@@ -1,9 +1,10 @@
 """A/B in one process: a convolution's ``Σ ā āᵀ`` from shifted products of the input vs unfolded patches.
 
-Usage: python benchmarks/patch_moments.py [--n 256] [--repeats 7]
-The stride-1 3×3 convolutions of the ResNet-style CNN of ``compare.py`` (inputs 32×32×3 → widths 32/64/128),
-float32. Both paths accumulate the same matrix (upper strips for the unfolded path, as ``compute_kfac`` does);
-the table gives median seconds, the ratio, and the largest difference relative to the largest entry.
+Usage: python -m benchmarks.patch_moments [--n 256] [--repeats 7]
+The stride-1 3×3 convolutions of the ResNet-style CNN of the ``cnn`` workload in ``benchmarks.models`` (inputs
+32×32×3 → widths 32/64/128), float32. Both paths accumulate the same matrix (upper strips for the unfolded path, as
+``compute_kfac`` does); the table gives median seconds, the ratio, and the largest difference relative to the largest
+entry.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Peak memory of computing the factors vs the gradient floor, each case in a fresh process.
 
-Usage: python benchmarks/peak_memory.py [--workloads mlp,cnn,seq] [--n 2048] [--n-cnn 256] [--n-seq 256]
+Usage: python -m benchmarks.peak_memory [--workloads mlp,cnn,seq] [--n 2048] [--n-cnn 256] [--n-seq 256]
        [--device cpu|cuda]
 Two measures of the extra peak over the state once the model and data exist:
 * live tensors: CPU — the running sum of the allocations and frees the PyTorch profiler records
@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kfac_hessian as kh  # noqa: E402
-from compare import gradient_pass, peer_cases  # noqa: E402
-from models import workload  # noqa: E402
+import kfac_hessian as kh
+from benchmarks.compare import gradient_pass, peer_cases
+from benchmarks.models import workload
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CASES = ("floor: forward + 1 backward", "compute_kfac ggn", "compute_kfac mc", "compute_kfac empirical",
          "curvlinops KFAC type-2", "curvlinops KFAC mc", "curvlinops KFAC empirical")
@@ -87,12 +88,12 @@ def child(name: str, case: str, n: int, device: torch.device, metric: str) -> di
 
 
 def _factor_bytes(model: torch.nn.Module) -> int:
-    """Bytes of all ``A`` and ``G`` of the model's Linear/Conv layers (width = d_in (+1 with a bias))."""
+    """Bytes of all ``A`` and ``G`` of the model's Linear/Conv layers (per group: width = d_in (+1 with a bias))."""
     total = 0
     for module in model.modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
-            d_out, d_in = kh.layers.weight_matrix_shape(module)
-            total += ((d_in + (module.bias is not None)) ** 2 + d_out**2) * module.weight.element_size()
+            layout = kh.layers.kind_for(module).layout(module)
+            total += layout.groups * (layout.width**2 + layout.d_out**2) * module.weight.element_size()
     return total
 
 
@@ -117,8 +118,10 @@ def main() -> None:
         rows = {}
         for metric in metrics:
             for case in CASES:
-                out = subprocess.run([sys.executable, __file__, "--device", args.device, "--child", name, case, str(n), metric],
-                                     capture_output=True, text=True, check=True)
+                # a fresh interpreter per case, importing this checkout as the parent does
+                command = [sys.executable, "-m", "benchmarks.peak_memory", "--device", args.device,
+                           "--child", name, case, str(n), metric]
+                out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
                 rows.setdefault(case, {})[metric] = json.loads(out.stdout.strip().splitlines()[-1])
         floors = {m: rows[CASES[0]][m]["extra"] for m in metrics}
         header = " | ".join(f"{m}: extra peak (MiB) | {m}: (peak − factors) / floor" for m in metrics)

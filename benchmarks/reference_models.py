@@ -1,6 +1,7 @@
 """Reference architectures built in-project for the benchmarks and tests (no torchvision, no downloads): the demo's
-MLP (``relu_mlp``, from ``kfac_hessian.demo``), the benchmarks' ResNet-style CNN and sequence model, a ResNet-18-style CNN with BatchNorm, a small GPT-style decoder, and the
-MobileNetV2- and ConvNeXt-style CNN families (depthwise convolutions, channels-first LayerNorm, layer scale)."""
+MLP (``relu_mlp``, from ``kfac_hessian.demo``), the benchmarks' ResNet-style CNN and sequence model, a ResNet-18-style
+CNN with BatchNorm, a small GPT-style decoder, and the MobileNetV2- and ConvNeXt-style CNN families (depthwise
+convolutions, channels-first LayerNorm, layer scale)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ class _Block(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.skip = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False) if (stride != 1 or c_in != c_out) else nn.Identity()
+        self.skip = (nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False) if (stride != 1 or c_in != c_out)
+                     else nn.Identity())
 
     def forward(self, x):
         return torch.relu(self.conv2(torch.relu(self.conv1(x))) + self.skip(x))
@@ -30,7 +32,8 @@ class ResNetish(nn.Module):
     def __init__(self, width: int = 32, classes: int = 10):
         super().__init__()
         self.stem = nn.Conv2d(3, width, 3, padding=1)
-        self.blocks = nn.Sequential(_Block(width, width, 1), _Block(width, 2 * width, 2), _Block(2 * width, 4 * width, 2))
+        self.blocks = nn.Sequential(_Block(width, width, 1), _Block(width, 2 * width, 2),
+                                    _Block(2 * width, 4 * width, 2))
         self.head = nn.Linear(4 * width, classes)
 
     def forward(self, x):
@@ -44,7 +47,8 @@ class SequenceMLP(nn.Module):
 
     def __init__(self, d: int = 256, depth: int = 2, classes: int = 10):
         super().__init__()
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)) for _ in range(depth))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+                                    for _ in range(depth))
         self.head = nn.Linear(d, classes)
 
     def forward(self, x):
@@ -178,7 +182,8 @@ class LayerNorm2d(nn.LayerNorm):
 
     def forward(self, x):
         x = x.permute(0, 2, 3, 1)
-        return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+        x = torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
 
 
 class _ConvNeXtBlock(nn.Module):

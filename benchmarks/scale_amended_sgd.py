@@ -1,6 +1,6 @@
 """SGD vs scale-amended SGD (kfac_hessian.optim.ScaleAmendedSGD) on a small CNN with batch norm.
 
-Usage: python benchmarks/scale_amended_sgd.py [--seeds 3] [--epochs 15] [--lrs 0.02,0.1]
+Usage: python -m benchmarks.scale_amended_sgd [--seeds 3] [--epochs 15] [--lrs 0.02,0.1]
 Digits (8×8 images, 10 classes), CNN conv16-BN-ReLU, conv32(stride 2)-BN-ReLU, conv32-BN-ReLU, global average
 pool, linear. Same seeds, batches, momentum 0.9 and weight decay 5e-4 for both optimizers; every learning rate
 is run for both. Writes docs/results/scale_amended_sgd.md and docs/figures/scale_amended_sgd.png.
@@ -109,23 +109,23 @@ def plot(runs, lrs, path: Path) -> None:
 
 
 def render(runs, lrs, args) -> str:
+    def stat(group, key, digits=4):
+        values = [g[key] for g in group]
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
     lines = [
         "# SGD vs scale-amended SGD (generated)", "",
-        f"Command: `python benchmarks/scale_amended_sgd.py --seeds {args.seeds} --epochs {args.epochs} --lrs {args.lrs}` "
-        f"({time.strftime('%Y-%m-%d')}, CPU). Digits 8×8, BN CNN, momentum 0.9, weight decay 5e-4, batch 64. "
-        "Mean ± standard deviation over seeds; figure: docs/figures/scale_amended_sgd.png.", "",
+        f"Command: `python -m benchmarks.scale_amended_sgd --seeds {args.seeds} --epochs {args.epochs} "
+        f"--lrs {args.lrs}` ({time.strftime('%Y-%m-%d')}, CPU). Digits 8×8, BN CNN, momentum 0.9, weight decay 5e-4, "
+        "batch 64. Mean ± standard deviation over seeds; figure: docs/figures/scale_amended_sgd.png.", "",
         "| lr | optimizer | final train loss | test accuracy | seconds |", "|---|---|---|---|---|",
     ]
     for lr in lrs:
         for name in ("sgd", "scale-amended"):
             group = [r for r in runs if r["lr"] == lr and r["optimizer"] == name]
-
-            def stat(key, digits=4):
-                values = [g[key] for g in group]
-                spread = statistics.stdev(values) if len(values) > 1 else 0.0
-                return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
-
-            lines.append(f"| {lr} | {name} | {stat('train_loss')} | {stat('test_acc')} | {stat('seconds', 1)} |")
+            lines.append(f"| {lr} | {name} | {stat(group, 'train_loss')} | {stat(group, 'test_acc')} | "
+                         f"{stat(group, 'seconds', 1)} |")
     return "\n".join(lines) + "\n"
 
 

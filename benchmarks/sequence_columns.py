@@ -1,6 +1,6 @@
 """Sequence outputs: joint columns vs random signs per position (``position_signs``) vs per-position columns.
 
-Usage: python benchmarks/sequence_columns.py [--train-seconds 30] [--draws 1,2,4,6] [--quick] [--output FILE]
+Usage: python -m benchmarks.sequence_columns [--train-seconds 30] [--draws 1,2,4,6] [--quick] [--output FILE]
 
 For (N, V, T) logits the default GGN columns are the loss-Hessian square root of all positions at once: ``K = V``
 backward passes, but the blocks of parameters shared over positions (LayerNorms, embeddings, key/value projections,
@@ -14,7 +14,7 @@ Writes docs/results/sequence_columns.md (--quick: a smoke run that prints only).
 from __future__ import annotations
 
 import argparse
-import sys
+import importlib.util
 import time
 import warnings
 from pathlib import Path
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kfac_hessian as kh  # noqa: E402
-from architectures import train_tiny_gpt  # noqa: E402  (run as a script from any folder)
+import kfac_hessian as kh
+from benchmarks.architectures import train_tiny_gpt
+from kfac_hessian.blocks import DenseBlocks, KroneckerBlock
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,7 @@ class GPT2Logits(nn.Module):
 
 
 def _error(block, reference) -> float:
-    if isinstance(block, kh.KroneckerBlock):
+    if isinstance(block, KroneckerBlock):
         return float((block.G - reference.G).norm() / reference.G.norm())
     dense, ref = block.to_dense(), reference.to_dense()
     return float((dense - ref).norm() / ref.norm())
@@ -64,7 +64,7 @@ def measure(name, model, data, vocabulary, context, draws):
         reference, timings["per_position"] = timed(lambda: kh.compute_kfac(model, loss_fn, data, per_position=True))
         results = {"joint": timed(lambda: kh.compute_kfac(model, loss_fn, data, position_signs=0))}
         for r in draws:
-            results[f"signs R={r}"] = timed(lambda r=r: kh.compute_kfac(model, loss_fn, data, position_signs=r, seed=0))
+            results[f"signs R={r}"] = timed(kh.compute_kfac, model, loss_fn, data, position_signs=r, seed=0)
     joint = results["joint"][0]
     names = [n for n in reference if _error(joint[n], reference[n]) > 1e-3]  # blocks with cross-position terms
     lines = [f"## {name}", "",
@@ -77,21 +77,23 @@ def measure(name, model, data, vocabulary, context, draws):
              "| block | structure | " + " | ".join(f"{label}: error, λ₁ ratio" for label in results) + " |",
              "|---|---|" + "---|" * len(results)]
     for n in names:
-        cells = [f"{_error(r[0][n], reference[n]):.3f}, {_top(r[0][n]) / _top(reference[n]):.2f}" for r in results.values()]
+        cells = [f"{_error(r[0][n], reference[n]):.3f}, {_top(r[0][n]) / _top(reference[n]):.2f}"
+                 for r in results.values()]
         lines.append(f"| {n} | {type(reference[n]).__name__} | " + " | ".join(cells) + " |")
     worst = {label: max(_error(r[0][n], reference[n]) for n in names) for label, r in results.items()}
-    norms = [n for n in names if isinstance(reference[n], kh.DenseBlocks)]
+    norms = [n for n in names if isinstance(reference[n], DenseBlocks)]
     worst_norm = {label: max((_error(r[0][n], reference[n]) for n in norms), default=float("nan"))
                   for label, r in results.items()}
     lines += ["", "Largest error over these blocks: " + ", ".join(f"{k} {v:.3f}" for k, v in worst.items())
-              + "; over the normalization blocks: " + ", ".join(f"{k} {v:.3f}" for k, v in worst_norm.items()) + ".", ""]
+              + "; over the normalization blocks: " + ", ".join(f"{k} {v:.3f}" for k, v in worst_norm.items()) + ".",
+              ""]
     print("\n".join(lines), flush=True)
     return lines
 
 
-def timed(fn):
+def timed(fn, *args, **kwargs):
     start = time.perf_counter()
-    out = fn()
+    out = fn(*args, **kwargs)
     return out, time.perf_counter() - start
 
 
@@ -108,17 +110,16 @@ def main() -> None:
     if args.output is None and not args.quick:
         args.output = ROOT / "docs" / "results" / "sequence_columns.md"
     lines = ["# Sequence columns: joint vs random signs vs per position (generated)", "",
-             f"Command: `python benchmarks/sequence_columns.py --train-seconds {seconds:.0f} --draws {args.draws}` "
-             f"({time.strftime('%Y-%m-%d')}, CPU, {torch.get_num_threads()} threads, float32); one batch of 32 sequences. Error = ‖block − per-position block‖_F / ‖per-position block‖_F (for Kronecker "
+             f"Command: `python -m benchmarks.sequence_columns --train-seconds {seconds:.0f} --draws {args.draws}` "
+             f"({time.strftime('%Y-%m-%d')}, CPU, {torch.get_num_threads()} threads, float32); one batch of 32 "
+             "sequences. Error = ‖block − per-position block‖_F / ‖per-position block‖_F (for Kronecker "
              "blocks that of G); λ₁ ratio = λ₁(block) / λ₁(per-position block). Per-position columns give the exact "
              "GGN's outer products; the signs estimate them without bias (`position_signs=1` is the default, the joint "
              "columns are `position_signs=0`).", ""]
     model, vocabulary, data, info = train_tiny_gpt(seconds, dim, context=context, n_eval=32)
     lines += measure(f"TinyGPT (dim {dim}, 2 blocks, context {context})", model.eval(), data, vocabulary, context,
                      draws) + [info, ""]
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("transformers") is None:
         lines.append("transformers is not installed: GPT-2 skipped.")
     else:
         # transformers' GPT-2 is ~10× slower per backward pass here: a shorter context keeps per-position feasible

@@ -1,24 +1,21 @@
 """A/B of the factor accumulation: upper block-triangular strips (the library) vs one full ``addmm_``.
 
-Usage: python benchmarks/symmetric_accumulation.py [--workload mlp] [--n 2048] [--repeats 15]
+Usage: python -m benchmarks.symmetric_accumulation [--workload mlp] [--n 2048] [--repeats 15]
 Both variants of ``compute_kfac(curvature="mc")`` and the gradient floor run interleaved in one process
-(the full-product variant swaps ``kfac_hessian.gram.add_gram`` as the Kronecker sums use it for one ``addmm_``). Prints the
-median and min seconds and the ratios to the floor.
+(the full-product variant swaps ``kfac_hessian.gram.add_gram`` as the Kronecker sums use it for one ``addmm_``).
+Prints the median and min seconds and the ratios to the floor.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kfac_hessian as kh  # noqa: E402
-import kfac_hessian.layers.kronecker as kronecker  # noqa: E402
-from compare import gradient_pass  # noqa: E402
-from models import workload  # noqa: E402
+import kfac_hessian as kh
+import kfac_hessian.layers.kronecker as kronecker
+from benchmarks.compare import gradient_pass
+from benchmarks.models import workload
 
 
 def main() -> None:
@@ -54,7 +51,8 @@ def main() -> None:
             fn()
             times[name].append(time.perf_counter() - start)
     floor_median, floor_min = statistics.median(times[next(iter(cases))]), min(times[next(iter(cases))])
-    print(f"| {args.workload}, N={args.n} | median s | min s | median / floor | min / floor min |\n|---|---|---|---|---|")
+    print(f"| {args.workload}, N={args.n} | median s | min s | median / floor | min / floor min |\n"
+          "|---|---|---|---|---|")
     for name, t in times.items():
         print(f"| {name} | {statistics.median(t):.3f} | {min(t):.3f} | {statistics.median(t) / floor_median:.2f} | "
               f"{min(t) / floor_min:.2f} |")

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import kfac_hessian as kh
-
-from .models import workload
+from benchmarks.models import workload
 
 SIZES = {"mlp": 2048, "cnn": 128}
 
