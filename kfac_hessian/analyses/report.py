@@ -234,6 +234,7 @@ def compare(
         rows.append(
             {
                 "layer": name,
+                "block": block.describe(),
                 "P": P,
                 "k": k_layer,
                 "exact": mode,

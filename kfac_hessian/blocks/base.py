@@ -33,13 +33,20 @@ class CurvatureBlock(LinearOperator):
 
     storage_tag: ClassVar[str]  # what ``state`` is saved under, so that loading picks the class that reads it back
     name: str
+    # what the block is with respect to its target curvature (``factors.labels``): "exact …", "estimate …" or
+    # "approximation …"; set by the pass that computed it
+    status: str = ""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, P={self.num_params})"
 
-    @abstractmethod
     def describe(self) -> str:
-        """The block's structure in a few words (``KFAC.summary``)."""
+        """The block's structure and what it is, in a few words (``KFAC.summary``, ``report.json``)."""
+        return f"{self.structure()} — {self.status}" if self.status else self.structure()
+
+    @abstractmethod
+    def structure(self) -> str:
+        """The block's structure in a few words."""
 
     @abstractmethod
     def trace(self) -> Tensor: ...
@@ -48,8 +55,15 @@ class CurvatureBlock(LinearOperator):
     def materialize(self) -> Tensor:
         """The ``(P, P)`` matrix, formed from the block's own structure."""
 
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> CurvatureBlock:
+        """The block on ``device`` in ``dtype`` (its status kept)."""
+        moved = self.moved(device, dtype)
+        moved.status = self.status
+        return moved
+
     @abstractmethod
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> CurvatureBlock: ...
+    def moved(self, device: torch.device | str | None, dtype: torch.dtype | None) -> CurvatureBlock:
+        """A new block of the same structure with its tensors on ``device`` in ``dtype``."""
 
     @abstractmethod
     def state(self) -> dict:

@@ -61,7 +61,7 @@ class DenseBlocks(CurvatureBlock):
     def device(self) -> torch.device:
         return self.blocks.device
 
-    def describe(self) -> str:
+    def structure(self) -> str:
         return self.label
 
     def matmat(self, columns: Tensor) -> Tensor:
@@ -77,7 +77,7 @@ class DenseBlocks(CurvatureBlock):
         out[self.index[:, :, None], self.index[:, None, :]] = self.blocks
         return out
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DenseBlocks:
+    def moved(self, device: torch.device | str | None, dtype: torch.dtype | None) -> DenseBlocks:
         return DenseBlocks(self.blocks.to(device, dtype), self.index.to(device), self.label, self.name)
 
     def state(self) -> dict:

@@ -56,7 +56,7 @@ class EKFACBlock(CurvatureBlock):
     def device(self) -> torch.device:
         return self.values.device
 
-    def describe(self) -> str:
+    def structure(self) -> str:
         basis = "V ⊗ I (diagonal A)" if self.a_vectors is None else "V ⊗ U"
         groups = f" per group ({self.layout.groups} groups)" if self.layout.groups > 1 else ""
         return f"EKFAC: the Kronecker eigenbasis {basis}{groups} with exact second moments as eigenvalues"
@@ -80,7 +80,7 @@ class EKFACBlock(CurvatureBlock):
         eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
         return self.matmat(eye)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> EKFACBlock:
+    def moved(self, device: torch.device | str | None, dtype: torch.dtype | None) -> EKFACBlock:
         a = None if self.a_vectors is None else self.a_vectors.to(device, dtype)
         return EKFACBlock(self.g_vectors.to(device, dtype), a, self.values.to(device, dtype), self.layout, self.name)
 

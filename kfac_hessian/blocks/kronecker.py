@@ -59,7 +59,7 @@ class KroneckerBlock(CurvatureBlock):
     def device(self) -> torch.device:
         return self.G.device
 
-    def describe(self) -> str:
+    def structure(self) -> str:
         layout = self.layout
         if self.a_is_diagonal:
             return f"Kronecker G ⊗ diag(A), A diagonal ({layout.width},), G {tuple(self.G.shape)}"
@@ -94,7 +94,7 @@ class KroneckerBlock(CurvatureBlock):
         perm = self.layout.permutation(self.device)
         return kron[perm][:, perm]
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> KroneckerBlock:
+    def moved(self, device: torch.device | str | None, dtype: torch.dtype | None) -> KroneckerBlock:
         return KroneckerBlock(self.A.to(device, dtype), self.G.to(device, dtype), self.layout, self.name)
 
     def state(self) -> dict:

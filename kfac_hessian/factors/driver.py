@@ -29,6 +29,7 @@ from ..losses import loss_spec
 from ..model_state import eager_model
 from .checks import warn_about_dropout, warn_about_zero_blocks
 from .counting import parameter_counts
+from .labels import label_blocks
 from .options import Approx, Curvature, PassOptions, check_approx
 from .result import KFAC
 from .stream import Pass, accumulators_for, forward_pass, pass_settings, stream_pass
@@ -75,8 +76,9 @@ def compute_kfac(
     settings = pass_settings(selection, approx, dtype)
     pass_ = Pass(model, accumulators_for(selection, settings), selection, settings, layers is not None,
                  options.output)
-    n_samples, scale = stream_pass(model, spec, data, pass_, options)
+    n_samples, scale, positions = stream_pass(model, spec, data, pass_, options)
     blocks, skipped, parameter_names = pass_.finalize(scale, device)
+    label_blocks(blocks, options, positions)
     warn_about_zero_blocks({name: float(block.trace()) for name, block in blocks.items()})
     counts, total, tied = parameter_counts(model, parameter_names, skipped)
     return KFAC(blocks, options.curvature, approx, spec.name, spec.reduction, n_samples, skipped, parameter_names,

@@ -84,4 +84,4 @@ def compute_ekfac(
         a_vectors = None if eig.a_is_diagonal else eig.factor_vectors("A", layout.width)
         return EigenbasisSquares(eig.factor_vectors("G", layout.d_out), a_vectors, layout, block.dtype, block.device)
 
-    return per_sample_pass(model, loss_fn, data, kfac, statistic, options)
+    return per_sample_pass(model, loss_fn, data, kfac, statistic, options, "EKFAC")

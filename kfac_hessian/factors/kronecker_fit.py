@@ -161,7 +161,8 @@ def compute_kronecker_fit(
     change = float("inf")
     for _ in range(iterations):
         fits: dict[str, KroneckerFit] = {}
-        result = per_sample_pass(model, loss_fn, data, kfac, _fit_statistic(pairs, traces, fits), options)
+        result = per_sample_pass(model, loss_fn, data, kfac, _fit_statistic(pairs, traces, fits), options,
+                                 "nearest Kronecker product")
         change = max((float(((fit.score - scores[name]).abs() / fit.score.clamp_min(1e-300)).max())
                       if name in scores else float("inf")) for name, fit in fits.items())
         scores = {name: fit.score for name, fit in fits.items()}

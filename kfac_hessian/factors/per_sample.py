@@ -24,6 +24,7 @@ from ..layers import Entry, KroneckerKind, PerSampleStatistic, Selection, select
 from ..losses import loss_spec
 from ..model_state import eager_model
 from .driver import compute_kfac
+from .labels import label_blocks
 from .options import PassOptions, split_pass_options
 from .result import KFAC
 from .stream import Pass, pass_settings, stream_pass
@@ -63,8 +64,10 @@ def base_kfac(model: nn.Module, loss_fn: nn.Module, data: Data, kfac: KFAC | Non
 
 
 def per_sample_pass(model: nn.Module, loss_fn: nn.Module, data: Data, kfac: KFAC,
-                    statistics: Callable[[Entry, KroneckerBlock], PerSampleStatistic], options: PassOptions) -> KFAC:
-    """``kfac`` with its Kronecker blocks replaced by those of ``statistics(entry, block)`` after one pass."""
+                    statistics: Callable[[Entry, KroneckerBlock], PerSampleStatistic], options: PassOptions,
+                    approximation: str) -> KFAC:
+    """``kfac`` with its Kronecker blocks replaced by those of ``statistics(entry, block)`` after one pass;
+    ``approximation`` names what the new blocks are (their ``status``)."""
     spec = loss_spec(loss_fn)
     model = eager_model(model)
     pairs = kronecker_entries(model, kfac)
@@ -74,6 +77,7 @@ def per_sample_pass(model: nn.Module, loss_fn: nn.Module, data: Data, kfac: KFAC
                                                                          statistics(entry, block))
                     for entry, block in pairs}
     pass_ = Pass(model, accumulators, selection, settings, True, options.output, check_formulas=False)
-    n_samples, scale = stream_pass(model, spec, data, pass_, options)
+    n_samples, scale, positions = stream_pass(model, spec, data, pass_, options)
     new, _, _ = pass_.finalize(scale, pairs[0][1].device)
+    label_blocks(new, options, positions, approximation)
     return kfac.with_blocks({name: new.get(name, block) for name, block in kfac.items()}, n_samples=n_samples)

@@ -20,7 +20,8 @@ def save(path, meta: dict, blocks: dict[str, CurvatureBlock]) -> None:
         "format": SAVE_FORMAT,
         "meta": meta,
         # SAVE_FORMAT keys the block class's storage tag as "kind": another key would need a new format version
-        "blocks": {name: {"kind": block.storage_tag, **block.state()} for name, block in blocks.items()},
+        "blocks": {name: {"kind": block.storage_tag, "status": block.status, **block.state()}
+                   for name, block in blocks.items()},
     }, path)
 
 
@@ -37,4 +38,5 @@ def load(path, map_location: torch.device | str | None = None) -> tuple[dict, di
         if entry["kind"] not in _BLOCK_CLASSES:
             raise ValueError(f"{path}: block {name!r} has an unknown kind {entry['kind']!r}")
         blocks[name] = _BLOCK_CLASSES[entry["kind"]].from_state(entry, name)
+        blocks[name].status = entry.get("status", "")
     return state["meta"], blocks

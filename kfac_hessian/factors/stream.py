@@ -182,9 +182,11 @@ class Pass:
         return blocks, skipped, parameter_names
 
 
-def stream_pass(model: nn.Module, spec: LossSpec, data: Data, pass_: Pass, options: PassOptions) -> tuple[int, float]:
+def stream_pass(model: nn.Module, spec: LossSpec, data: Data, pass_: Pass, options: PassOptions
+                ) -> tuple[int, float, int]:
     """Stream ``data`` once through ``model``: every batch's recorded calls to the accumulators' forward half, then the
-    output columns backpropagated to them; returns ``(N, scale)`` (module docstring)."""
+    output columns backpropagated to them; returns ``(N, scale, T)`` (module docstring), ``T`` the output positions
+    per sample (1 for outputs without a position axis)."""
     curvature, settings = options.curvature, pass_.settings
     generator = None
     if options.seed is not None and curvature == "mc":
@@ -194,7 +196,7 @@ def stream_pass(model: nn.Module, spec: LossSpec, data: Data, pass_: Pass, optio
         generator = torch.Generator().manual_seed(options.seed if options.seed is not None else 0)
     stream = one_column_per_pass(options.column_chunk, settings.device, curvature, options.mc_samples)
     router = GradientRouter(pass_.accumulators)
-    n_samples, tau = 0, None
+    n_samples, tau, positions = 0, None, 1
     with (
         seeded_model_randomness(options.seed, settings.device),
         pass_.contexts(),
@@ -218,8 +220,10 @@ def stream_pass(model: nn.Module, spec: LossSpec, data: Data, pass_: Pass, optio
             with no_autocast():  # the columns in (at least) float32, handed to the backward in the output's dtype
                 columns = output_columns(spec, curvature, output.detach().to(compute_dtype(output.dtype)), target,
                                          options.mc_samples, generator).to(output.dtype)
-            if index == 0 and columns.dim() > 3 and curvature == "ggn" and not (options.per_position or signs):
-                warn_about_joint_columns(columns[0, 0, 0].numel())
+            if columns.dim() > 3:
+                positions = columns[0, 0, 0].numel()
+            if index == 0 and positions > 1 and curvature == "ggn" and not (options.per_position or signs):
+                warn_about_joint_columns(positions)
             n_chunks, chunks = column_chunks(columns, 1 if stream else options.column_chunk or len(columns),
                                              options.per_position, signs, generator)
             for chunk_index, chunk in enumerate(chunks):
@@ -239,7 +243,7 @@ def stream_pass(model: nn.Module, spec: LossSpec, data: Data, pass_: Pass, optio
         scale /= options.mc_samples
     elif curvature == "empirical" and spec.reduction == "mean":
         scale /= tau
-    return n_samples, scale
+    return n_samples, scale, positions
 
 
 def forward_pass(pass_: Pass, data: Data) -> None:

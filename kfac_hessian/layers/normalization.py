@@ -144,13 +144,13 @@ class NormSums(Accumulator):
         sums = self.sums.mul_(scale).to(device)
         what = "(γ, β)" if self.per_feature == 2 else "γ"
         if self.dense:
-            block = DenseBlocks.dense(sums, f"normalization, exact dense {what} block of {self.n_features} features",
+            block = DenseBlocks.dense(sums, f"normalization, dense {what} block of {self.n_features} features",
                                       self.name)
         elif self.per_feature == 2:
-            block = DenseBlocks.paired(sums, f"normalization, {self.n_features} exact 2×2 (γ, β) blocks "
+            block = DenseBlocks.paired(sums, f"normalization, {self.n_features} 2×2 (γ, β) blocks "
                                              "(cross-feature terms dropped)", self.name)
         else:
-            block = DenseBlocks.diagonal(sums.reshape(-1), f"normalization, exact diagonal of the γ block of "
+            block = DenseBlocks.diagonal(sums.reshape(-1), f"normalization, diagonal of the γ block of "
                                                            f"{self.n_features} features (cross-feature terms dropped)",
                                          self.name)
         return {self.name: block}

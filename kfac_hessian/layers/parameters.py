@@ -136,11 +136,11 @@ class ParameterSums(Accumulator):
             block_name = full_name(self.name, local)
             sums = sums.mul_(scale).to(device)
             if sums.dim() == 2:
-                blocks[block_name] = DenseBlocks.dense(sums, f"{self.origin}: exact dense block (per-sample gradients)",
+                blocks[block_name] = DenseBlocks.dense(sums, f"{self.origin}: dense block (per-sample gradients)",
                                                        block_name)
             else:
                 blocks[block_name] = DenseBlocks.diagonal(
-                    sums, f"{self.origin}: exact diagonal (per-sample gradients; P above {limits.DENSE_BLOCK_LIMIT}, "
+                    sums, f"{self.origin}: diagonal (per-sample gradients; P above {limits.DENSE_BLOCK_LIMIT}, "
                           "cross terms dropped)", block_name)
         return blocks
 

@@ -26,6 +26,7 @@ def test_report_matches_dense_recomputation(dense_limit, tmp_path):
     report = compare(kfac, model, nn.CrossEntropyLoss(), data, k=4, dense_limit=dense_limit)
     for row in report.rows:
         f = kfac[row["layer"]]
+        assert row["block"] == f.describe() and "approximation of the GGN block" in row["block"]  # what it is
         H = kh.layer_operator(model, nn.CrossEntropyLoss(), data, row["layer"]).to_dense()
         exact_vals, exact_vecs = torch.linalg.eigh(H)
         exact_vals, exact_vecs = exact_vals.flip(0)[:4], exact_vecs.flip(1)[:, :4].T

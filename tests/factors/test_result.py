@@ -41,7 +41,8 @@ def test_to_dtype_and_summary():
     kfac = kh.compute_kfac(mlp(nn.Tanh), nn.CrossEntropyLoss(), classification_data(), dtype=torch.float32)
     assert kfac["0"].A.dtype == torch.float32
     assert kfac.to(dtype=torch.float64)["0"].G.dtype == torch.float64
-    assert "0: Kronecker G ⊗ A, A (6, 6), G (4, 4), P=24" in kfac.summary()
+    assert ("0: Kronecker G ⊗ A, A (6, 6), G (4, 4) — approximation of the GGN block (Kronecker factorization), "
+            "P=24") in kfac.summary()
     assert "covered 39 of 39 parameters" in kfac.summary()
 
 

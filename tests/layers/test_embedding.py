@@ -69,7 +69,8 @@ def test_spectra_matvec_and_round_trip(tmp_path):
     kfac.save(tmp_path / "k.pt")
     loaded = kh.KFAC.load(tmp_path / "k.pt")
     assert torch.equal(loaded["embed"].G, factor.G) and torch.equal(loaded["embed"].A, factor.A)
-    assert "embed: Kronecker G ⊗ diag(A), A diagonal (7,), G (4, 4), P=28" in kfac.summary()
+    assert ("embed: Kronecker G ⊗ diag(A), A diagonal (7,), G (4, 4) — approximation of the GGN block (Kronecker "
+            "factorization); estimate: 1 random-sign draw per output position (5 positions), P=28") in kfac.summary()
     # "reduce" keeps embeddings on expand: their factors are identical
     reduced = kh.compute_kfac(model, nn.CrossEntropyLoss(), (tokens, labels), approx="reduce")
     assert torch.equal(reduced["embed"].A, factor.A)

@@ -96,7 +96,7 @@ def test_train_mode_batch_norm_on_request_and_summary(tmp_path):
     dense = dense_ggn(model, nn.CrossEntropyLoss(), X, y, ["bn"])
     assert torch.allclose(kfac["bn"].to_dense(), dense, rtol=1e-10, atol=1e-14)
     text = kfac.summary()
-    assert "bn: normalization, exact dense (γ, β) block of 4 features, P=8" in text
+    assert "bn: normalization, dense (γ, β) block of 4 features — exact GGN block, P=8" in text
     assert "covered 145 of 145 parameters" in text
     kfac.save(tmp_path / "k.pt")
     loaded = kh.KFAC.load(tmp_path / "k.pt")

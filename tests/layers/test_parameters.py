@@ -62,7 +62,8 @@ def test_free_parameters_get_their_exact_ggn_block(name):
     assert "covered 107 of 107 parameters (100.0 %)" in kfac.summary() and not kfac.skipped
     block = kfac[name]
     expected = "free parameter of _PatchEmbed" if name.startswith("embed") else "free parameter of TinyViT"
-    assert block.describe().startswith(expected) and "exact dense block" in block.describe()
+    described = block.describe()
+    assert described.startswith(expected) and "dense block (per-sample gradients) — exact GGN block" in described
     dense = dense_ggn(model, nn.CrossEntropyLoss(), X, y, [name])
     assert rel_err(block.to_dense(), dense) < EXACT
     check_factor_spectra(block, dense)
@@ -78,7 +79,7 @@ def test_above_the_size_limit_the_exact_diagonal(monkeypatch):
     model = TinyViT().double()
     X, y = _images()
     block = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))["embed.pos"]  # 20 parameters
-    assert block.blocks.shape == (20, 1, 1) and "exact diagonal" in block.describe()
+    assert block.blocks.shape == (20, 1, 1) and "exact entries of the GGN block" in block.describe()
     dense = dense_ggn(model, nn.CrossEntropyLoss(), X, y, ["embed.pos"])
     assert rel_err(block.to_dense(), torch.diag(dense.diagonal())) < EXACT
 
