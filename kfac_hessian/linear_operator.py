@@ -5,11 +5,12 @@ A ``LinearOperator`` is a square ``(P, P)`` matrix in public parameter order
 of the factors stage, the eigen-results (a full eigendecomposition stands for the matrix it decomposes, a Lanczos
 result for its ``k`` pairs ``V diag(λ) Vᵀ``) and the exact Hessian and GGN operators of the exact path.
 
-A subclass provides ``num_params``, ``dtype``, ``device`` and ``matmat`` (the product with columns ``(P, m)``
-already in its dtype and on its device); it may override ``materialize`` when it can form its matrix more cheaply
-than by products with the identity. Everything else is written once here: ``@`` with vectors, matrices and
-parameter-shaped tuples, ``to_dense`` (refused above a size limit), ``to_scipy``, and the operators built from others —
-``a + b``, ``a - b``, ``c * a``, ``-a`` and ``a.restrict(indices)`` (the sub-block on some public positions).
+A subclass provides ``num_params``, ``reference`` (a tensor or operator whose dtype and device it has) and
+``matmat`` (the product with columns ``(P, m)`` already in its dtype and on its device); it may override
+``materialize`` when it can form its matrix more cheaply than by products with the identity. Everything else is
+written once here: ``@`` with vectors, matrices and parameter-shaped tuples, ``to_dense`` (refused above a size
+limit), ``to_scipy``, and the operators built from others — ``a + b``, ``a - b``, ``c * a``, ``-a`` and
+``a.restrict(indices)`` (the sub-block on some public positions).
 """
 
 from __future__ import annotations
@@ -33,11 +34,16 @@ class LinearOperator(ABC):
 
     @property
     @abstractmethod
-    def dtype(self) -> torch.dtype: ...
+    def reference(self) -> Tensor | LinearOperator:
+        """A tensor (or operator) whose dtype and device the operator has."""
 
     @property
-    @abstractmethod
-    def device(self) -> torch.device: ...
+    def dtype(self) -> torch.dtype:
+        return self.reference.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.reference.device
 
     @abstractmethod
     def matmat(self, columns: Tensor) -> Tensor:
@@ -132,12 +138,8 @@ class CombinedOperator(LinearOperator):
         return self.terms[0][1].num_params
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.terms[0][1].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.terms[0][1].device
+    def reference(self) -> LinearOperator:
+        return self.terms[0][1]
 
     def matmat(self, columns: Tensor) -> Tensor:
         out = None
@@ -166,12 +168,8 @@ class RestrictedOperator(LinearOperator):
         return len(self.indices)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.parent.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.parent.device
+    def reference(self) -> LinearOperator:
+        return self.parent
 
     def matmat(self, columns: Tensor) -> Tensor:
         index = self.indices.to(columns.device)

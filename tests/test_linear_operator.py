@@ -27,12 +27,8 @@ class Dense(LinearOperator):
         return self.matrix.shape[0]
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.matrix.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.matrix.device
+    def reference(self) -> torch.Tensor:
+        return self.matrix
 
     def matmat(self, columns: torch.Tensor) -> torch.Tensor:
         return self.matrix @ columns

@@ -121,12 +121,8 @@ class BlockEigen(LinearOperator):
     source: CurvatureBlock
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.source.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.source.device
+    def reference(self) -> LinearOperator:
+        return self.source
 
     def matmat(self, columns: Tensor) -> Tensor:
         return self.source.matmat(columns)

@@ -54,12 +54,8 @@ class DenseBlocks(CurvatureBlock):
         return self.index.numel()
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.blocks.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.blocks.device
+    def reference(self) -> Tensor:
+        return self.blocks
 
     def structure(self) -> str:
         return self.label

@@ -49,12 +49,8 @@ class EKFACBlock(CurvatureBlock):
         return self.layout.num_params
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
+    def reference(self) -> Tensor:
+        return self.values
 
     def structure(self) -> str:
         basis = "V ⊗ I (diagonal A)" if self.a_vectors is None else "V ⊗ U"

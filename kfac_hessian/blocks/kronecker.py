@@ -52,12 +52,8 @@ class KroneckerBlock(CurvatureBlock):
         return self.layout.num_params
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.G.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.G.device
+    def reference(self) -> Tensor:
+        return self.G
 
     def structure(self) -> str:
         layout = self.layout

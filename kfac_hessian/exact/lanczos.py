@@ -51,12 +51,8 @@ class LanczosResult(LinearOperator):
         return self.eigenvectors.shape[1]
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.eigenvectors.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.eigenvectors.device
+    def reference(self) -> Tensor:
+        return self.eigenvectors
 
     def matmat(self, columns: Tensor) -> Tensor:
         return self.eigenvectors.T @ (self.eigenvalues[:, None] * (self.eigenvectors @ columns))

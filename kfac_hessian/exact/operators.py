@@ -83,8 +83,8 @@ class CurvatureOperator(LinearOperator):
         self._shapes = [params[n].shape for n in self.param_names]
         self._sizes = [params[n].numel() for n in self.param_names]
         first = params[self.param_names[0]]
-        self.param_dtype, self._device = first.dtype, first.device
-        self._dtype = compute_dtype(first.dtype)
+        self.param_dtype = first.dtype
+        self._reference = torch.empty(0, dtype=compute_dtype(first.dtype), device=first.device)
         self.n_matvecs = 0
         self.n_data_passes = 0
         self.math_attention = False  # set once a fused attention kernel refused double backward
@@ -94,12 +94,8 @@ class CurvatureOperator(LinearOperator):
         return sum(self._sizes)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
+    def reference(self) -> Tensor:
+        return self._reference
 
     def __repr__(self) -> str:
         return f"CurvatureOperator(kind={self.kind!r}, P={self.num_params}, params={self.param_names})"
