@@ -88,6 +88,7 @@ class CurvatureOperator(LinearOperator):
         self.n_matvecs = 0
         self.n_data_passes = 0
         self.math_attention = False  # set once a fused attention kernel refused double backward
+        self.reverse_mode_only = False  # set once torch.func refused the model (kind="ggn")
 
     @property
     def num_params(self) -> int:
@@ -179,10 +180,46 @@ class CurvatureOperator(LinearOperator):
                 products = [None if rows[0][i] is None else torch.stack([r[i] for r in rows])
                             for i in range(len(theta))]
             return [torch.zeros_like(t) if p is None else p for p, t in zip(products, tangents)], output
-        output, pullback = vjp(forward, *theta)
+        if not self.reverse_mode_only:
+            try:
+                output, pullback = vjp(forward, *theta)
+                check_batch(self.spec, output, target)
+                jacobian_products = vmap(lambda *t: jvp(forward, theta, t)[1])(*tangents)
+                return vmap(pullback)(hessian_vector_product(self.spec, output, jacobian_products)), output
+            except (RuntimeError, NotImplementedError) as error:
+                if not any(cue in str(error) for cue in _NO_FORWARD_MODE):
+                    raise
+                self.reverse_mode_only = True
+                warnings.warn(f"the model has no forward-mode derivative under torch.func ({str(error)[:90]}…); "
+                              "this operator's GGN products run by reverse mode twice (same values, slower)",
+                              RuntimeWarning, stacklevel=5)
+        return self._ggn_by_reverse_mode(forward, theta, tangents, target)
+
+    def _ggn_by_reverse_mode(self, forward, theta: tuple[Tensor, ...], tangents: list[Tensor], target: Tensor):
+        """``Jᵀ Λ J v`` with plain ``torch.autograd``: ``J v = ∂/∂u ⟨Jᵀ u, v⟩`` (``Jᵀ u`` is linear in ``u``), then one
+        more backward for ``Jᵀ (Λ J v)`` — for models ``torch.func`` cannot transform (old-style
+        ``torch.autograd.Function``s without ``setup_context``)."""
+        output = forward(*theta)
         check_batch(self.spec, output, target)
-        jacobian_products = vmap(lambda *t: jvp(forward, theta, t)[1])(*tangents)
-        return vmap(pullback)(hessian_vector_product(self.spec, output, jacobian_products)), output
+        u = torch.zeros_like(output, requires_grad=True)
+        pulled = torch.autograd.grad(output, theta, u, create_graph=True, allow_unused=True)
+        used = [i for i, g in enumerate(pulled) if g is not None and g.requires_grad]
+        columns = []
+        for column in range(tangents[0].shape[0]):
+            if not used:  # the output does not depend on these parameters
+                columns.append(torch.zeros_like(output))
+                continue
+            columns.append(torch.autograd.grad([pulled[i] for i in used], u, [tangents[i][column] for i in used],
+                                               retain_graph=True)[0])
+        weighted = hessian_vector_product(self.spec, output, torch.stack(columns))
+        products = [torch.autograd.grad(output, theta, w, retain_graph=True, allow_unused=True) for w in weighted]
+        return [torch.stack([torch.zeros_like(t[0]) if p[i] is None else p[i] for p in products])
+                for i, t in enumerate(tangents)], output
+
+
+# what torch says when torch.func cannot transform a model: an old-style autograd.Function, an op without a
+# forward-mode derivative
+_NO_FORWARD_MODE = ("functorch", "forward AD", "forward-mode", "setup_context")
 
 
 def _refuse_weight_norm_originals(model: nn.Module, names: list[str]) -> None:

@@ -168,3 +168,44 @@ def test_a_distributed_data_parallel_model_is_run_through_its_module(tmp_path):
         assert kfac.layer_names == ["0", "2"]
     finally:
         dist.destroy_process_group()
+
+
+class _TanhGeLU(torch.autograd.Function):
+    """An old-style Function (no ``setup_context``, as BLOOM's ``GeLUFunction``): torch.func cannot transform it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return 0.5 * x * (1 + torch.tanh(0.79788456 * (x + 0.044715 * x**3)))
+
+    @staticmethod
+    def backward(ctx, g):  # written with differentiable ops: plain autograd can take its derivative again
+        (x,) = ctx.saved_tensors
+        t = torch.tanh(0.79788456 * (x + 0.044715 * x**3))
+        return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * 0.79788456 * (1 + 3 * 0.044715 * x * x))
+
+
+class _FunctionAct(nn.Module):
+    def forward(self, x):
+        return _TanhGeLU.apply(x)
+
+
+def test_ggn_products_by_reverse_mode_where_torch_func_cannot_transform_the_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), _FunctionAct(), nn.Linear(4, 3)).double()
+    X, y = classification_data(n=6)
+    X = X.double()
+    with pytest.warns(RuntimeWarning, match="reverse mode"):
+        ggn = kh.layer_operator(model, nn.CrossEntropyLoss(), (X, y), "0", kind="ggn").to_dense()
+    # the reference with torch.autograd.functional alone: J of the outputs, Λ of the loss, Jᵀ Λ J
+    weight, bias = model[0].weight.detach(), model[0].bias.detach()
+
+    def outputs(theta):
+        return model[2](_TanhGeLU.apply(X @ theta[:20].reshape(4, 5).T + theta[20:]))
+
+    theta = torch.cat([weight.flatten(), bias])
+    out = outputs(theta).detach()
+    jac = torch.autograd.functional.jacobian(outputs, theta).reshape(out.numel(), -1)
+    lam = torch.autograd.functional.hessian(lambda o: nn.functional.cross_entropy(o.reshape(out.shape), y),
+                                            out.flatten())
+    assert rel_err(ggn, jac.T @ lam @ jac) < EXACT
