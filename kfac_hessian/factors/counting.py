@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
 from ..layers.parameters import full_name
 
 
+@dataclass(frozen=True)
+class ParameterCounts:
+    """``counts``: parameters per block and skipped entry (each parameter counted once, at its first use in that
+    order); the model's ``total`` and ``trainable`` (``requires_grad``) parameters; the trainable ones the blocks
+    cover (``covered_trainable``); the tied parameters per module (``tied``)."""
+
+    counts: dict[str, int]
+    total: int
+    trainable: int
+    covered_trainable: int
+    tied: dict[str, list[str]]
+
+
 def parameter_counts(model: nn.Module, parameter_names: dict[str, list[str]], skipped: dict[str, str]
-                     ) -> tuple[dict[str, int], int, dict[str, list[str]]]:
-    """Parameters per block and skipped entry (each parameter counted once, at its first use in that order), the
-    model's total, and the tied parameters per module."""
+                     ) -> ParameterCounts:
+    """How many parameters every block and skipped entry holds, and the model's totals (``ParameterCounts``)."""
     modules = dict(model.named_modules())
     owned = {full_name(m, p): param for m, module in modules.items()
              for p, param in module.named_parameters(recurse=False)}
@@ -28,8 +42,10 @@ def parameter_counts(model: nn.Module, parameter_names: dict[str, list[str]], sk
                 seen.add(id(param))
                 count += param.numel()
         counts[name] = count
-    total = sum(p.numel() for p in model.parameters())
-    return counts, total, tied_parameters(modules)
+    covered = {id(owned[n]): owned[n] for names in parameter_names.values() for n in names}
+    return ParameterCounts(counts, sum(p.numel() for p in model.parameters()),
+                           sum(p.numel() for p in model.parameters() if p.requires_grad),
+                           sum(p.numel() for p in covered.values() if p.requires_grad), tied_parameters(modules))
 
 
 def tied_parameters(modules: dict[str, nn.Module]) -> dict[str, list[str]]:

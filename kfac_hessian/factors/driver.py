@@ -80,9 +80,9 @@ def compute_kfac(
     blocks, skipped, parameter_names = pass_.finalize(scale, device)
     label_blocks(blocks, options, positions)
     warn_about_zero_blocks({name: float(block.trace()) for name, block in blocks.items()})
-    counts, total, tied = parameter_counts(model, parameter_names, skipped)
+    counted = parameter_counts(model, parameter_names, skipped)
     return KFAC(blocks, options.curvature, approx, spec.name, spec.reduction, n_samples, skipped, parameter_names,
-                counts, total, tied)
+                counted.counts, counted.total, counted.tied, counted.trainable, counted.covered_trainable)
 
 
 def input_second_moments(

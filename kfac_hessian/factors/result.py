@@ -10,10 +10,11 @@ import torch
 
 from ..blocks import BlockEigen, CurvatureBlock
 from ..blocks.base import eig_blocks
+from ..layers import FROZEN
 from . import storage
 
 _META = ("curvature", "approx", "loss", "reduction", "n_samples", "skipped", "parameter_names", "counts",
-         "total_params", "tied")
+         "total_params", "tied", "trainable_params", "covered_trainable_params")
 
 
 @dataclass
@@ -41,6 +42,8 @@ class KFAC(Mapping[str, CurvatureBlock]):
     counts: dict[str, int] = field(default_factory=dict)
     total_params: int = 0
     tied: dict[str, list[str]] = field(default_factory=dict)
+    trainable_params: int = 0
+    covered_trainable_params: int = 0
 
     @property
     def layer_names(self) -> list[str]:
@@ -83,20 +86,29 @@ class KFAC(Mapping[str, CurvatureBlock]):
         return sum(self.counts.get(name, b.num_params) for name, b in self.blocks.items())
 
     def summary(self) -> str:
-        """One line per block (its structure and parameter count) and per skipped entry (why), and the covered share
-        of the model's parameters."""
+        """One line per block (its structure, what it is, its parameter count), one per skipped entry (why), the
+        frozen entries in one line, and the covered share of the model's trainable parameters."""
         lines = [f"KFAC curvature={self.curvature} approx={self.approx} loss={self.loss}({self.reduction}) "
                  f"N={self.n_samples}"]
         for name, block in self.blocks.items():
             tied = f" (tied: {', '.join(self.tied[name])})" if name in self.tied else ""
             lines.append(f"  {name}: {block.describe()}, P={block.num_params}{tied}")
+        frozen = [name for name, reason in self.skipped.items() if reason == FROZEN]
         for name, reason in self.skipped.items():
-            count = self.counts.get(name)
-            lines.append(f"  {name}: skipped{f' ({count} parameters)' if count is not None else ''} — {reason}")
-        if self.total_params:
-            covered = self.covered_params()
-            lines.append(f"  covered {covered} of {self.total_params} parameters "
-                         f"({100 * covered / self.total_params:.1f} %)"
+            if name not in frozen:
+                count = self.counts.get(name)
+                lines.append(f"  {name}: skipped{f' ({count} parameters)' if count is not None else ''} — {reason}")
+        if frozen:  # a fine-tuned model can have hundreds: listed apart, in one line
+            shown = ", ".join(frozen[:8]) + (f", … ({len(frozen)} in all)" if len(frozen) > 8 else "")
+            lines.append(f"  frozen (requires_grad=False; name them in layers= to include them): {shown}")
+        # results saved before the trainable counts existed fall back to all parameters
+        trainable = self.trainable_params or self.total_params
+        covered = self.covered_trainable_params or self.covered_params()
+        if trainable:
+            share = 100 * covered / trainable
+            frozen_count = self.total_params - trainable
+            lines.append(f"  covered {covered} of {trainable} trainable parameters "
+                         f"({share:.1f} %)" + (f"; {frozen_count} frozen parameters apart" if frozen_count else "")
                          + (", tied parameters counted once" if self.tied else ""))
         return "\n".join(lines)
 

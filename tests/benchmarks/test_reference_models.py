@@ -13,7 +13,7 @@ from kfac_hessian.blocks import DenseBlocks
 def _accounted(model: nn.Module, kfac) -> None:
     unique = sum(p.numel() for p in model.parameters())
     assert kfac.total_params == unique and kfac.covered_params() == unique and not kfac.skipped
-    assert f"covered {unique} of {unique} parameters (100.0 %)" in kfac.summary()
+    assert f"covered {unique} of {unique} trainable parameters (100.0 %)" in kfac.summary()
     listed = {line.split(":")[0].strip() for line in kfac.summary().splitlines()[1:-1]}
     with_params = {n for n, m in model.named_modules() if list(m.parameters(recurse=False))}
     assert listed == with_params

@@ -149,7 +149,7 @@ def test_modules_without_a_kind_get_exact_per_sample_blocks():
     assert kfac.layer_names == ["0", "1.weight", "2"] and not kfac.skipped
     assert ("1.weight: parameter of PReLU (no layer kind claims it): dense block (per-sample gradients) — exact GGN "
             "block") in kfac.summary()
-    assert "covered 36 of 36 parameters (100.0 %)" in kfac.summary()
+    assert "covered 36 of 36 trainable parameters (100.0 %)" in kfac.summary()
     assert rel_err(kfac["1.weight"].to_dense(), dense_ggn(model, nn.CrossEntropyLoss(), X, y, ["1"])) < EXACT
 
 

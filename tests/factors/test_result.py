@@ -43,7 +43,7 @@ def test_to_dtype_and_summary():
     assert kfac.to(dtype=torch.float64)["0"].G.dtype == torch.float64
     assert ("0: Kronecker G ⊗ A, A (6, 6), G (4, 4) — approximation of the GGN block (Kronecker factorization), "
             "P=24") in kfac.summary()
-    assert "covered 39 of 39 parameters" in kfac.summary()
+    assert "covered 39 of 39 trainable parameters" in kfac.summary()
 
 
 def test_a_skipped_block_is_named_with_the_reason_and_copies_are_independent():

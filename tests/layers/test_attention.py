@@ -87,7 +87,7 @@ def test_multihead_attention_in_projection_equals_a_linear_layer():
     X, y = _data()
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
     assert {"mha", "mha.out_proj", "head"} == set(kfac.layer_names)
-    assert "covered 315 of 315 parameters" in kfac.summary()
+    assert "covered 315 of 315 trainable parameters" in kfac.summary()
 
     class Hand(nn.Module):  # the same attention written with nn.Linear in/out projections
         def __init__(self):

@@ -97,7 +97,7 @@ def test_train_mode_batch_norm_on_request_and_summary(tmp_path):
     assert torch.allclose(kfac["bn"].to_dense(), dense, rtol=1e-10, atol=1e-14)
     text = kfac.summary()
     assert "bn: normalization, dense (γ, β) block of 4 features — exact GGN block, P=8" in text
-    assert "covered 145 of 145 parameters" in text
+    assert "covered 145 of 145 trainable parameters" in text
     kfac.save(tmp_path / "k.pt")
     loaded = kh.KFAC.load(tmp_path / "k.pt")
     assert torch.equal(loaded["ln"].blocks, kfac["ln"].blocks)

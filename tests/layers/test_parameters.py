@@ -59,7 +59,7 @@ def test_free_parameters_get_their_exact_ggn_block(name):
     model = TinyViT().double()
     X, y = _images()
     kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), batches(X, y, [4, 2]))
-    assert "covered 107 of 107 parameters (100.0 %)" in kfac.summary() and not kfac.skipped
+    assert "covered 107 of 107 trainable parameters (100.0 %)" in kfac.summary() and not kfac.skipped
     block = kfac[name]
     expected = "free parameter of _PatchEmbed" if name.startswith("embed") else "free parameter of TinyViT"
     described = block.describe()

@@ -20,7 +20,7 @@ FAMILIES = ["gpt2", "bert", "llama", "vit", "convnext", "mobilenet_v2", "resnet"
 def _covered(model: nn.Module, kfac: kh.KFAC) -> None:
     total = sum(p.numel() for p in model.parameters())
     assert kfac.total_params == total and kfac.covered_params() == total and not kfac.skipped, kfac.summary()
-    assert f"covered {total} of {total} parameters (100.0 %)" in kfac.summary()
+    assert f"covered {total} of {total} trainable parameters (100.0 %)" in kfac.summary()
     for block in kfac.values():
         assert torch.isfinite(block.eig().eigenvalues()).all()
 

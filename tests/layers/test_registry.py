@@ -97,4 +97,4 @@ def test_with_layers_given_the_summary_lists_what_was_left_out():
     summary = kfac.summary()
     assert ("0: skipped (24 parameters) — not selected" in summary
             and "4: skipped (15 parameters) — not selected" in summary)
-    assert "covered 20 of 59 parameters (33.9 %)" in summary
+    assert "covered 20 of 59 trainable parameters (33.9 %)" in summary
