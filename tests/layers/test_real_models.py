@@ -77,3 +77,20 @@ def test_in_project_cnn_families(make):
     _covered(model, kfac)
     grouped = [b for b in kfac.values() if isinstance(b, KroneckerBlock) and b.layout.groups > 1]
     assert bool(grouped) == (not isinstance(model, ResNet18))  # depthwise convolutions in MobileNet and ConvNeXt
+
+
+def test_wav2vec2_with_its_weight_normed_position_convolution():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Wav2Vec2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
+        num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForSequenceClassification(config).double().eval()
+    X, y = torch.randn(2, 400, dtype=torch.float64), torch.tensor([0, 2])
+    with pytest.warns(RuntimeWarning, match="masked_spec_embed"):  # used only for masking in training
+        kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    assert kfac.covered_trainable_params == kfac.trainable_params == sum(p.numel() for p in model.parameters())
+    name = "wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight.original0"  # weight_norm's g
+    assert kfac[name].status == "exact GGN block"
+    assert rel_err(kfac[name].to_dense(), dense_ggn(model, nn.CrossEntropyLoss(), X, y, [name])) < 1e-10
