@@ -23,7 +23,7 @@ from .. import limits
 from ..capture import LayerCall
 from ..layout import BlockLayout
 from .base import forward_is, outputs_match
-from .kronecker import KroneckerKind, KroneckerSums, concat_locations
+from .kronecker import KroneckerKind, KroneckerSums, block_has_bias, concat_locations
 from .patch_moments import Geometry, patch_moments, patch_moments_elements
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -68,7 +68,7 @@ class ConvKind(KroneckerKind):
     def layout(self, module: nn.Module) -> BlockLayout:
         groups = module.groups
         d_in = module.in_channels // groups * math.prod(module.kernel_size)
-        return BlockLayout(module.out_channels // groups, d_in, module.bias is not None, groups)
+        return BlockLayout(module.out_channels // groups, d_in, block_has_bias(module), groups)
 
     def input_rows(self, module: nn.Module, inputs: Tensor) -> Tensor:
         n_spatial = len(module.kernel_size)

@@ -28,11 +28,23 @@ from ..layout import BlockLayout
 from .base import Accumulator, LayerKind, PassSettings
 
 
+def block_has_bias(module: nn.Module) -> bool:
+    """Whether a module's Kronecker block covers its bias: it has one, and the bias is not frozen while the weight
+    trains — a frozen bias is a constant of the function the trainable weight sees (a fine-tuned model's frozen
+    biases), so its row and column are not folded into the weight's block (``ā`` gets no 1 for it)."""
+    bias, weight = getattr(module, "bias", None), getattr(module, "weight", None)
+    return bias is not None and (bias.requires_grad or weight is None or not weight.requires_grad)
+
+
 class KroneckerKind(LayerKind):
     """A layer whose block is approximated by ``G ⊗ A`` (module docstring)."""
 
     diagonal_a = False  # A is diagonal (one-hot inputs: embeddings)
     dense_inputs = True  # the input rows are vectors ā (local Hessians and the optimizer use them)
+
+    def parameter_names(self, module: nn.Module) -> list[str]:
+        """``weight``, then ``bias`` when the block covers it (``block_has_bias``)."""
+        return ["weight", *(["bias"] if block_has_bias(module) else [])]
 
     @abstractmethod
     def layout(self, module: nn.Module) -> BlockLayout: ...

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from ..capture import LayerCall
 from ..layout import BlockLayout
 from .base import forward_is, outputs_match
-from .kronecker import KroneckerKind
+from .kronecker import KroneckerKind, block_has_bias
 
 
 def linear_rows(inputs: Tensor, d_in: int) -> Tensor:
@@ -31,7 +31,7 @@ class LinearKind(KroneckerKind):
         return isinstance(module, nn.Linear) and forward_is(module, nn.Linear)
 
     def layout(self, module: nn.Module) -> BlockLayout:
-        return BlockLayout(module.out_features, module.in_features, module.bias is not None)
+        return BlockLayout(module.out_features, module.in_features, block_has_bias(module))
 
     def input_rows(self, module: nn.Module, inputs: Tensor) -> Tensor:
         return linear_rows(inputs, module.in_features)

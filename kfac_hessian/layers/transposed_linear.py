@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..capture import LayerCall
 from ..layout import BlockLayout
 from .base import outputs_match
-from .kronecker import KroneckerKind
+from .kronecker import KroneckerKind, block_has_bias
 from .linear import linear_output_rows, linear_rows
 
 
@@ -25,7 +25,7 @@ class TransposedLinearKind(KroneckerKind):
 
     def layout(self, module: nn.Module) -> BlockLayout:
         d_in, d_out = module.weight.shape
-        return BlockLayout(d_out, d_in, getattr(module, "bias", None) is not None, transposed=True)
+        return BlockLayout(d_out, d_in, block_has_bias(module), transposed=True)
 
     def input_rows(self, module: nn.Module, inputs: Tensor) -> Tensor:
         return linear_rows(inputs, module.weight.shape[0])

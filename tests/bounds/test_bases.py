@@ -93,14 +93,23 @@ def test_frozen_and_uncovered_parameters():
     assert list(basis.parameter_shapes) == ["0.weight", "0.bias", "1.weight", "1.bias", "2.weight"]
     kinds = [type(b).__name__ for b in basis.blocks]
     assert kinds == ["_KroneckerBlock", "_DenseBlock", "_KroneckerBlock"]  # the LayerNorm's exact block
-    # Frozen bias: the weight directions are the eigenvectors of G ⊗ A_ww (A without its bias row/column).
+    # Frozen bias: the weight directions are the eigenvectors of G ⊗ A_ww (the block of a trainable weight with a
+    # frozen bias has no bias row/column in A)
     factor = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))["2"]
-    H = torch.kron(factor.G, factor.A[:-1, :-1])
+    assert factor.A.shape == (4, 4)
+    H = torch.kron(factor.G, factor.A)
     Q_w = basis.to_dense()[-8:, -8:]
     D = Q_w.T @ H @ Q_w
     assert torch.allclose(D, torch.diag(torch.diagonal(D)), atol=1e-12)
     Q = basis.to_dense()
     assert torch.allclose(Q.T @ Q, torch.eye(Q.shape[0]), atol=1e-12)
+    # factors computed before the bias was frozen carry its row/column in A: the basis drops them
+    model[2].bias.requires_grad_(True)
+    before = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    model[2].bias.requires_grad_(False)
+    Q_w = PosteriorBasis.kronecker(model, before).to_dense()[-8:, -8:]
+    D = Q_w.T @ torch.kron(before["2"].G, before["2"].A[:-1, :-1]) @ Q_w
+    assert torch.allclose(D, torch.diag(torch.diagonal(D)), atol=1e-12)
 
 
 def test_variances_from_carries_the_covariance_diagonal():

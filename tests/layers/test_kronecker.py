@@ -1,12 +1,17 @@
-"""Every Kronecker kind's rows reproduce the layer's own forward pass: z = W ā at every location, per group."""
+"""Every Kronecker kind's rows reproduce the layer's own forward pass: z = W ā at every location, per group; which
+parameters a Kronecker block covers."""
 
 import pytest
 import torch
 from torch import nn
 
+import kfac_hessian as kh
 from kfac_hessian.layers import kind_for
 from kfac_hessian.layers.conv import ConvKind
 from kfac_hessian.layers.linear import LinearKind
+
+from ..conftest import classification_data
+from ..references import EXACT, dense_ggn, rel_err
 
 
 @pytest.mark.parametrize(
@@ -48,3 +53,26 @@ def test_unbatched_inputs_are_rejected():
         ConvKind().input_rows(nn.Conv2d(1, 1, 1), torch.randn(1, 3, 3))
     with pytest.raises(ValueError, match="unbatched"):
         LinearKind().input_rows(nn.Linear(3, 1), torch.randn(3))
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Linear(5, 4), lambda: nn.Conv1d(5, 4, 1)], ids=["linear", "conv"])
+def test_a_frozen_bias_is_not_folded_into_the_trainable_weights_block(make):
+    torch.manual_seed(0)
+    layer = make()
+    layer.bias.requires_grad_(False)  # fine-tuning the weight only
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer, self.head = layer, nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.layer(x.unsqueeze(-1)).squeeze(-1) if isinstance(self.layer, nn.Conv1d) else self.layer(x)
+            return self.head(torch.tanh(h))
+
+    model = Model().double()
+    X, y = classification_data(n=1)  # one sample: the Kronecker block is the exact GGN block of its parameters
+    X = X.double()
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
+    assert kfac.parameter_names["layer"] == ["layer.weight"] and "layer.bias" in kfac.skipped
+    assert rel_err(kfac["layer"].to_dense(), dense_ggn(model, nn.CrossEntropyLoss(), X, y, ["layer.weight"])) < EXACT
