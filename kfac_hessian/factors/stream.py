@@ -49,7 +49,7 @@ def pass_settings(selection: Selection, approx: str, dtype: torch.dtype | None) 
     if not selection.entries:
         raise ValueError(f"nothing to factor: every parameterized module is skipped: {selection.skipped}")
     entry = selection.entries[0]
-    first = getattr(entry.module, entry.local_names[0])
+    first = entry.module.get_parameter(entry.local_names[0])  # a dotted name for a parametrization original
     return PassSettings(approx, dtype or compute_dtype(first.dtype), first.device)
 
 

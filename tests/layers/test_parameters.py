@@ -309,3 +309,15 @@ def test_per_sample_blocks_carry_no_autograd_graph():
     kfac = kh.compute_kfac(Scaled(), nn.CrossEntropyLoss(), classification_data())
     assert "scale" in kfac and not any(t.requires_grad for b in kfac.values() for t in b.state().values()
                                         if isinstance(t, torch.Tensor))
+
+
+def test_a_parametrized_layer_without_bias_named_alone():
+    torch.manual_seed(0)  # its first trainable tensor is an original, under a dotted name
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(5, 4, bias=False)), nn.Tanh(),
+                          nn.Linear(4, 3)).double()
+    X, y = classification_data(n=6)
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X.double(), y), layers=["0"])
+    names = ["0.parametrizations.weight.original0", "0.parametrizations.weight.original1"]
+    assert list(kfac) == names
+    for name in names:
+        assert rel_err(kfac[name].to_dense(), dense_ggn(model, nn.CrossEntropyLoss(), X.double(), y, [name])) < EXACT
