@@ -209,3 +209,22 @@ def test_ggn_products_by_reverse_mode_where_torch_func_cannot_transform_the_mode
     lam = torch.autograd.functional.hessian(lambda o: nn.functional.cross_entropy(o.reshape(out.shape), y),
                                             out.flatten())
     assert rel_err(ggn, jac.T @ lam @ jac) < EXACT
+
+
+def test_torch_double_backward_of_weight_norm_is_asymmetric_which_is_why_its_exact_products_are_refused():
+    """The measurement behind the refusal (``exact.operators``): torch's second derivative through the fused
+    ``torch._weight_norm`` against ``torch.func.hessian`` of the written-out ``g·v/‖v‖``. If torch fixes it, this
+    fails, and the refusal can go."""
+    torch.manual_seed(0)
+    g, v = torch.rand(4, 1, dtype=torch.float64) + 0.5, torch.randn(4, 5, dtype=torch.float64)
+    x = torch.randn(5, dtype=torch.float64)
+
+    def loss(theta, fused):
+        g_, v_ = theta[:4].reshape(4, 1), theta[4:].reshape(4, 5)
+        weight = torch._weight_norm(v_, g_, 0) if fused else g_ * v_ / v_.norm(dim=1, keepdim=True)
+        return torch.tanh(weight @ x).square().sum()
+
+    theta = torch.cat([g.flatten(), v.flatten()])
+    fused = torch.autograd.functional.hessian(lambda t: loss(t, True), theta)
+    written = torch.func.hessian(lambda t: loss(t, False))(theta)
+    assert rel_err(written, written.T) < 1e-14 and rel_err(fused, written) > 0.1
