@@ -124,7 +124,10 @@ METRIC_LABELS = {  # metric → (panel title, y-axis label)
     "stable_rank": ("stable rank", "tr / λ₁"),
     "top_k_condition": ("top-k condition", "λ₁ / λ_k"),
     "outliers": ("outliers above the bulk", "count"),
+    "outlier_gap_ratio": ("widest gap among the top 50", "λ_i / λ_(i+1)"),
     "exact_trace": ("exact trace (Hutchinson)", "tr"),
+    "exact_top_eigenvalue": ("exact top eigenvalue (Lanczos)", "λ₁"),
+    "top_k_overlap": ("top-k overlap with the exact block", "‖V_K V_Eᵀ‖² / k"),
 }
 
 
@@ -153,4 +156,43 @@ def plot_tracked_metrics(records: list[dict], metrics: tuple[str, ...], path: Pa
     fig.legend(handles, names, title="layer", fontsize="small", loc="outside right upper")
     if title:
         fig.suptitle(title, fontsize=11)
+    return save_figure(fig, path, tight=False)
+
+
+def plot_model_spectrum(spectrum, path: Path, title: str = "") -> Path:
+    """A ``ModelSpectrum``: the SLQ density (an estimate, per unit of the grid's variable, integrating to ``P``) with
+    the exact top-k eigenvalues marked below it and the widest gap among them shaded; beside it the top-k (and the
+    smallest eigenvalues, when computed) against their rank."""
+    from .analyses.outliers import find_outliers  # the statistic drawn, only when a figure is asked for
+
+    plt = pyplot()
+    fig, (left, right) = _grid(plt, 2, 2, 5.0, 3.6)
+    density = spectrum.density
+    grid = density.grid.cpu().double().numpy()
+    left.semilogy(grid, np.maximum(density.density.cpu().double().numpy(), 1e-300), color="tab:orange", lw=1.2,
+                  label=f"SLQ density ({density.weights.shape[0]} probes)")
+    top = spectrum.eigenvalues.cpu().double().numpy()
+    positions = np.log10(top[top > 0]) if density.log else top
+    for x in positions:
+        left.axvline(x, ymax=0.08, color="tab:blue", lw=1.0)
+    outliers = find_outliers(spectrum.eigenvalues)
+    if outliers.count:
+        edges = (top[outliers.count], top[outliers.count - 1])
+        left.axvspan(*(np.log10(edges) if density.log else edges), color="tab:green", alpha=0.15,
+                     label=f"widest gap: {outliers.count} above (ratio {outliers.gap_ratio:.2f})")
+    left.set_xlabel("log10 eigenvalue" if density.log else "eigenvalue")
+    left.set_ylabel("density (eigenvalues per unit)")
+    left.set_ylim(bottom=max(1e-6, float(density.density.max()) * 1e-8))
+    left.legend(fontsize=7)
+    ranks = np.arange(1, len(top) + 1)
+    right.plot(ranks, top, "o-", ms=3, label=f"top-{len(top)} (Lanczos)")
+    if spectrum.bottom is not None:
+        bottom = spectrum.bottom.eigenvalues.cpu().double().numpy()
+        after_a_break = len(top) + 2 + np.arange(len(bottom))  # ranks P − m + 1 … P, drawn right of the top-k
+        right.plot(after_a_break, bottom, "s-", ms=3, label=f"smallest {len(bottom)} (ranks P−{len(bottom) - 1}…P)")
+    right.set_yscale("symlog", linthresh=max(float(np.abs(top).max()) * 1e-3, 1e-300))  # linear within 1e-3·|λ|
+    right.set_xlabel("rank")
+    right.set_ylabel("eigenvalue")
+    right.legend(fontsize=7)
+    fig.suptitle(title or f"whole-model {spectrum.kind} spectrum (P={spectrum.num_params})", fontsize=11)
     return save_figure(fig, path, tight=False)

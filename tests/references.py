@@ -100,7 +100,7 @@ def check_factor_spectra(factor, dense: Tensor, k: int = 3, atol: float = 1e-12)
     """A structured factor's ``eig`` (eigenvalues, top-k pairs), ``@`` and ``trace`` against its dense matrix."""
     eig = factor.eig()
     reference = torch.linalg.eigvalsh(dense).flip(0).clamp_min(0)
-    assert torch.allclose(eig.eigenvalues(), reference, atol=atol)
+    assert torch.allclose(eig.eigenvalues, reference, atol=atol)
     values, vectors = eig.topk(k)
     assert torch.allclose(values, reference[:k], atol=atol)
     assert torch.allclose(vectors @ dense @ vectors.T, torch.diag(values), atol=atol)

@@ -36,7 +36,7 @@ def results(model, loss_fn, data, distributed):
     op = kh.layer_operator(model, loss_fn, data, "conv1", distributed=distributed)
     vals = kh.lanczos(op, 4, tol=1e-12, seed=0, dense_limit=0).eigenvalues
     out = {f"{n}.block": f.to_dense() for n, f in kfac.items()}
-    out |= {f"{n}.eigenvalues": e.eigenvalues() for n, e in eigs.items()}
+    out |= {f"{n}.eigenvalues": e.eigenvalues for n, e in eigs.items()}
     out |= {f"{n}.topvec": e.topk(2)[1].abs() for n, e in eigs.items()}  # eigenvectors up to sign
     out["lanczos"] = vals
     return out

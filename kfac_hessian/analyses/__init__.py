@@ -3,7 +3,7 @@ outliers, tracking through training, back-matching local Hessians."""
 
 from .local_hessian import BackMatchingHessian, back_matching_hessians, condition_number
 from .low_rank import LowRankStructure, low_rank_structure
-from .outliers import count_outliers
+from .outliers import MarchenkoPastur, NullComparison, OutlierResult, count_outliers, find_outliers
 from .overlap import eigenspace_overlap, kronecker_overlap, overlap_by_layer
 from .report import ValidationReport, compare
 from .tracking import SpectrumTracker, spectral_metrics
@@ -11,6 +11,9 @@ from .tracking import SpectrumTracker, spectral_metrics
 __all__ = [
     "BackMatchingHessian",
     "LowRankStructure",
+    "MarchenkoPastur",
+    "NullComparison",
+    "OutlierResult",
     "SpectrumTracker",
     "ValidationReport",
     "back_matching_hessians",
@@ -18,6 +21,7 @@ __all__ = [
     "condition_number",
     "count_outliers",
     "eigenspace_overlap",
+    "find_outliers",
     "kronecker_overlap",
     "low_rank_structure",
     "overlap_by_layer",

@@ -8,7 +8,8 @@ Per layer, with ``k`` top eigenpairs on each side:
 * ``frobenius_rel_err``: ``‖G ⊗ A − H‖_F / ‖H‖_F`` (dense layers only);
 * ``log_spectrum_w1``: Wasserstein-1 distance between the two spectra as distributions of ``log10 λ``
   (eigenvalues below ``1e-10·λ_max`` are floored there, as they are round-off for PSD blocks);
-* ``outliers``: eigenvalues above the bulk edge on each side (``count_outliers``), beside ``C``;
+* ``outliers``: eigenvalues above the bulk edge on each side (``find_outliers``), beside ``C``, with the widest gap's
+  ratio (``outlier_gap_ratio_*``: near the threshold 2 the count is fragile);
 * ``energy_share``: mean share of the top singular value of the exact top eigenvectors reshaped to the
   weight (1 = exactly rank one, as every Kronecker eigenvector is; Kronecker blocks only);
 * ``residual_frobenius``, ``residual_trace_share`` (optional): the Hessian − Gauss-Newton split;
@@ -38,7 +39,7 @@ from ..exact import hutchinson_trace, lanczos, layer_operator, slq_density
 from ..factors import KFAC
 from ..limits import COMPARE_DENSE_LIMIT
 from .low_rank import low_rank_structure
-from .outliers import count_outliers
+from .outliers import find_outliers
 from .overlap import eigenspace_overlap
 
 
@@ -169,7 +170,7 @@ def compare(
         eig = eigs[name]
         k_vals, k_vecs = eig.topk(k_layer)
         seconds_k = time.perf_counter() - start
-        k_all = eig.eigenvalues().cpu().double().numpy()
+        k_all = eig.eigenvalues.cpu().double().numpy()
         params = kfac.parameter_names.get(name, name)
         op = layer_operator(model, loss_fn, data, params, kind=kind, output=output)
         if progress is not None:
@@ -227,10 +228,12 @@ def compare(
                 other = approximation[name]
                 other_eig = also_eigs[label][name]
                 o_vals, o_vecs = other_eig.topk(k_layer)
-                o_all = other_eig.eigenvalues().cpu().double().numpy()
+                o_all = other_eig.eigenvalues.cpu().double().numpy()
                 others |= {f"{label}_{key}": value for key, value in
                            _measures(other, other_eig, o_vals, o_vecs, o_all, exact, dense_limit).items()
                            if key in ALSO_MEASURES}
+        outliers_k = find_outliers(torch.as_tensor(k_all))
+        outliers_e = find_outliers(torch.as_tensor(e_dist_values if mode == "dense" else exact.top))
         rows.append(
             {
                 "layer": name,
@@ -242,8 +245,10 @@ def compare(
                 "random_baseline": k_layer / P,
                 "exact_trace": exact_trace,
                 "exact_trace_stderr": trace_stderr,
-                "outliers_kronecker": count_outliers(torch.as_tensor(k_all)),
-                "outliers_exact": count_outliers(torch.as_tensor(e_dist_values if mode == "dense" else exact.top)),
+                "outliers_kronecker": outliers_k.count,
+                "outliers_exact": outliers_e.count,
+                "outlier_gap_ratio_kronecker": outliers_k.gap_ratio,
+                "outlier_gap_ratio_exact": outliers_e.gap_ratio,
                 "n_classes": n_classes,
                 "energy_share": energy,
                 "seconds_kronecker": seconds_k,

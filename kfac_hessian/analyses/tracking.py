@@ -7,8 +7,13 @@ For one layer with eigenvalues ``λ_1 ≥ … ≥ λ_P ≥ 0`` of ``G ⊗ A`` (p
   distribution is the product of the factors', so the entropy adds and ``erank(G ⊗ A) = erank(A)·erank(G)``
   exactly (``BlockEigen.effective_rank``);
 * ``stable_rank`` ``trace / λ_1``; ``top_k_condition`` ``λ_1 / λ_k``;
-* ``outliers``: eigenvalues above the widest log-gap among the top 50 (``count_outliers``);
-* optionally ``exact_trace`` (± ``exact_trace_stderr``): a Hutchinson estimate of the *exact* block's trace.
+* ``outliers``: eigenvalues above the widest log-gap among the top 50 (``find_outliers``), and ``outlier_gap_ratio``,
+  that gap's ratio ``λ_i/λ_{i+1}`` (how clearly the count stands: near the threshold 2 it is fragile);
+* optionally ``exact_trace`` (± ``exact_trace_stderr``): a Hutchinson estimate of the *exact* block's trace;
+* optionally (``exact_top_k = k > 0``) the exact top-k beside the Kronecker one: ``top_eigenvalues`` (the block's
+  ``k`` largest, a list), ``exact_top_eigenvalues`` (Lanczos on the layer's exact operator, warm-started from the
+  block's top-k eigenvectors), ``exact_top_eigenvalue``, ``top_k_overlap`` (``‖V_K V_Eᵀ‖_F²/k``),
+  ``exact_converged`` and ``exact_matvecs``.
 
 Every block of the ``KFAC`` result is tracked with the same metrics (``BlockEigen``).
 """
@@ -26,12 +31,14 @@ from torch import nn
 
 from ..blocks import BlockEigen
 from ..data import Data, OutputSelector, require_reiterable
-from ..exact import hutchinson_trace, layer_operator
+from ..exact import hutchinson_trace, lanczos, layer_operator
 from ..factors import compute_kfac
 from ..model_state import preserved_model_state
-from .outliers import count_outliers
+from .outliers import find_outliers
+from .overlap import eigenspace_overlap
 
-METRICS = ("top_eigenvalue", "trace", "effective_rank", "stable_rank", "top_k_condition", "outliers")
+METRICS = ("top_eigenvalue", "trace", "effective_rank", "stable_rank", "top_k_condition", "outliers",
+           "outlier_gap_ratio")
 
 
 def spectral_metrics(eig: BlockEigen, top_k: int = 10) -> dict[str, float]:
@@ -39,13 +46,29 @@ def spectral_metrics(eig: BlockEigen, top_k: int = 10) -> dict[str, float]:
     k = min(top_k, eig.num_params)
     values = eig.top_eigenvalues(min(51, eig.num_params))
     lam1, trace = float(values[0]), float(eig.trace())
+    outliers = find_outliers(values)
     return {
         "top_eigenvalue": lam1,
         "trace": trace,
         "effective_rank": eig.effective_rank() if trace > 0 else 0.0,
         "stable_rank": trace / lam1 if lam1 > 0 else 0.0,
         "top_k_condition": lam1 / float(values[k - 1]) if float(values[k - 1]) > 0 else math.inf,
-        "outliers": count_outliers(values),
+        "outliers": outliers.count,
+        "outlier_gap_ratio": outliers.gap_ratio,
+    }
+
+
+def _exact_top_k(eig: BlockEigen, op, k: int, tol: float, seed: int) -> dict:
+    """The block's top-k beside the exact operator's (Lanczos warm-started from the block's eigenvectors)."""
+    values, vectors = eig.topk(k)
+    exact = lanczos(op, k, tol=tol, seed=seed, start=vectors)
+    return {
+        "top_eigenvalues": [float(v) for v in values],
+        "exact_top_eigenvalues": [float(v) for v in exact.eigenvalues],
+        "exact_top_eigenvalue": float(exact.eigenvalues[0]),
+        "top_k_overlap": eigenspace_overlap(vectors.to(exact.eigenvectors.dtype), exact.eigenvectors),
+        "exact_converged": exact.converged,
+        "exact_matvecs": exact.n_matvecs,
     }
 
 
@@ -60,9 +83,12 @@ class SpectrumTracker:
     weights), the optimizer and the global random state are left as they were.
 
     Args:
-        hutchinson_probes: if > 0, also estimate the exact block's trace (``kind`` "hessian" or "ggn") with
+        hutchinson_probes: if > 0, also estimate the exact block's trace (``exact_kind`` "hessian" or "ggn") with
             that many Rademacher probes — a check of the Kronecker trace, at the cost of
             ``probes`` Hessian-vector products per layer.
+        exact_top_k: if > 0, also the exact block's top ``exact_top_k`` eigenpairs (``exact_kind``) by Lanczos
+            (``tol`` ``exact_tol``, seeded with ``seed``, warm-started from the block's eigenvectors), beside the
+            block's own (module docstring) — a few dozen products per layer and call.
         output: picks the model's output tensor, as in ``compute_kfac``.
     """
 
@@ -76,6 +102,8 @@ class SpectrumTracker:
         layers: list[str] | None = None,
         top_k: int = 10,
         hutchinson_probes: int = 0,
+        exact_top_k: int = 0,
+        exact_tol: float = 1e-6,
         exact_kind: str = "ggn",
         seed: int = 0,
         output: OutputSelector | None = None,
@@ -86,10 +114,13 @@ class SpectrumTracker:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
         if hutchinson_probes < 0:
             raise ValueError(f"hutchinson_probes must be ≥ 0, got {hutchinson_probes!r}")
+        if isinstance(exact_top_k, bool) or not isinstance(exact_top_k, int) or exact_top_k < 0:
+            raise ValueError(f"exact_top_k must be an integer ≥ 0 (0: no exact top-k), got {exact_top_k!r}")
         require_reiterable(data)
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.every, self.curvature, self.layers, self.top_k = every, curvature, layers, top_k
         self.hutchinson_probes, self.exact_kind, self.seed, self.output = hutchinson_probes, exact_kind, seed, output
+        self.exact_top_k, self.exact_tol = exact_top_k, exact_tol
         self.records: list[dict] = []
 
     def __call__(self, step: int, **extra) -> list[dict] | None:
@@ -109,12 +140,14 @@ class SpectrumTracker:
             rows = []
             for name, eig in eigs.items():
                 row = {"step": step, "layer": name, "num_params": eig.num_params, **spectral_metrics(eig, self.top_k)}
+                if self.hutchinson_probes or self.exact_top_k:
+                    op = layer_operator(self.model, self.loss_fn, self.data, kfac.parameter_names.get(name, name),
+                                        kind=self.exact_kind, output=self.output)
                 if self.hutchinson_probes:
-                    params = kfac.parameter_names.get(name, name)
-                    op = layer_operator(self.model, self.loss_fn, self.data, params, kind=self.exact_kind,
-                                        output=self.output)
                     estimate = hutchinson_trace(op, self.hutchinson_probes, seed=self.seed)
                     row["exact_trace"], row["exact_trace_stderr"] = float(estimate.value), float(estimate.stderr)
+                if self.exact_top_k:
+                    row.update(_exact_top_k(eig, op, min(self.exact_top_k, eig.num_params), self.exact_tol, self.seed))
                 rows.append(row)
         seconds = time.perf_counter() - start
         for row in rows:

@@ -113,7 +113,8 @@ def _upcast(dtype: torch.dtype) -> torch.dtype | None:
 
 
 class BlockEigen(LinearOperator):
-    """Eigen-structure of one block: all eigenvalues, the leading eigenpairs, trace, effective rank, density.
+    """Eigen-structure of one block: all eigenvalues, the leading eigenpairs, trace, effective rank, density — an eigen
+    result (``kfac_hessian.eigen.EigenResult``: ``eigenvalues`` descending, ``topk``, ``num_params``).
 
     As an operator it is the block it decomposes (``source``, set by ``eig_blocks``): its products are the block's."""
 
@@ -127,6 +128,7 @@ class BlockEigen(LinearOperator):
     def matmat(self, columns: Tensor) -> Tensor:
         return self.source.matmat(columns)
 
+    @property
     @abstractmethod
     def eigenvalues(self) -> Tensor:
         """All ``P`` eigenvalues, descending (``P`` numbers: for huge blocks use ``density``)."""
@@ -181,6 +183,7 @@ class ExplicitEigen(BlockEigen):
     def num_params(self) -> int:
         return self.values.numel()
 
+    @property
     def eigenvalues(self) -> Tensor:
         return self.values
 

@@ -12,6 +12,11 @@ parameter). A block maps coordinates ``c`` in the basis to parameter tensors ``w
 * dense: the eigenvectors of dense sub-blocks on index sets of the public order (weight, then bias) — the exact
   block of a layer (``exact_layerwise``), or the ``DenseBlocks`` of ``compute_kfac`` (normalization layers, free
   parameters).
+* any eigen result per block (``from_eigen``: ``kfac_hessian.eigen``): Kronecker and EKFAC eigen-structures in their
+  factor form ``V ⊗ U``, every other result (a Kronecker fit's or dense block's ``eig()``, ``lanczos``, ``eigen_pairs``)
+  by its eigenvectors; a result holding fewer than ``P`` pairs (a Lanczos top-k) is completed by an orthonormal
+  complement of its eigenvectors (from a complete QR: the posterior is then free in those ``k`` directions and takes
+  the complement's arbitrary, fixed axes for the rest).
 
 Trainable parameters that no block covers get identity blocks.
 """
@@ -24,7 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..blocks import DenseBlocks, KroneckerBlock
+from ..blocks import DenseBlocks, EKFACEigen, KroneckerBlock, KroneckerEigen
+from ..eigen import EigenResult, require_eigen_result
 from ..exact import layer_operator
 from ..factors import KFAC
 from ..layers import select
@@ -104,8 +110,8 @@ def _carried_variances(new, old, variances: Tensor) -> Tensor:
 class PosteriorBasis:
     """An orthonormal basis of the trainable parameters, block by block (see the module docstring).
 
-    Build one with ``identity``, ``kronecker`` or ``exact_layerwise``. ``to_coordinates`` takes a mapping
-    parameter name → tensor and returns one coordinate tensor per block; ``from_coordinates`` inverts it.
+    Build one with ``identity``, ``kronecker``, ``exact_layerwise`` or ``from_eigen``. ``to_coordinates`` takes a
+    mapping parameter name → tensor and returns one coordinate tensor per block; ``from_coordinates`` inverts it.
     """
 
     def __init__(self, kind: str, blocks: list, parameter_shapes: dict[str, torch.Size]):
@@ -201,6 +207,34 @@ class PosteriorBasis:
         return cls("kronecker", _with_identity_rest(model, layer_blocks), _trainable_shapes(model))
 
     @classmethod
+    def from_eigen(
+        cls,
+        model: nn.Module,
+        eigs: Mapping[str, EigenResult],
+        parameter_names: Mapping[str, list[str] | tuple[str, ...]] | None = None,
+    ) -> PosteriorBasis:
+        """Per block the eigenbasis of any eigen result (module docstring); identity for the other parameters.
+
+        ``eigs`` maps block names to eigen results whose eigenvectors are in the public order of the block's
+        parameters: ``parameter_names`` (``KFAC.parameter_names``), or by default a layer's own parameters or a
+        parameter by its name. Every parameter of a block must be trainable.
+        """
+        params = dict(model.named_parameters())
+        layer_blocks = {}
+        for name, result in eigs.items():
+            require_eigen_result(result, f"eigs[{name!r}]")
+            names = tuple(parameter_names[name]) if parameter_names is not None else _block_parameters(model, name)
+            if any(n not in params or not params[n].requires_grad for n in names):
+                raise ValueError(f"the block {name!r} covers {list(names)}, not all of them trainable parameters of "
+                                 "this model: leave it out of eigs (its parameters then get identity blocks)")
+            shapes = tuple(params[n].shape for n in names)
+            if sum(s.numel() for s in shapes) != result.num_params:
+                raise ValueError(f"eigs[{name!r}] has P={result.num_params}, its parameters {list(names)} "
+                                 f"{sum(s.numel() for s in shapes)}")
+            layer_blocks[names[0]] = _eigen_block(result, names, shapes, params[names[0]].dtype)
+        return cls("eigen", _with_identity_rest(model, layer_blocks), _trainable_shapes(model))
+
+    @classmethod
     def exact_layerwise(
         cls,
         model: nn.Module,
@@ -225,6 +259,40 @@ class PosteriorBasis:
                 layer_blocks[names[0]] = _DenseBlock(tuple(names), tuple(params[n].shape for n in names), index,
                                                      vectors.unsqueeze(0))
         return cls("exact-layerwise", _with_identity_rest(model, layer_blocks), _trainable_shapes(model))
+
+
+def _eigen_block(result: EigenResult, names: tuple[str, ...], shapes: tuple[torch.Size, ...], dtype: torch.dtype):
+    """The basis block of one eigen result: factor form for Kronecker and EKFAC, explicit eigenvectors otherwise."""
+    if isinstance(result, KroneckerEigen):
+        layout = result.layout
+        a_vectors = None if result.a_is_diagonal else result.factor_vectors("A", layout.width).to(dtype)
+        return _KroneckerBlock(names, shapes, layout, result.factor_vectors("G", layout.d_out).to(dtype), a_vectors)
+    if isinstance(result, EKFACEigen):
+        a_vectors = result.block.a_vectors
+        return _KroneckerBlock(names, shapes, result.layout, result.block.g_vectors.to(dtype),
+                               None if a_vectors is None else a_vectors.to(dtype))
+    P = result.num_params
+    held = min(len(result.eigenvalues), P)
+    vectors = result.topk(held)[1].to(dtype).T  # (P, held), columns
+    if held < P:  # complete the basis: the first columns of a complete QR span the eigenvectors (up to signs)
+        q = torch.linalg.qr(vectors, mode="complete").Q
+        vectors = torch.cat([vectors, q[:, held:]], dim=1)
+    return _DenseBlock(names, shapes, torch.arange(P, device=vectors.device).unsqueeze(0), vectors.unsqueeze(0))
+
+
+def _block_parameters(model: nn.Module, name: str) -> tuple[str, ...]:
+    """A parameter name stands for itself, a module for its own parameters (as ``layer_operator`` reads them)."""
+    params = dict(model.named_parameters())
+    if name in params:
+        return (name,)
+    modules = dict(model.named_modules())
+    if name not in modules or name == "":
+        raise ValueError(f"no layer or parameter named {name!r}: name the blocks by layer or parameter, or pass "
+                         "parameter_names (block name → parameter names, as KFAC.parameter_names)")
+    own = tuple(f"{name}.{n}" for n, _ in modules[name].named_parameters(recurse=False))
+    if not own:
+        raise ValueError(f"layer {name!r} has no parameters of its own: pass parameter_names for its block")
+    return own
 
 
 def _trainable_shapes(model: nn.Module) -> dict[str, torch.Size]:

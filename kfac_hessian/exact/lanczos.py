@@ -22,40 +22,33 @@ import torch
 from torch import Tensor
 
 from ..distributed import require_seed_for
+from ..eigen import EigenPairs
 from ..limits import LANCZOS_DENSE_LIMIT
-from ..linear_operator import LinearOperator, dense_by_products
+from ..linear_operator import dense_by_products
 
 
 @dataclass
-class LanczosResult(LinearOperator):
-    """Eigenvalues ``(k,)`` and orthonormal eigenvectors ``(k, P)``, with how they were obtained.
+class LanczosResult(EigenPairs):
+    """Eigenvalues ``(k,)``, descending, and orthonormal eigenvectors ``(k, P)``, with how they were obtained.
 
     Unpacks as ``vals, vecs = lanczos(...)``. ``residuals[i] = ‖A x_i − θ_i x_i‖``. As a ``LinearOperator`` it is
-    the part of the operator on the pairs found, ``V diag(λ) Vᵀ``.
+    the part of the operator on the pairs found, ``V diag(λ) Vᵀ``; as an eigen result (``kfac_hessian.eigen``)
+    ``topk(k)`` gives the leading ``k ≤`` found pairs of a ``which="largest"`` run.
     """
 
-    eigenvalues: Tensor
-    eigenvectors: Tensor
     residuals: Tensor
     converged: bool
     n_matvecs: int
     n_runs: int
     method: str
     notes: list[str] = field(default_factory=list)
+    which: str = "largest"
 
-    def __iter__(self):
-        return iter((self.eigenvalues, self.eigenvectors))
-
-    @property
-    def num_params(self) -> int:
-        return self.eigenvectors.shape[1]
-
-    @property
-    def reference(self) -> Tensor:
-        return self.eigenvectors
-
-    def matmat(self, columns: Tensor) -> Tensor:
-        return self.eigenvectors.T @ (self.eigenvalues[:, None] * (self.eigenvectors @ columns))
+    def topk(self, k: int) -> tuple[Tensor, Tensor]:
+        if self.which != "largest":
+            raise ValueError(f"this result holds the pairs of a which={self.which!r} run, not the leading ones: "
+                             "topk needs lanczos(..., which='largest')")
+        return super().topk(k)
 
 
 def _orthogonalize(block: Tensor, bases: list[Tensor]) -> Tensor:
@@ -190,8 +183,8 @@ def lanczos(
     Args:
         op: a ``LinearOperator`` (exact operator, block, …) or anything with ``shape``, ``dtype``, ``device``, ``@``.
         k: number of eigenpairs.
-        which: ``"largest"`` (descending), ``"smallest"`` (ascending), or ``"both"`` (``k − k//2`` largest and
-            ``k//2`` smallest, descending).
+        which: ``"largest"``, ``"smallest"``, or ``"both"`` (``k − k//2`` largest and ``k//2`` smallest); the pairs
+            come out descending whichever are asked for.
         tol: converged when ``‖A x − θ x‖ ≤ tol·max(|θ|, 10⁻⁶‖A‖)``; the eigenvalue error is at most the
             residual, and about ``residual²/gap`` where eigenvalues are separated.
         max_iter: largest Krylov dimension of one run (default ``max(4k + 40, 60)``, at most ``P``).
@@ -227,10 +220,9 @@ def lanczos(
     if n <= dense_limit:
         dense = dense_by_products(op)
         theta, vecs = torch.linalg.eigh(0.5 * (dense + dense.T))
-        largest, smallest = torch.arange(n - 1, n - 1 - k_hi, -1), torch.arange(k_lo)
-        idx = torch.cat([largest, smallest.flip(0) if which == "both" else smallest]).to(device)
+        idx = torch.cat([torch.arange(n - 1, n - 1 - k_hi, -1), torch.arange(k_lo).flip(0)]).to(device)
         return LanczosResult(theta[idx], vecs[:, idx].T, torch.zeros(k, dtype=dtype, device=device), True, n, 1,
-                             "dense")
+                             "dense", which=which)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     max_dim = min(n, max_iter if max_iter is not None else max(4 * k + 40, 60))
     max_runs = max_runs if max_runs is not None else 2 * k + 4
@@ -243,14 +235,13 @@ def lanczos(
     values = torch.cat([sign * p[0] for sign, p in parts])
     vectors = torch.cat([p[1] for _, p in parts], dim=1).T
     residuals = torch.cat([p[2] for _, p in parts])
-    if which == "both":
-        order = values.argsort(descending=True)
-        values, vectors, residuals = values[order], vectors[order], residuals[order]
+    order = values.argsort(descending=True)
+    values, vectors, residuals = values[order], vectors[order], residuals[order]
     converged = all(p[3] for _, p in parts)
     notes = [note for _, p in parts for note in p[6]]
     result = LanczosResult(
         values, vectors, residuals, converged, sum(p[4] for _, p in parts), sum(p[5] for _, p in parts),
-        "block-lanczos", notes
+        "block-lanczos", notes, which
     )
     if not converged:
         warnings.warn("lanczos did not converge: " + "; ".join(notes), RuntimeWarning, stacklevel=2)

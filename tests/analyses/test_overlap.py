@@ -10,8 +10,10 @@ from torch import nn
 
 import kfac_hessian as kh
 from kfac_hessian.analyses import eigenspace_overlap, kronecker_overlap, overlap_by_layer
+from kfac_hessian.eigen import eigen_pairs
 
 from ..conftest import classification_data, mlp
+from ..references import dense_hessian
 
 
 def basis(k, P, seed):
@@ -61,3 +63,33 @@ def test_bases_that_are_not_orthonormal_rows_are_refused_with_the_orientation():
     wide = torch.linalg.qr(torch.randn(6, 4, generator=torch.Generator().manual_seed(1))).Q  # (6, 4) columns
     with pytest.raises(ValueError, match="more rows than columns"):
         eigenspace_overlap(wide, wide)
+
+
+def test_overlap_by_layer_takes_lanczos_and_dense_results_against_dense_eigh():
+    """Kronecker eigen-structures against Lanczos results of the exact layer blocks, and a dense eigendecomposition:
+    each row equals the overlap of the bases from eigh of the dense float64 Hessian block (torch.func)."""
+    model, loss_fn = mlp(nn.Tanh), nn.CrossEntropyLoss()
+    X, y = classification_data(n=20)
+    kfac = kh.compute_kfac(model, loss_fn, (X, y)).eig()
+    exact = {name: kh.lanczos(kh.layer_operator(model, loss_fn, (X, y), name), 4) for name in ("0", "2")}
+    rows = overlap_by_layer(kfac, exact, k=4)
+    for row in rows:
+        reference = dense_hessian(model, loss_fn, X, y, [row["layer"]])
+        vectors = torch.linalg.eigh(reference).eigenvectors.flip(1)[:, :4].T
+        assert row["overlap"] == pytest.approx(eigenspace_overlap(kfac[row["layer"]].topk(4)[1], vectors), abs=1e-10)
+        dense = {row["layer"]: eigen_pairs(reference)}
+        assert overlap_by_layer(dense, exact, k=4)[0]["overlap"] == pytest.approx(1.0, abs=1e-10)
+    with pytest.raises(ValueError, match="exceeds the 4 eigenpairs"):
+        overlap_by_layer(kfac, exact, k=5)
+
+
+def test_eigenspace_overlap_of_results_and_bases_mixed():
+    V, _ = basis(6, 12, 3)
+    values = torch.arange(6, 0, -1).double()
+    pairs = eigen_pairs(V.T @ torch.diag(values) @ V)  # eigenvectors V (up to sign), eigenvalues 6 … 1, then 0s
+    assert eigenspace_overlap(pairs, V, k=4) == pytest.approx(1.0, abs=1e-12)
+    assert eigenspace_overlap(pairs, V[2:], k=2) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="pass k="):
+        eigenspace_overlap(pairs, V)
+    with pytest.raises(TypeError, match="eigen result"):
+        eigenspace_overlap([V], V, k=2)

@@ -39,12 +39,15 @@ def test_report_matches_dense_recomputation(dense_limit, tmp_path):
         if dense_limit:
             assert row["overlap"] == pytest.approx(eigenspace_overlap(k_vecs, exact_vecs), abs=1e-9)
             assert row["frobenius_rel_err"] == pytest.approx(float((f.to_dense() - H).norm() / H.norm()), rel=1e-9)
-            all_k = f.eig().eigenvalues().numpy()
+            all_k = f.eig().eigenvalues.numpy()
             all_e = torch.linalg.eigvalsh(H).numpy()
             top = max(all_k.max(), all_e.max())
             w1 = wasserstein_distance(np.log10(np.maximum(all_k, 1e-10 * top)),
                                       np.log10(np.maximum(all_e, 1e-10 * top)))
             assert row["log_spectrum_w1"] == pytest.approx(w1, rel=1e-6)
+            positive = np.sort(all_e)[::-1]
+            positive = positive[positive > 1e-8 * positive[0]][:51]  # the widest gap among the top 50, by hand
+            assert row["outlier_gap_ratio_exact"] == pytest.approx((positive[:-1] / positive[1:]).max(), rel=1e-9)
         else:
             assert row["exact"] == "lanczos+slq" and row["overlap"] == pytest.approx(
                 eigenspace_overlap(k_vecs, exact_vecs), abs=1e-4)

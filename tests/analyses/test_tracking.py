@@ -9,15 +9,16 @@ import torch
 from torch import nn
 
 import kfac_hessian as kh
-from kfac_hessian.analyses import SpectrumTracker, count_outliers, spectral_metrics
+from kfac_hessian.analyses import SpectrumTracker, count_outliers, eigenspace_overlap, spectral_metrics
 
 from ..conftest import batches, classification_data, mlp
-from ..references import dense_ggn
+from ..references import dense_ggn, dense_hessian
 
 
 def _dense_metrics(H: torch.Tensor, k: int) -> dict:
     values = torch.linalg.eigvalsh(H).flip(0).clamp_min(0)
     p = values[values > 0] / values.sum()
+    searched = values[values > 1e-8 * values[0]][:51]  # the widest ratio among the top 50, written out
     return {
         "top_eigenvalue": float(values[0]),
         "trace": float(values.sum()),
@@ -25,6 +26,7 @@ def _dense_metrics(H: torch.Tensor, k: int) -> dict:
         "stable_rank": float(values.sum() / values[0]),
         "top_k_condition": float(values[0] / values[k - 1]),
         "outliers": count_outliers(values),
+        "outlier_gap_ratio": float((searched[:-1] / searched[1:]).max()),
     }
 
 
@@ -86,10 +88,31 @@ def test_hutchinson_check_matches_the_exact_trace():
     assert tracker(3) is None and len(tracker.records) == 2
 
 
+def test_exact_top_k_beside_the_kronecker_one():
+    """With exact_top_k, every row carries the block's top-k, the exact block's (Lanczos) and their
+    overlap: against eigh of the dense float64 Hessian block (torch.func) and of G ⊗ A."""
+    model, loss_fn = mlp(nn.Tanh, widths=(4, 3, 2)), nn.CrossEntropyLoss()
+    X, y = classification_data(n=10, d=4, classes=2)
+    tracker = SpectrumTracker(model, loss_fn, (X, y), curvature="ggn", exact_top_k=3, exact_kind="hessian",
+                              exact_tol=1e-10)
+    kfac = kh.compute_kfac(model, loss_fn, (X, y), curvature="ggn")
+    for row in tracker.record(0):
+        exact_values, exact_vectors = torch.linalg.eigh(dense_hessian(model, loss_fn, X, y, [row["layer"]]))
+        assert row["exact_top_eigenvalues"] == pytest.approx(exact_values.flip(0)[:3].tolist(), rel=1e-8)
+        assert row["exact_top_eigenvalue"] == pytest.approx(float(exact_values[-1]), rel=1e-8)
+        block = kfac[row["layer"]].to_dense()
+        assert row["top_eigenvalues"] == pytest.approx(torch.linalg.eigvalsh(block).flip(0)[:3].tolist(), rel=1e-9)
+        vectors = kfac[row["layer"]].eig().topk(3)[1]
+        reference = eigenspace_overlap(vectors, exact_vectors.flip(1)[:, :3].T)
+        assert row["top_k_overlap"] == pytest.approx(reference, abs=1e-8) and row["exact_converged"]
+    assert "exact_top_eigenvalue" not in SpectrumTracker(model, loss_fn, (X, y)).record(0)[0]
+
+
 def test_tracker_errors():
     model = mlp(nn.Tanh, widths=(4, 3, 2))
     X, y = classification_data(n=10, d=4, classes=2)
-    for kwargs, match in (({"every": 0}, "every"), ({"top_k": 0}, "top_k"), ({"hutchinson_probes": -1}, "hutchinson")):
+    for kwargs, match in (({"every": 0}, "every"), ({"top_k": 0}, "top_k"), ({"hutchinson_probes": -1}, "hutchinson"),
+                          ({"exact_top_k": -1}, "exact_top_k")):
         with pytest.raises(ValueError, match=match):
             SpectrumTracker(model, nn.CrossEntropyLoss(), (X, y), **kwargs)
     with pytest.raises(ValueError, match="one-shot"):

@@ -8,6 +8,7 @@ import torch
 
 from kfac_hessian.blocks import DenseBlocks, EKFACBlock, KroneckerBlock
 from kfac_hessian.blocks.base import eig_blocks
+from kfac_hessian.eigen import is_eigen_result
 from kfac_hessian.layout import BlockLayout
 
 from ..conftest import psd
@@ -34,12 +35,12 @@ def test_eig_blocks_gives_each_block_its_own_eigen_structure(vectors):
         eigen = together[name]
         assert eigen.source is block and eigen.num_params == block.num_params
         alone = block.eig()
-        assert torch.allclose(eigen.eigenvalues(), alone.eigenvalues(), atol=1e-12)
+        assert torch.allclose(eigen.eigenvalues, alone.eigenvalues, atol=1e-12)
         if block.num_params <= 40:
             expected = torch.linalg.eigvalsh(block.to_dense()).flip(0).clamp_min(0)
-            assert torch.allclose(eigen.eigenvalues(), expected, atol=1e-12 * float(expected[0]))
+            assert torch.allclose(eigen.eigenvalues, expected, atol=1e-12 * float(expected[0]))
         values, vecs = eigen.topk(3)
-        assert torch.allclose(values, eigen.top_eigenvalues(3)) and torch.allclose(values, alone.eigenvalues()[:3])
+        assert torch.allclose(values, eigen.top_eigenvalues(3)) and torch.allclose(values, alone.eigenvalues[:3])
         assert torch.allclose(block @ vecs.T, vecs.T * values, atol=1e-10 * float(values[0]))
 
 
@@ -59,3 +60,16 @@ def test_an_all_zero_block_has_effective_rank_zero():
     assert zero.eig().effective_rank() == 0.0
     ones = DenseBlocks.diagonal(torch.ones(4, dtype=torch.float64), "ones")
     assert ones.eig().effective_rank() == pytest.approx(4.0, rel=1e-14)  # a flat spectrum: all 4 directions
+
+
+def test_every_eigen_structure_is_an_eigen_result():
+    """The one eigen-result protocol (``kfac_hessian.eigen``): ``eigenvalues`` a property, descending, equal to eigvalsh
+    of the dense block; ``topk`` orthonormal rows; ``num_params``."""
+    for name, block in _blocks().items():
+        eigen = block.eig()
+        assert is_eigen_result(eigen), name
+        assert isinstance(type(eigen).eigenvalues, property)
+        values = eigen.eigenvalues
+        assert (values[:-1] >= values[1:]).all() and len(values) == eigen.num_params == block.num_params
+        _, vecs = eigen.topk(3)
+        assert torch.allclose(vecs @ vecs.T, torch.eye(3), atol=1e-12)

@@ -6,6 +6,7 @@ from torch import nn
 
 import kfac_hessian as kh
 from kfac_hessian.bounds import PosteriorBasis
+from kfac_hessian.eigen import eigen_pairs
 
 from ..conftest import TinyCNN, batches, classification_data, mlp
 from ..references import dense_hessian
@@ -184,3 +185,32 @@ def test_kronecker_basis_covers_every_kind_of_block():
         columns = Q[index][:, Q[index].abs().sum(0) > 0]  # the basis vectors of this block
         D = columns.T @ block.to_dense() @ columns
         assert torch.allclose(D, torch.diag(D.diagonal()), atol=1e-12), block_name
+
+
+def test_from_eigen_takes_every_kind_of_eigen_result():
+    """Kronecker eigen-structures give the Kronecker basis itself; a complete Lanczos result of the exact block (and a
+    dense decomposition) diagonalizes the dense float64 Hessian block; a top-k Lanczos result spans the top-k
+    eigenvectors of eigh in its first k columns, completed to an orthonormal basis."""
+    model = mlp(nn.Tanh, widths=(4, 3, 2))
+    X, y = classification_data(n=9, d=4, classes=2)
+    loss = nn.CrossEntropyLoss()
+    kfac = _kfac(model, X, y)
+    from_kfac = PosteriorBasis.from_eigen(model, kfac.eig(), kfac.parameter_names).to_dense()
+    assert torch.allclose(from_kfac, PosteriorBasis.kronecker(model, kfac).to_dense(), atol=1e-12)
+    H = dense_hessian(model, loss, X, y, ["0"])
+    P0 = H.shape[0]
+    op = kh.layer_operator(model, loss, (X, y), "0")
+    for result in (kh.lanczos(op, P0), eigen_pairs(H)):
+        Q = PosteriorBasis.from_eigen(model, {"0": result}).to_dense()
+        assert torch.allclose(Q.T @ Q, torch.eye(Q.shape[0]), atol=1e-12)
+        D = Q[:P0, :P0].T @ H @ Q[:P0, :P0]
+        assert torch.allclose(D, torch.diag(torch.diagonal(D)), atol=1e-12)
+    k = 4
+    Q = PosteriorBasis.from_eigen(model, {"0": kh.lanczos(op, k, dense_limit=0, tol=1e-10, seed=0)}).to_dense()
+    assert torch.allclose(Q.T @ Q, torch.eye(Q.shape[0]), atol=1e-12)
+    top = torch.linalg.eigh(H).eigenvectors.flip(1)[:, :k]
+    assert torch.allclose(top.T @ Q[:P0, :k] @ Q[:P0, :k].T @ top, torch.eye(k), atol=1e-8)
+    with pytest.raises(ValueError, match="no layer or parameter"):
+        PosteriorBasis.from_eigen(model, {"nope": kh.lanczos(op, 2)})
+    with pytest.raises(ValueError, match="has P="):
+        PosteriorBasis.from_eigen(model, {"2": kh.lanczos(op, 2)})
