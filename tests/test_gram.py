@@ -1,12 +1,12 @@
 """Symmetric outer-product sums against ``X Xᵀ`` in float64: rows taken feature-major, the upper block triangle
-accumulated, the lower part mirrored once; grouped sums block by block."""
+accumulated, the lower part mirrored once; grouped sums block by block; kept columns and their sketch."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kfac_hessian.gram import add_gram, feature_major, symmetrize_
+from kfac_hessian.gram import FrequentDirections, KeptColumns, add_gram, feature_major, symmetrize_
 
 
 def _rows(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -53,3 +53,31 @@ def test_grouped_sums_are_one_gram_per_group():
         part = X[g * d : (g + 1) * d]
         assert torch.allclose(target[g], part @ part.T, atol=1e-13)
     assert symmetrize_(target) is target  # a batch is full already
+
+
+def test_kept_columns_replayed_equal_the_direct_sum_bit_for_bit():
+    chunks = [_rows(7, 2, seed=1), _rows(4, 7, seed=2).T, _rows(7, 3, seed=3)]  # a transposed view among them
+    kept, direct = KeptColumns(7), torch.zeros(7, 7, dtype=torch.float64)
+    for chunk in chunks:
+        kept.add(chunk)
+        add_gram(direct, chunk)
+    assert kept.count == 9 and kept.full and torch.equal(kept.matrix(), torch.cat(chunks, dim=1))
+    replayed = torch.zeros(7, 7, dtype=torch.float64)
+    for chunk in kept.chunks:
+        add_gram(replayed, chunk)
+    assert torch.equal(replayed, direct)
+
+
+@pytest.mark.parametrize("ell", [3, 8])
+def test_frequent_directions_bounds(ell):
+    """0 ⪯ UᵀU − BᵀB ⪯ shrinkage·I and shrinkage ≤ (‖U‖_F² − ‖B‖_F²)/ℓ, against the dense UᵀU of 50 rows."""
+    U = _rows(50, 20, seed=4) * torch.linspace(2, 0.1, 20, dtype=torch.float64)  # a decaying spectrum
+    sketch = FrequentDirections(U[:7].T, ell)
+    for start in range(7, 50, 11):
+        sketch.add(U[start : start + 11].T)
+    B = sketch.matrix().T
+    assert sketch.count == 50 and B.shape[0] < 2 * ell and sketch.shrinkage > 0
+    error = torch.linalg.eigvalsh(U.T @ U - B.T @ B)
+    assert float(error.min()) >= -1e-12 * float(U.square().sum())
+    assert float(error.max()) <= sketch.shrinkage * (1 + 1e-12)
+    assert sketch.shrinkage <= (float(U.square().sum()) - float(B.square().sum())) / ell * (1 + 1e-12)

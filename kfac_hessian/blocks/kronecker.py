@@ -24,6 +24,7 @@ from ..layout import BlockLayout
 from ..limits import DENSE_BLOCK_LIMIT, DENSITY_CHUNK
 from ..spectra import ClampReport, SpectralDensity, entropy, histogram, symmetric_eig
 from .base import BlockEigen, CurvatureBlock
+from .row_factor import Factor, RowFactor, factor_left, factor_right
 
 
 class KroneckerBlock(CurvatureBlock):
@@ -31,59 +32,78 @@ class KroneckerBlock(CurvatureBlock):
 
     storage_tag = "kronecker"
 
-    def __init__(self, A: Tensor, G: Tensor, layout: BlockLayout, name: str = ""):
+    def __init__(self, A: Factor, G: Factor, layout: BlockLayout, name: str = ""):
         grouped = layout.groups > 1
         a_shapes = ([(layout.groups, layout.width, layout.width)] if grouped
                     else [(layout.width, layout.width), (layout.width,)])
         g_shape = (layout.groups, layout.d_out, layout.d_out) if grouped else (layout.d_out, layout.d_out)
+        if grouped and (isinstance(A, RowFactor) or isinstance(G, RowFactor)):
+            raise ValueError(f"row factors are for one group; {layout} has {layout.groups}: give dense factors")
         if tuple(A.shape) not in a_shapes or tuple(G.shape) != g_shape:
             raise ValueError(f"factor shapes {tuple(A.shape)}, {tuple(G.shape)} do not fit {layout}")
-        self.A, self.G, self.layout, self.name = A, G, layout, name
+        self.a_factor, self.g_factor, self.layout, self.name = A, G, layout, name
 
     def __repr__(self) -> str:
-        return f"KroneckerBlock({self.name!r}, A={tuple(self.A.shape)}, G={tuple(self.G.shape)}, P={self.num_params})"
+        return (f"KroneckerBlock({self.name!r}, A={self.a_factor.shape}, G={self.g_factor.shape}, "
+                f"P={self.num_params})")
+
+    @property
+    def A(self) -> Tensor:
+        """``A`` as a tensor (``(width, width)``, its diagonal, or per group); a row factor is formed densely
+        (``RowFactor.dense``: refused for widths above ``limits.DENSE_LIMIT``)."""
+        return _dense(self.a_factor)
+
+    @property
+    def G(self) -> Tensor:
+        """``G`` as a tensor (``(d_out, d_out)`` or per group); a row factor is formed densely (as ``A``)."""
+        return _dense(self.g_factor)
+
+    @property
+    def row_factors(self) -> list[str]:
+        """Which factors are kept as their rows (``"A"``, ``"G"``; ``blocks.row_factor``)."""
+        return [which for which, f in (("A", self.a_factor), ("G", self.g_factor)) if isinstance(f, RowFactor)]
 
     @property
     def a_is_diagonal(self) -> bool:
-        return self.A.dim() == 1
+        return isinstance(self.a_factor, Tensor) and self.a_factor.dim() == 1
 
     @property
     def num_params(self) -> int:
         return self.layout.num_params
 
     @property
-    def reference(self) -> Tensor:
-        return self.G
+    def reference(self) -> Factor:
+        return self.g_factor
 
     def structure(self) -> str:
         layout = self.layout
         if self.a_is_diagonal:
-            return f"Kronecker G ⊗ diag(A), A diagonal ({layout.width},), G {tuple(self.G.shape)}"
+            return f"Kronecker G ⊗ diag(A), A diagonal ({layout.width},), G {_described(self.g_factor)}"
         if layout.groups > 1:
             return (f"Kronecker per group, {layout.groups} groups × "
                     f"(G {(layout.d_out,) * 2} ⊗ A {(layout.width,) * 2}), cross-group terms dropped")
-        return f"Kronecker G ⊗ A, A {tuple(self.A.shape)}, G {tuple(self.G.shape)}"
+        return f"Kronecker G ⊗ A, A {_described(self.a_factor)}, G {_described(self.g_factor)}"
 
-    def _grouped(self) -> tuple[Tensor, Tensor]:
-        """``A`` as ``(B, w, w)`` (or ``(B, w)`` when diagonal) and ``G`` as ``(B, o, o)``."""
+    def _grouped(self) -> tuple[Factor, Factor]:
+        """``A`` as ``(B, w, w)`` (or ``(B, w)`` when diagonal) and ``G`` as ``(B, o, o)``; a row factor as it is
+        (one group: its products broadcast over the group axis)."""
         if self.layout.groups > 1:
-            return self.A, self.G
-        return self.A.unsqueeze(0), self.G.unsqueeze(0)
+            return self.a_factor, self.g_factor
+        return tuple(f if isinstance(f, RowFactor) else f.unsqueeze(0) for f in (self.a_factor, self.g_factor))
 
     def matmat(self, columns: Tensor) -> Tensor:
         a, g = self._grouped()
-        matrices = g @ self.layout.to_matrices(columns.T)  # (m, B, o, w): G V̄ A per group
-        matrices = matrices * a[:, None, :] if self.a_is_diagonal else matrices @ a
+        matrices = factor_left(g, self.layout.to_matrices(columns.T))  # (m, B, o, w): G V̄ A per group
+        matrices = matrices * a[:, None, :] if self.a_is_diagonal else factor_right(a, matrices)
         return self.layout.to_vectors(matrices).T
 
     def trace(self) -> Tensor:
         """``Σ_g tr(A_g)·tr(G_g)``."""
         a, g = self._grouped()
-        a_traces = a.sum(-1) if self.a_is_diagonal else a.diagonal(dim1=1, dim2=2).sum(-1)
-        return (a_traces * g.diagonal(dim1=1, dim2=2).sum(-1)).sum()
+        return (_traces(a, self.a_is_diagonal) * _traces(g, False)).sum()
 
     def materialize(self) -> Tensor:
-        a, g = self._grouped()
+        a, g = (f.dense().unsqueeze(0) if isinstance(f, RowFactor) else f for f in self._grouped())
         if self.a_is_diagonal:
             a = torch.diag_embed(a)
         kron = torch.block_diag(*[torch.kron(g_b, a_b) for g_b, a_b in zip(g, a)])
@@ -91,25 +111,34 @@ class KroneckerBlock(CurvatureBlock):
         return kron[perm][:, perm]
 
     def moved(self, device: torch.device | str | None, dtype: torch.dtype | None) -> KroneckerBlock:
-        return KroneckerBlock(self.A.to(device, dtype), self.G.to(device, dtype), self.layout, self.name)
+        return KroneckerBlock(self.a_factor.to(device, dtype), self.g_factor.to(device, dtype), self.layout,
+                              self.name)
 
     def state(self) -> dict:
         layout = self.layout
-        return {"A": self.A, "G": self.G,
+        factors = {}
+        for key, factor in (("A", self.a_factor), ("G", self.g_factor)):
+            factors.update(factor.state(key) if isinstance(factor, RowFactor) else {key: factor})
+        return {**factors,
                 "layout": [layout.d_out, layout.d_in, int(layout.has_bias), layout.groups, int(layout.transposed)]}
 
     @classmethod
     def from_state(cls, state: dict, name: str) -> KroneckerBlock:
         d_out, d_in, has_bias, groups, transposed = state["layout"]
-        return cls(state["A"], state["G"], BlockLayout(d_out, d_in, bool(has_bias), groups, bool(transposed)), name)
+        return cls(RowFactor.from_state(state, "A"), RowFactor.from_state(state, "G"),
+                   BlockLayout(d_out, d_in, bool(has_bias), groups, bool(transposed)), name)
 
     def eig_matrices(self, dtype: torch.dtype | None) -> list[Tensor]:
-        a, g = (t.to(dtype) if dtype is not None else t for t in self._grouped())
+        """``A`` and ``G`` per group (``(B, d, d)``); a row factor by its rows' Gram matrix ``(1, r, r)``."""
+        a, g = (f.gram(dtype).unsqueeze(0) if isinstance(f, RowFactor) else f.to(dtype) if dtype is not None else f
+                for f in self._grouped())
         return [g] if self.a_is_diagonal else [a, g]
 
     def eigen_from(self, matrices: list[Tensor], decompositions: list[tuple], vectors: bool) -> KroneckerEigen:
         g_values, g_vectors, g_reports, g_forms = decompositions[-1]
         clamped = {"G": _worst(g_reports)}
+        rows = {f"{which.lower()}_rows": f for which, f in (("A", self.a_factor), ("G", self.g_factor))
+                if isinstance(f, RowFactor)}
         if self.a_is_diagonal:
             a = self.A.to(matrices[-1].dtype).unsqueeze(0)
             a_values, a_order = a.sort(dim=-1, descending=True)
@@ -119,7 +148,22 @@ class KroneckerBlock(CurvatureBlock):
             a_part = dict(A=matrices[0], a_values=a_values, a_vectors=a_vectors, a_forms=a_forms)
             clamped["A"] = _worst(a_reports)
         return KroneckerEigen(self.layout, G=matrices[-1], g_values=g_values, g_vectors=g_vectors, g_forms=g_forms,
-                              clamped=clamped, **a_part)
+                              clamped=clamped, **a_part, **rows)
+
+
+def _dense(factor: Factor) -> Tensor:
+    return factor.dense() if isinstance(factor, RowFactor) else factor
+
+
+def _described(factor: Factor) -> str:
+    return f"as {factor.describe()}" if isinstance(factor, RowFactor) else str(tuple(factor.shape))
+
+
+def _traces(factor: Factor, diagonal: bool) -> Tensor:
+    """Per group ``(B,)``: the traces of a factor (a diagonal one's sums)."""
+    if isinstance(factor, RowFactor):
+        return factor.trace().reshape(1)
+    return factor.sum(-1) if diagonal else factor.diagonal(dim1=1, dim2=2).sum(-1)
 
 
 def _worst(reports: list[ClampReport]) -> ClampReport:
@@ -145,12 +189,17 @@ class KroneckerEigen(BlockEigen):
     ``a_values``/``g_values`` are ``(width,)``/``(d_out,)`` for one group and ``(groups, ·)`` otherwise; so are the
     eigenvector matrices ``a_vectors``/``g_vectors`` (columns). A diagonal ``A``'s eigenvectors are unit vectors
     (``a_order``).
+
+    A factor kept as its rows (``a_rows``/``g_rows``, ``blocks.row_factor``) comes with its rows' Gram matrix as
+    ``A``/``G`` and that matrix's decomposition as ``a_values``/``a_vectors``/``a_forms``: its ``w`` eigenvalues are
+    the Gram matrix's padded with zeros, its leading eigenvectors the lifted Gram eigenvectors (only those asked for).
     """
 
     def __init__(self, layout: BlockLayout, *, a_values: Tensor, g_values: Tensor, A: Tensor | None = None,
                  G: Tensor | None = None, a_vectors: Tensor | None = None, g_vectors: Tensor | None = None,
                  a_order: Tensor | None = None, a_forms: list | None = None, g_forms: list | None = None,
-                 clamped: dict[str, ClampReport] | None = None):
+                 clamped: dict[str, ClampReport] | None = None, a_rows: RowFactor | None = None,
+                 g_rows: RowFactor | None = None):
         self.layout = layout
         self._A, self._G = A, G
         self._values = {"A": a_values, "G": g_values}
@@ -159,6 +208,13 @@ class KroneckerEigen(BlockEigen):
         self._leading: dict[str, Tensor] = {}
         self._a_order = a_order
         self.clamped = clamped or {}
+        self._rows = {"A": a_rows, "G": g_rows}
+        self._gram: dict[str, list] = {}  # per row factor: [Gram values (r,), Gram vectors (r, ≥m) or None]
+        for which, rows in self._rows.items():
+            if rows is not None:
+                vectors = self._vectors[which]
+                self._gram[which] = [self._values[which][0], None if vectors is None else vectors[0]]
+                self._values[which], self._vectors[which] = rows.padded_values(self._values[which]), None
 
     def _public(self, grouped: Tensor) -> Tensor:
         return grouped[0] if self.layout.groups == 1 else grouped
@@ -207,6 +263,9 @@ class KroneckerEigen(BlockEigen):
         return self._public(self._all_vectors("G"))
 
     def _all_vectors(self, which: str) -> Tensor:
+        rows = self._rows[which]
+        if rows is not None and self._vectors[which] is None:  # the whole basis: lifted vectors and the complement
+            self._vectors[which] = self._row_vectors(which, rows.width)
         if self._vectors[which] is None:
             matrix = self._A if which == "A" else self._G
             values, vectors, reports = symmetric_eig(matrix, vectors=True)
@@ -216,7 +275,12 @@ class KroneckerEigen(BlockEigen):
 
     def _leading_vectors(self, which: str, m: int) -> Tensor:
         """At least the ``m`` leading eigenvectors of ``A`` or ``G`` per group ``(B, d, ≥m)``: all of them when known
-        (or when no ``Tridiagonal`` form was kept), else only the leading ones from the form."""
+        (or when no ``Tridiagonal`` form was kept), else only the leading ones from the form; for a row factor the
+        lifted leading vectors of its Gram matrix."""
+        if self._rows[which] is not None and self._vectors[which] is None:
+            if which not in self._leading or self._leading[which].shape[-1] < m:
+                self._leading[which] = self._row_vectors(which, m)
+            return self._leading[which]
         forms = self._forms[which]
         if self._vectors[which] is not None or not forms or forms[0] is None:
             return self._all_vectors(which)
@@ -224,6 +288,20 @@ class KroneckerEigen(BlockEigen):
             device = self._values[which].device
             self._leading[which] = torch.stack([form.leading_vectors(m) for form in forms]).to(device)
         return self._leading[which]
+
+    def _row_vectors(self, which: str, m: int) -> Tensor:
+        """The ``m`` leading eigenvectors ``(1, w, m)`` of a row factor, from the leading ``min(m, r)`` eigenvectors
+        of its Gram matrix (from the kept form, else one ``eigh`` of the ``r × r`` matrix, kept)."""
+        rows, (values, vectors) = self._rows[which], self._gram[which]
+        needed = min(m, rows.num_rows)
+        if vectors is None or vectors.shape[-1] < needed:
+            forms, gram = self._forms[which], self._A if which == "A" else self._G
+            if forms and forms[0] is not None:
+                vectors = forms[0].leading_vectors(needed).to(values.device)
+            else:
+                vectors = symmetric_eig(gram, vectors=True)[1][0]
+            self._gram[which][1] = vectors
+        return rows.vectors(values, vectors, m).unsqueeze(0)
 
     def factor_vectors(self, which: str, n: int) -> Tensor:
         """The ``n`` leading eigenvectors of ``"A"`` or ``"G"`` per group as columns ``(groups, d, n)`` (``n`` clamped
@@ -241,6 +319,7 @@ class KroneckerEigen(BlockEigen):
         g_values = self._values["G"]
         return g_values.unsqueeze(2) * self._values["A"].to(g_values.dtype).unsqueeze(1)
 
+    @property
     def eigenvalues(self) -> Tensor:
         """All ``P`` eigenvalues ``μ_j λ_i``, descending."""
         return self._products().flatten().sort(descending=True).values

@@ -76,6 +76,10 @@ class Accumulator(ABC):
         """The sums ``add_inputs`` changes (checked for NaN/Inf after it); default: none apart."""
         return []
 
+    def prepare_reduce(self) -> None:
+        """Bring ``state`` into a form that sums over ranks (before a distributed reduction); default: it is."""
+        return None
+
 
 def forward_is(module: nn.Module, base: type[nn.Module]) -> bool:
     """Whether ``module`` runs ``base``'s own ``forward`` (not a subclass override, not an instance attribute)."""
@@ -113,6 +117,12 @@ class LayerKind(ABC):
     def parameter_names(self, module: nn.Module) -> list[str]:
         """The module's own parameters the block covers, in public order (default: ``weight``, then ``bias``)."""
         return [n for n in ("weight", "bias") if getattr(module, n, None) is not None]
+
+    def functional_children(self, module: nn.Module) -> list[str]:
+        """Children of a claimed module that it cannot handle (``unsupported_reason``) whose parameters its own forward
+        uses without calling them as modules (``MultiheadAttention``'s ``out_proj``): they join the module's per-sample
+        blocks, since no hook ever sees those children called (default: none)."""
+        return []
 
     def pass_context(self, accumulators: Mapping[str, Accumulator]) -> contextlib.AbstractContextManager:
         """Entered once per pass around the forward passes, with this kind's accumulators (default: nothing)."""

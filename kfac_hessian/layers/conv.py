@@ -102,7 +102,7 @@ class ConvKind(KroneckerKind):
         for start in range(0, inputs[0].shape[0], chunk):
             if geometry:
                 for x in inputs:
-                    sums.add_moments(*patch_moments(geometry, x[start : start + chunk], sums.a_sum.dtype))
+                    sums.add_moments(*patch_moments(geometry, x[start : start + chunk], sums.dtype))
             else:
                 sums.add_rows(concat_locations([self.input_rows(module, x[start : start + chunk]) for x in inputs]))
 

@@ -22,8 +22,9 @@ from torch import Tensor, nn
 
 from .. import limits
 from ..blocks import CurvatureBlock, KroneckerBlock
+from ..blocks.row_factor import RowFactor
 from ..capture import LayerCall
-from ..gram import add_gram, feature_major, symmetrize_
+from ..gram import FrequentDirections, KeptColumns, add_gram, feature_major, symmetrize_
 from ..layout import BlockLayout
 from .base import Accumulator, LayerKind, PassSettings
 
@@ -77,16 +78,26 @@ class KroneckerKind(LayerKind):
 
 class KroneckerSums(Accumulator):
     """``Σ ā āᵀ`` and ``Σ g gᵀ`` of one Kronecker layer per group (module docstring): upper block triangle only for
-    one group (``gram.add_gram``), the bias column added without copying ``ā``; token counts for a diagonal ``A``."""
+    one group (``gram.add_gram``), the bias column added without copying ``ā``; token counts for a diagonal ``A``.
+
+    A factor of one group at least ``limits.ROW_FACTOR_MIN_WIDTH`` wide keeps its rows instead (``gram.KeptColumns``)
+    while they are fewer than its width — the block then holds it as a ``RowFactor`` (``scale · UᵀU``) — and folds
+    them into the dense sum, batch by batch in the order they came (the same sums as if they had been added at once),
+    when they reach the width. A factor too wide to be dense (``width² > limits.ROW_SKETCH_ELEMENTS``) whose rows
+    outgrow that limit is sketched instead (``gram.FrequentDirections``, its error bound carried by the block)."""
 
     def __init__(self, kind: KroneckerKind, name: str, module: nn.Module, settings: PassSettings):
         self.kind, self.name, self.module = kind, name, module
         self.layout = layout = kind.layout(module)
         self.approx = "expand" if kind.diagonal_a else settings.approx
-        dtype, device = settings.dtype, settings.device
+        self.dtype, self.device = dtype, device = settings.dtype, settings.device
+        rows_a = not kind.diagonal_a and _keeps_rows(layout, layout.width)
+        self.a_kept = KeptColumns(layout.width) if rows_a else None
+        self.g_kept = KeptColumns(layout.d_out) if _keeps_rows(layout, layout.d_out) else None
         a_shape = (layout.width,) if kind.diagonal_a else (layout.groups, layout.width, layout.width)
-        self.a_sum = torch.zeros(a_shape, dtype=dtype, device=device)
-        self.g_sum = torch.zeros(layout.groups, layout.d_out, layout.d_out, dtype=dtype, device=device)
+        self.a_sum = None if rows_a else torch.zeros(a_shape, dtype=dtype, device=device)
+        self.g_sum = (None if self.g_kept is not None
+                      else torch.zeros(layout.groups, layout.d_out, layout.d_out, dtype=dtype, device=device))
         self.a_rows = torch.zeros((), dtype=torch.float64, device=device)
 
     @property
@@ -105,17 +116,55 @@ class KroneckerSums(Accumulator):
         """Input rows ``(N, T, groups·d_in)`` of all calls of this batch."""
         if self.approx == "reduce":
             rows = rows.mean(1, keepdim=True)
-        columns = feature_major(rows, self.a_sum.dtype)
+        columns = feature_major(rows, self.dtype)
+        self.a_rows += columns.shape[1]
+        if self.a_kept is None:
+            self._add_input_columns(columns)
+        elif isinstance(self.a_kept, FrequentDirections):
+            self.a_kept.add(self._with_bias(columns))
+        else:
+            self.a_kept.add(columns)
+            if _sketch_due(self.a_kept, self.layout.width):
+                self.a_kept = FrequentDirections(self._with_bias(self.a_kept.matrix()),
+                                                 _sketch_rows(self.layout.width))
+            elif self.a_kept.full:
+                self._fold_inputs()
+
+    def _with_bias(self, columns: Tensor) -> Tensor:
+        """Input columns ``(d_in, R)`` with the bias entry 1 appended (``(width, R)``)."""
+        return torch.cat([columns, columns.new_ones(1, columns.shape[1])]) if self.layout.has_bias else columns
+
+    def _add_input_columns(self, columns: Tensor) -> None:
         d = self.layout.d_in
         self._gram(self.a_sum[:, :d, :d], columns)
-        sums = columns.sum(1).reshape(self.layout.groups, d) if self.layout.has_bias else None
-        self._add_bias_moments(sums, columns.shape[1])
+        self._add_bias_moments(columns.sum(1).reshape(self.layout.groups, d) if self.layout.has_bias else None,
+                               columns.shape[1])
+
+    def _fold_inputs(self) -> None:
+        """Kept input rows into the dense sum, batch by batch."""
+        layout = self.layout
+        self.a_sum = torch.zeros(layout.groups, layout.width, layout.width, dtype=self.dtype, device=self.device)
+        for columns in self.a_kept.chunks:
+            self._add_input_columns(columns)
+        self.a_kept = None
+
+    def _fold_gradients(self) -> None:
+        layout = self.layout
+        self.g_sum = torch.zeros(layout.groups, layout.d_out, layout.d_out, dtype=self.dtype, device=self.device)
+        for columns in self.g_kept.chunks:
+            self._gram(self.g_sum, columns)
+        self.g_kept = None
 
     def add_moments(self, gram: Tensor, column_sums: Tensor, rows: int) -> None:
         """``Σ a aᵀ`` ``(d_in, d_in)`` and ``Σ a`` over ``rows`` input rows, computed elsewhere (one group)."""
+        if isinstance(self.a_kept, FrequentDirections):
+            raise NotImplementedError(f"layer {self.name!r}: input moments cannot enter a sketched A")
+        if self.a_kept is not None:  # moments have no rows: from here on the sum is dense
+            self._fold_inputs()
         d = self.layout.d_in
         self.a_sum[0, :d, :d] += gram
         self._add_bias_moments(column_sums.unsqueeze(0) if self.layout.has_bias else None, rows)
+        self.a_rows += rows
 
     def add_counts(self, counts: Tensor, rows: int) -> None:
         """Occurrences of every input index (a diagonal ``A``)."""
@@ -128,25 +177,54 @@ class KroneckerSums(Accumulator):
             self.a_sum[:, :d, d] += column_sums
             self.a_sum[:, d, :d] += column_sums
             self.a_sum[:, d, d] += rows
-        self.a_rows += rows
 
     def add_gradients(self, grads: list[list[Tensor]]) -> None:
         rows = concat_locations([self.kind.output_rows(self.module, g[0]) for g in grads], axis=2)
         if self.approx == "reduce":
             rows = rows.sum(2, keepdim=True)
-        self._gram(self.g_sum, feature_major(rows, self.g_sum.dtype))
+        columns = feature_major(rows, self.dtype)
+        if self.g_kept is None:
+            self._gram(self.g_sum, columns)
+            return
+        self.g_kept.add(columns)
+        if isinstance(self.g_kept, FrequentDirections):
+            return
+        if _sketch_due(self.g_kept, self.layout.d_out):
+            self.g_kept = FrequentDirections(self.g_kept.matrix(), _sketch_rows(self.layout.d_out))
+        elif self.g_kept.full:
+            self._fold_gradients()
 
     def input_state(self) -> list[Tensor]:
-        return [self.a_sum]
+        return [self.a_sum if self.a_kept is None else self.a_kept.matrix()]
 
     def state(self) -> list[Tensor]:
-        return [self.a_sum, self.g_sum, self.a_rows]
+        """``Σ ā āᵀ`` (or the kept input rows as columns, or their sketch), ``Σ g gᵀ`` (or the kept gradient rows)
+        and the row count."""
+        return [*self.input_state(), self.g_sum if self.g_kept is None else self.g_kept.matrix(), self.a_rows]
+
+    def prepare_reduce(self) -> None:
+        """Kept rows into dense sums: sums over ranks add, rows would not."""
+        if any(isinstance(kept, FrequentDirections) for kept in (self.a_kept, self.g_kept)):
+            raise NotImplementedError(f"layer {self.name!r}: a sketched factor cannot be summed over ranks; leave the "
+                                      "layer out (layers=) or run on one process")
+        if self.a_kept is not None:
+            self._fold_inputs()
+        if self.g_kept is not None:
+            self._fold_gradients()
 
     def set_state(self, tensors: list[Tensor]) -> None:
+        if self.a_kept is not None or self.g_kept is not None:
+            raise RuntimeError("set_state takes dense sums: call prepare_reduce first")
         self.a_sum, self.g_sum, self.a_rows = tensors
 
     def input_factor(self) -> Tensor:
-        """``A = Σ ā āᵀ / rows``: ``(width, width)``, its diagonal ``(width,)``, or ``(groups, width, width)``."""
+        """``A = Σ ā āᵀ / rows``: ``(width, width)``, its diagonal ``(width,)``, or ``(groups, width, width)``
+        (kept rows folded first; a sketched ``A`` is refused: it is not the exact moments)."""
+        if isinstance(self.a_kept, FrequentDirections):
+            raise ValueError(f"layer {self.name!r}: A is {self.layout.width} wide, too wide to be formed densely "
+                             f"(limits.ROW_SKETCH_ELEMENTS), and its rows were sketched; leave the layer out (layers=)")
+        if self.a_kept is not None:
+            self._fold_inputs()
         if self.kind.diagonal_a:
             return self.a_sum / float(self.a_rows)
         for a in self.a_sum:
@@ -154,12 +232,44 @@ class KroneckerSums(Accumulator):
         A = self.a_sum.div_(float(self.a_rows))
         return A[0] if self.layout.groups == 1 else A
 
+    def _input_rows_factor(self) -> RowFactor:
+        """``A = (1/rows) Σ ā āᵀ`` from the kept rows (the bias entry 1 appended to each) or their sketch."""
+        if isinstance(self.a_kept, FrequentDirections):
+            return _sketched(self.a_kept, 1 / float(self.a_rows))
+        return RowFactor(self._with_bias(self.a_kept.matrix()).T, 1 / float(self.a_rows))
+
     def finalize(self, scale: float, device) -> dict[str, KroneckerBlock]:
-        for g in self.g_sum:
-            symmetrize_(g)
-        G = self.g_sum.mul_(scale)
-        G = G[0] if self.layout.groups == 1 else G
-        return {self.name: KroneckerBlock(self.input_factor().to(device), G.to(device), self.layout, self.name)}
+        A = self._input_rows_factor() if self.a_kept is not None else self.input_factor()
+        if isinstance(self.g_kept, FrequentDirections):
+            G = _sketched(self.g_kept, scale)
+        elif self.g_kept is not None:
+            G = RowFactor(self.g_kept.matrix().T, scale)
+        else:
+            for g in self.g_sum:
+                symmetrize_(g)
+            G = self.g_sum.mul_(scale)
+            G = G[0] if self.layout.groups == 1 else G
+        return {self.name: KroneckerBlock(A.to(device), G.to(device), self.layout, self.name)}
+
+
+def _sketch_due(kept: KeptColumns, width: int) -> bool:
+    """Kept rows of a factor too wide to be dense (``width² > limits.ROW_SKETCH_ELEMENTS``) that have outgrown the
+    limit are sketched (``gram.FrequentDirections``) instead of folded."""
+    return width**2 > limits.ROW_SKETCH_ELEMENTS and kept.count * width > limits.ROW_SKETCH_ELEMENTS
+
+
+def _sketch_rows(width: int) -> int:
+    """``ℓ``: a full sketch buffer (``2ℓ`` rows) stays within ``limits.ROW_SKETCH_ELEMENTS``."""
+    return max(2, limits.ROW_SKETCH_ELEMENTS // (2 * width))
+
+
+def _sketched(sketch: FrequentDirections, scale: float) -> RowFactor:
+    return RowFactor(sketch.matrix().T, scale, sketch=(sketch.count, scale * sketch.shrinkage))
+
+
+def _keeps_rows(layout: BlockLayout, width: int) -> bool:
+    """Whether a factor of this width starts as kept rows (one group, at least ``limits.ROW_FACTOR_MIN_WIDTH``)."""
+    return layout.groups == 1 and width >= limits.ROW_FACTOR_MIN_WIDTH
 
 
 def concat_locations(rows: list[Tensor], axis: int = 1) -> Tensor:

@@ -27,14 +27,14 @@ def factors():
 def test_eigenvalues_equal_dense(factors):
     for f in factors.values():
         expected = torch.linalg.eigvalsh(f.to_dense()).flip(0)
-        got = f.eig().eigenvalues()
+        got = f.eig().eigenvalues
         assert torch.allclose(got, expected, atol=1e-13 * expected.abs().max())
 
 
 def test_batched_eig_equals_single(factors):
     batched = factors.eig()
     for name, f in factors.items():
-        assert torch.allclose(batched[name].eigenvalues(), f.eig(vectors=False).eigenvalues(), atol=1e-15)
+        assert torch.allclose(batched[name].eigenvalues, f.eig(vectors=False).eigenvalues, atol=1e-15)
 
 
 @pytest.mark.parametrize("k", [1, 5, 17])
@@ -102,7 +102,7 @@ def test_float32_factors_with_float64_eig():
     kfac = kh.compute_kfac(mlp(), nn.CrossEntropyLoss(), classification_data(), dtype=torch.float32)
     e = kfac["0"].eig(dtype=torch.float64)
     assert e.a_values.dtype == torch.float64
-    assert torch.allclose(e.eigenvalues(), torch.linalg.eigvalsh(kfac["0"].to_dense().double()).flip(0), atol=1e-6)
+    assert torch.allclose(e.eigenvalues, torch.linalg.eigvalsh(kfac["0"].to_dense().double()).flip(0), atol=1e-6)
 
 
 def test_top_pairs_after_values_only_compute_only_the_leading_vectors():
@@ -188,7 +188,7 @@ def test_rank_deficient_factors_more_parameters_than_samples():
     model = mlp(nn.ReLU, widths=(6, 8, 3))
     X, y = torch.randn(3, 6), torch.tensor([0, 1, 2])
     e = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))["0"].eig()
-    values = e.eigenvalues()
+    values = e.eigenvalues
     assert torch.isfinite(values).all() and (values >= 0).all()
     assert (e.a_values[4:] < 1e-12 * e.a_values[0]).all()  # rank ≤ 3 (+ the bias direction)
 
