@@ -10,6 +10,11 @@ tensor output ``z`` of a recorded call (the leaves of its output structure) is r
   of the addition's autograd node, while backpropagating to the anchors alone: no output gradient outlives its
   use, and the backward stops at the first recorded module (nothing is computed for parameters).
   Without ``on_gradient`` the outputs ``z`` are kept for ``torch.autograd.grad`` (vectorized columns).
+
+Output leaves named in ``LayerRecorder.expand`` (a module called on an unbatched input, its output of leading size 1
+broadcast over the samples — or over ``R`` rows of every sample, as Swin's relative-position bias over its windows —
+as the sample-axis probe found and verified) are expanded to the batch (``N·R`` rows) before they are handed on, in
+every mode, so that their per-sample gradients are observable.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from .sample_layout import SampleLayout
 
 GradientCallback = Callable[[str, int, int, Tensor], None]  # (name, call index, output leaf index, gradient)
 
@@ -36,6 +43,8 @@ class LayerCall:
     ``args``/``kwargs``: its inputs, detached (released by the accumulator once used). ``output_shapes``: the shape
     of each anchored output leaf. ``outputs``: those leaves in the graph, kept unless the recorder streams
     gradients. ``output_values``: the detached outputs, kept only when the recorder verifies calls.
+    ``input_layouts``/``output_layouts``: where the samples are in each input leaf (``tree_flatten((args, kwargs))``)
+    and each anchored output leaf, set by the pass from the sample-axis probe (``sample_layout``).
     """
 
     args: tuple | None
@@ -43,6 +52,8 @@ class LayerCall:
     output_shapes: list[torch.Size] = field(default_factory=list)
     outputs: list[Tensor] | None = None
     output_values: object = None
+    input_layouts: list[SampleLayout] | None = None
+    output_layouts: list[SampleLayout] | None = None
 
     @property
     def inputs(self) -> Tensor:
@@ -56,9 +67,9 @@ class LayerRecorder:
     ``on_gradient(name, call, leaf, grad)``: called during every backward pass through a recorded output with the
     gradient w.r.t. that output leaf (shaped like it); drive the pass with ``torch.autograd.grad(…, anchors)``.
     ``keep_values``: keep each call's detached outputs (``LayerCall.output_values``) for verification.
-    ``batch_size``: in grad mode, an output leaf of leading size 1 (a module called on an unbatched input, its output
-    broadcast over the samples later) is expanded to this size before it is anchored, so that its per-sample
-    gradients are observable; the names of such modules are in ``expanded``.
+    ``expand``: ``(name, call index, output leaf index)`` of the leaves of leading size 1 to expand to ``batch_size``
+    times the given rows per sample (module docstring); ``perturb``: a generator to add a random perturbation to the
+    first sample's rows of every expanded leaf with (the probe's check that sample 0's copies reach sample 0 alone).
     """
 
     def __init__(self, modules: dict[str, nn.Module], on_gradient: GradientCallback | None = None):
@@ -66,7 +77,8 @@ class LayerRecorder:
         self.on_gradient = on_gradient
         self.keep_values = False
         self.batch_size: int | None = None
-        self.expanded: set[str] = set()
+        self.expand: dict[tuple[str, int, int], int] = {}
+        self.perturb: torch.Generator | None = None
         self.calls: dict[str, list[LayerCall]] = {name: [] for name in modules}
         self._anchors: dict[tuple, Tensor] = {}
         self._handles: list = []
@@ -99,18 +111,32 @@ class LayerRecorder:
             call = LayerCall(_detach(args), _detach(kwargs),
                              output_values=_detach(output) if self.keep_values else None)
             self.calls[name].append(call)
-            if not torch.is_grad_enabled():
-                return output
+            index, grad_mode = len(self.calls[name]) - 1, torch.is_grad_enabled()
             leaves, spec = tree_flatten(output)
-            anchored = [self._tap(name, call, leaf) if differentiable(leaf) else leaf for leaf in leaves]
-            return tree_unflatten(anchored, spec)
+            handed, position = [], 0
+            for leaf in leaves:
+                if differentiable(leaf):
+                    if (name, index, position) in self.expand:
+                        leaf = self._expanded(leaf, self.expand[name, index, position])
+                    if grad_mode:
+                        leaf = self._tap(name, call, leaf)
+                    position += 1
+                handed.append(leaf)
+            return tree_unflatten(handed, spec) if grad_mode or self.expand else output
 
         return record
 
+    def _expanded(self, leaf: Tensor, rows: int) -> Tensor:
+        if leaf.shape[0] != 1 or self.batch_size is None:
+            return leaf
+        leaf = leaf.expand(self.batch_size * rows, *leaf.shape[1:])
+        if self.perturb is not None:
+            scale = float(leaf.detach().abs().max()) or 1.0
+            noise = torch.randn(leaf.shape[1:], generator=self.perturb, dtype=leaf.dtype).to(leaf.device)
+            leaf = torch.cat([leaf[:rows] + scale * noise, leaf[rows:]])
+        return leaf
+
     def _tap(self, name: str, call: LayerCall, output: Tensor) -> Tensor:
-        if self.batch_size is not None and self.batch_size > 1 and output.shape[0] == 1:
-            output = output.expand(self.batch_size, *output.shape[1:])
-            self.expanded.add(name)
         if not output.requires_grad:
             # Frozen module fed by inputs without grad: make its output a leaf we can differentiate at.
             output = output.detach().requires_grad_()
@@ -133,7 +159,6 @@ class LayerRecorder:
         for calls in self.calls.values():
             calls.clear()
         self._anchors.clear()
-        self.expanded.clear()
 
     def __enter__(self) -> LayerRecorder:
         try:

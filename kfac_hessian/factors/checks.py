@@ -7,9 +7,9 @@ import warnings
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..capture import LayerCall
+from ..capture import LayerCall, differentiable
 from ..layers import Accumulator, KroneckerSums
 from ..limits import CHECKED_SAMPLES
 
@@ -27,27 +27,42 @@ def all_finite(outputs) -> bool:
     return all(torch.isfinite(leaf).all() for leaf in tree_flatten(outputs)[0] if isinstance(leaf, Tensor))
 
 
-def batch_axis_reason(acc: Accumulator, calls: list[LayerCall], n: int) -> str | None:
-    """Why the recorded calls do not fit the per-sample bookkeeping (``None`` when they do): every output leaf must
-    carry the batch along axis 0 — or, for ``approx="expand"`` Kronecker sums, where every location is a row, along
-    axis 1 (sequence-first layouts)."""
-    shapes = [shape for call in calls for shape in call.output_shapes]
-    if all(len(s) and s[0] == n for s in shapes):
+def sample_axis_reason(acc: Accumulator, calls: list[LayerCall]) -> str | None:
+    """Why the recorded calls do not fit ``acc``'s per-sample bookkeeping (``None`` when they do), from the layouts
+    the sample-axis probe found (``factors/sample_axis.py``). ``expand`` Kronecker sums take every row of every call
+    and refuse only outputs that every sample shares (their gradient sums over the samples); the others — normalization,
+    per-sample parameters, ``reduce``, the per-sample passes — check the layouts they use themselves, as they are
+    fed."""
+    if not (isinstance(acc, KroneckerSums) and acc.approx == "expand"):
         return None
-    if isinstance(acc, KroneckerSums) and acc.approx == "expand" and all(len(s) > 1 and s[1] == n for s in shapes):
-        return None
-    bad = next(tuple(s) for s in shapes if not (len(s) and s[0] == n))
-    return (f"its output {bad} does not carry the batch of {n} samples along axis 0, so per-sample curvature is not "
-            "observable at it")
+    for call in calls:
+        shared = next((layout for layout in call.output_layouts or [] if layout.state == "shared"), None)
+        if shared is not None:
+            why = f": {shared.reason}" if shared.reason else ""
+            return (f"its output {tuple(call.output_shapes[0])} is shared by all samples of the batch (no sample "
+                    f"axis{why}), so per-sample curvature is not observable at it")
+    return None
 
 
-def first_samples(call: LayerCall, n: int) -> LayerCall:
-    """The call restricted to its first ``CHECKED_SAMPLES`` samples (tensors with the batch axis first)."""
-    def cut(value):
-        return value[:CHECKED_SAMPLES] if isinstance(value, Tensor) and value.dim() and value.shape[0] == n else value
+def first_samples(call: LayerCall) -> LayerCall:
+    """The call restricted to its first ``CHECKED_SAMPLES`` samples, where the probe found them (the whole call when
+    it did not find them in every tensor, or the call is unbatched)."""
+    leaves, spec = tree_flatten((call.args, call.kwargs))
+    outputs, out_spec = tree_flatten(call.output_values)
+    out_layouts = iter(call.output_layouts or [])
+    paired_outputs = [(leaf, next(out_layouts, None) if differentiable(leaf) else None) for leaf in outputs]
+    tensors = [(leaf, layout) for leaf, layout in [*zip(leaves, call.input_layouts or []), *paired_outputs]
+               if isinstance(leaf, Tensor) and layout is not None]
+    if not call.input_layouts or not all(layout.carries_samples and layout.fits(leaf) for leaf, layout in tensors):
+        return call
 
-    return LayerCall(tree_map(cut, call.args), tree_map(cut, call.kwargs), list(call.output_shapes),
-                     output_values=tree_map(cut, call.output_values))
+    def cut(pairs):
+        return [layout.first(leaf, CHECKED_SAMPLES) if isinstance(leaf, Tensor) and layout is not None else leaf
+                for leaf, layout in pairs]
+
+    args, kwargs = tree_unflatten(cut(zip(leaves, call.input_layouts)), spec)
+    values = tree_unflatten(cut(paired_outputs), out_spec)
+    return LayerCall(args, kwargs, list(call.output_shapes), output_values=values)
 
 
 def warn_about_dropout(model: nn.Module, seed: int | None) -> None:

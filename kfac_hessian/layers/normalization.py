@@ -14,11 +14,16 @@ per-sample, per-column vectors
 with ``per_position=True`` (otherwise joint columns add cross-position terms, docs/conventions.md §3). It is kept
 dense while ``P ≤ limits.DENSE_BLOCK_LIMIT`` (4096); wider layers keep the per-feature ``(γ_f, β_f)``
 blocks (2×2, or 1×1 without ``β``: exact within each, cross-feature terms dropped).
+
+``Σ_t`` runs over every position of sample ``n``, wherever the sample-axis probe found the samples
+(``sample_layout``): axis 0, a sequence-first ``(T, N, C)`` tensor's axis 1, or rows flattened as ``(N·T, C)``;
+a layer whose samples the probe did not find (or found on a feature axis) is skipped with the probe's reason.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +32,7 @@ from torch import Tensor, nn
 from .. import limits
 from ..blocks import DenseBlocks
 from ..capture import LayerCall
+from ..sample_layout import SampleLayout, rows_layout
 from .base import Accumulator, LayerKind, PassSettings, forward_is, outputs_match
 
 
@@ -66,17 +72,31 @@ class NormalizationKind(LayerKind):
             return True
         return any(isinstance(module, t) and forward_is(module, t) for t in self.types)
 
-    def normalized_rows(self, module: nn.Module, inputs: Tensor) -> Tensor:
-        """``x̂`` as ``(N, T, F)`` rows, normalized as the module does in its current mode."""
-        return self.rows(module, self.normalize(module, inputs))
-
-    def rows(self, module: nn.Module, tensor: Tensor, lead: int = 1) -> Tensor:
+    def rows(self, module: nn.Module, tensor: Tensor, lead: int = 1, layout: SampleLayout | None = None) -> Tensor:
         """A tensor shaped like the output, with ``lead`` leading axes (``(N, *)``, or ``(K, N, *)`` for a batch of
-        columns), as ``(…, T, F)`` rows."""
-        front = tensor.shape[:lead]
-        if self.channels_first:
-            return tensor.reshape(*front, tensor.shape[lead], -1).transpose(-1, -2)
-        return tensor.reshape(*front, -1, module.weight.numel())
+        columns), as ``(…, N, T, F)`` rows; ``layout``: where the samples are in the output (default: axis 0), which
+        ``layout_reason`` accepts."""
+        if layout is None or (layout.state == "axis" and layout.axis == 0):
+            front = tensor.shape[:lead]
+            if self.channels_first:
+                return tensor.reshape(*front, tensor.shape[lead], -1).transpose(-1, -2)
+            return tensor.reshape(*front, -1, module.weight.numel())
+        front = tensor.shape[:lead - 1]
+        if self.channels_first:  # features last first, so that the samples can be put first around them
+            tensor = tensor.movedim(lead, -1)
+            layout = layout if layout.axis < 1 else replace(layout, axis=layout.axis - 1)
+        samples_first = layout.samples_first(tensor, lead - 1)
+        return samples_first.reshape(*front, samples_first.shape[lead - 1], -1, module.weight.numel())
+
+    def layout_reason(self, module: nn.Module, layout: SampleLayout, dim: int) -> str | None:
+        """Why the samples, laid out as ``layout`` in an output of ``dim`` axes, do not give per-sample rows
+        (``None``: they do)."""
+        if not layout.carries_samples:
+            return f"the sample-axis probe did not find the samples in its input or output: {layout.describe()}"
+        features = range(1, 2) if self.channels_first else range(dim - module.weight.dim(), dim)
+        if layout.state != "whole" and layout.axis in features:
+            return f"the sample-axis probe found the {layout.describe()}, one of its feature axes"
+        return None
 
     def reproduces(self, module: nn.Module, call: LayerCall) -> bool:
         if module.training and isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -107,13 +127,23 @@ class NormSums(Accumulator):
         self.sums = torch.zeros(shape, dtype=settings.dtype, device=settings.device)
         self.calls = 0
         self._x_hat: Tensor | None = None
+        self._layouts: list[SampleLayout | None] = []
 
     @property
     def called(self) -> bool:
         return self.calls > 0
 
     def add_inputs(self, calls: list[LayerCall]) -> None:
-        rows = [self.kind.normalized_rows(self.module, c.inputs) for c in calls]
+        self._layouts = []
+        for call in calls:
+            layout = rows_layout(call.input_layouts[0], call.output_layouts) if call.input_layouts else None
+            reason = None if layout is None else self.kind.layout_reason(self.module, layout, call.inputs.dim())
+            if reason is not None:
+                self.skip_reason = reason
+                return
+            self._layouts.append(layout)
+        rows = [self.kind.rows(self.module, _x_hat(self.kind, self.module, c), layout=layout)
+                for c, layout in zip(calls, self._layouts)]
         self._x_hat = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
         self.calls += len(calls)
         for call in calls:
@@ -121,9 +151,9 @@ class NormSums(Accumulator):
 
     def add_gradients(self, grads: list[list[Tensor]]) -> None:
         """Gradient rows of this batch's calls, matching ``add_inputs``'s ``x̂`` rows."""
-        rows = [self.kind.rows(self.module, g[0], lead=2) for g in grads]
+        rows = [self.kind.rows(self.module, g[0], lead=2, layout=layout) for g, layout in zip(grads, self._layouts)]
         grad_rows = rows[0] if len(rows) == 1 else torch.cat(rows, dim=2)  # (K, N, T, F)
-        parts = [(grad_rows * self._x_hat).sum(2)]  # Σ_t g x̂; an x̂ of one sample broadcast over the batch works alike
+        parts = [(grad_rows * self._x_hat).sum(2)]  # Σ_t g x̂
         if self.per_feature == 2:
             parts.append(grad_rows.sum(2))  # Σ_t g
         parts = [p.to(self.sums.dtype) for p in parts]
@@ -154,6 +184,12 @@ class NormSums(Accumulator):
                                                            f"{self.n_features} features (cross-feature terms dropped)",
                                          self.name)
         return {self.name: block}
+
+
+def _x_hat(kind: NormalizationKind, module: nn.Module, call: LayerCall) -> Tensor:
+    """``x̂`` of a call, shaped like its output as the pass sees it (an unbatched call's expanded to the batch)."""
+    x_hat = kind.normalize(module, call.inputs)
+    return x_hat.expand(call.output_shapes[0]) if call.output_shapes and x_hat.shape != call.output_shapes[0] else x_hat
 
 
 BATCH_NORM = NormalizationKind("batch_norm", [nn.modules.batchnorm._BatchNorm], _batch_norm, channels_first=True,
