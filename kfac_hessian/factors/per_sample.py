@@ -20,7 +20,7 @@ from torch import nn
 
 from ..blocks import KroneckerBlock
 from ..data import Data
-from ..layers import Entry, KroneckerKind, PerSampleStatistic, Selection, select
+from ..layers import Entry, KroneckerKind, LayerKind, PerSampleStatistic, Selection, select
 from ..losses import loss_spec
 from ..model_state import eager_model
 from .driver import compute_kfac
@@ -40,6 +40,18 @@ def kronecker_entries(model: nn.Module, kfac: KFAC) -> list[tuple[Entry, Kroneck
         missing = sorted(set(names) - {e.module_name for e in entries})
         raise ValueError(f"the model's layers {missing} are not the Kronecker layers the KFAC result was computed on")
     return [(entry, kfac[entry.module_name]) for entry in entries]
+
+
+def routing_entries(model: nn.Module, kfac: KFAC) -> list[Entry]:
+    """The model's layers whose kind reroutes their forward for a pass (``LayerKind.pass_context``:
+    ``MultiheadAttention`` calls ``out_proj`` as a module only then) but whose blocks in ``kfac`` are kept
+    (cross-attention's ``BlockDiagonal``). They join the per-sample pass with their plain accumulators, whose blocks
+    are dropped, so that the layers they route (``out_proj``) are called as modules there as in ``compute_kfac``."""
+    kept = [name for name, block in kfac.items() if not isinstance(block, KroneckerBlock)]
+    if not kept:
+        return []
+    return [e for e in select(model, kept).entries if e.module_name in kept and e.kind is not None
+            and type(e.kind).pass_context is not LayerKind.pass_context]
 
 
 def correction_options(curvature: str | None, kfac: KFAC | None, options: PassOptions | None,
@@ -71,13 +83,17 @@ def per_sample_pass(model: nn.Module, loss_fn: nn.Module, data: Data, kfac: KFAC
     spec = loss_spec(loss_fn)
     model = eager_model(model)
     pairs = kronecker_entries(model, kfac)
-    selection = Selection([entry for entry, _ in pairs])
+    routers = routing_entries(model, kfac)
+    selection = Selection([entry for entry, _ in pairs] + routers)
     settings = pass_settings(selection, "expand", pairs[0][1].dtype)
     accumulators = {entry.module_name: entry.kind.per_sample_accumulator(entry.module_name, entry.module, settings,
                                                                          statistics(entry, block))
                     for entry, block in pairs}
+    accumulators |= {entry.module_name: entry.kind.accumulator(entry.module_name, entry.module, settings)
+                     for entry in routers}
     pass_ = Pass(model, accumulators, selection, settings, True, options.output, check_formulas=False)
     n_samples, scale, positions = stream_pass(model, spec, data, pass_, options)
     new, _, _ = pass_.finalize(scale, pairs[0][1].device)
+    new = {entry.module_name: new[entry.module_name] for entry, _ in pairs if entry.module_name in new}
     label_blocks(new, options, positions, approximation)
     return kfac.with_blocks({name: new.get(name, block) for name, block in kfac.items()}, n_samples=n_samples)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from ..blocks import CurvatureBlock, DenseBlocks, EKFACBlock, KroneckerBlock
+from ..blocks import BlockDiagonal, CurvatureBlock, DenseBlocks, EKFACBlock, KroneckerBlock
 
 SAVE_FORMAT = "kfac_hessian.KFAC/2"
 _BLOCK_CLASSES: dict[str, type[CurvatureBlock]] = {
-    cls.storage_tag: cls for cls in (KroneckerBlock, DenseBlocks, EKFACBlock)}
+    cls.storage_tag: cls for cls in (KroneckerBlock, DenseBlocks, EKFACBlock, BlockDiagonal)}
 
 
 def save(path, meta: dict, blocks: dict[str, CurvatureBlock]) -> None:

@@ -6,12 +6,15 @@ Kinds, tried in order (kinds you ``register`` come first):
 kind                          modules                                                 block
 ============================  ======================================================  ==============================
 ``attention``                 ``nn.MultiheadAttention`` (self-attention)              ``G ⊗ A`` of the in-projection
+                              (cross-attention)                                       ``G ⊗ A`` per input, block-diag.
 ``linear``                    ``nn.Linear``                                           ``G ⊗ A``
 ``transposed_linear``         ``transformers``' ``Conv1D`` (GPT-2)                    ``G ⊗ A``, weight
                                                                                       ``(d_in, d_out)``
 ``conv``                      ``nn.Conv1d/2d/3d``, any ``groups``                     ``G_g ⊗ A_g`` per group
 ``embedding``                 ``nn.Embedding``                                        ``G ⊗ diag(A)``
 ``batch_norm`` … ``rms_norm``  ``BatchNorm*``, ``GroupNorm``, ``LayerNorm``, ``RMSNorm``  exact ``(γ, β)`` block
+``recurrent``                 ``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` (run unrolled)       ``G ⊗ A`` per layer, direction
+                                                                                      and linear map
 (per-sample parameters)       everything else with parameters                        exact block per parameter
 ============================  ======================================================  ==============================
 
@@ -37,10 +40,11 @@ from .kronecker import KroneckerKind, KroneckerSums, PerSampleStatistic
 from .linear import LinearKind
 from .normalization import BATCH_NORM, GROUP_NORM, LAYER_NORM, RMS_NORM, NormalizationKind
 from .parameters import ParameterSums, full_name, is_parametrization, own_parameters
+from .recurrent import RecurrentKind
 from .transposed_linear import TransposedLinearKind
 
 _BUILT_IN: tuple[LayerKind, ...] = (AttentionKind(), LinearKind(), TransposedLinearKind(), ConvKind(), EmbeddingKind(),
-                                     BATCH_NORM, GROUP_NORM, LAYER_NORM, RMS_NORM)
+                                     BATCH_NORM, GROUP_NORM, LAYER_NORM, RMS_NORM, RecurrentKind())
 _REGISTERED: list[LayerKind] = []
 
 
@@ -178,6 +182,10 @@ def select(model: nn.Module, layers: list[str] | str | None) -> Selection:
             for local, _ in own_parameters(module):
                 if local not in covered:
                     _add_parameter(entries, name, module, local)
+            if kind is not None and kind.unsupported_reason(module) is not None:
+                for child in kind.functional_children(module):
+                    for local, _ in own_parameters(module.get_submodule(child)):
+                        _add_parameter(entries, name, module, f"{child}.{local}")
         elif name in owners:
             m_name, local = owners[name]
             module = modules[m_name]
@@ -215,9 +223,10 @@ def _add_parameter(entries: dict, module_name: str, module: nn.Module, local: st
 
 def _select_all(modules: dict[str, nn.Module]) -> Selection:
     selection = Selection([])
+    used_by_parent: set[str] = set()  # children whose parameters their parent's per-sample blocks cover
     for name, module in modules.items():
         own = own_parameters(module)
-        if not own or is_parametrization(module):  # originals belong to the module they parametrize
+        if not own or is_parametrization(module) or name in used_by_parent:  # originals: see their module
             continue
         if hook_computed_reason(module) is not None:
             selection.skipped[name] = hook_computed_reason(module)
@@ -233,6 +242,10 @@ def _select_all(modules: dict[str, nn.Module]) -> Selection:
                 selection.skipped[name] = FROZEN
             else:
                 selection.entries.append(Entry(kind, name, module, covered))
+        elif kind is not None:
+            for child in kind.functional_children(module):
+                used_by_parent.add(full_name(name, child))
+                own = own + [(f"{child}.{local}", p) for local, p in own_parameters(module.get_submodule(child))]
         rest = [n for n, p in own if n not in covered]
         trainable = [n for n, p in own if n not in covered and p.requires_grad]
         if trainable:

@@ -56,7 +56,7 @@ def test_mlp_and_cnn_blocks():
     for name in ["conv1", "conv2"]:
         H = dense_ggn(TinyCNN(), nn.CrossEntropyLoss(), Xc, yc, kfac.parameter_names[name])
         exact = torch.linalg.eigvalsh(H)
-        values = ekfac[name].eig().eigenvalues()
+        values = ekfac[name].eig().eigenvalues
         assert float(values[0]) <= float(exact[-1]) * (1 + 1e-12) and float(values[-1]) >= -1e-15, name
 
 
@@ -89,3 +89,29 @@ def test_other_blocks_are_kept_and_the_result_behaves_like_kfac(tmp_path):
     assert torch.allclose(same["0"].values, ekfac["0"].values, atol=1e-14)
     with pytest.raises(ValueError, match="configure compute_kfac"):
         kh.compute_ekfac(model, nn.CrossEntropyLoss(), (X, y), kfac=kfac, approx="reduce")
+
+
+class _CrossAttention(nn.Module):
+    """A decoder layer whose cross-attention block is a ``BlockDiagonal`` (kept by EKFAC) and whose ``out_proj`` is a
+    Linear called as a module only while the attention kind reroutes the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.dec = nn.TransformerDecoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.dec(x[:, :2], x[:, 2:]).mean(1))
+
+
+def test_cross_attention_models_get_ekfac_blocks_of_the_layers_their_attention_routes():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(4)
+    X, y = torch.randn(6, 5, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    model = _CrossAttention().double().eval()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        kfac, ekfac = _check(model, nn.CrossEntropyLoss(), X, y, ["dec.multihead_attn.out_proj", "head"])
+    kept = ekfac["dec.multihead_attn"]
+    assert kept is kfac["dec.multihead_attn"]  # the cross-attention in-projection's block is kept as it is

@@ -68,4 +68,4 @@ def test_to_converts_every_block_and_keeps_how_they_were_computed():
     assert (low.curvature, low.n_samples, low.parameter_names) == (kfac.curvature, kfac.n_samples, kfac.parameter_names)
     for name in kfac:
         assert torch.allclose(low[name].to_dense().double(), kfac[name].to_dense(), rtol=1e-6, atol=1e-7)
-        assert torch.allclose(kfac.eig()[name].eigenvalues(), kfac[name].eig().eigenvalues(), atol=1e-15)
+        assert torch.allclose(kfac.eig()[name].eigenvalues, kfac[name].eig().eigenvalues, atol=1e-15)

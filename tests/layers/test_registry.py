@@ -86,7 +86,7 @@ def test_register_and_unregister_check_their_argument():
         kh.layers.unregister(ScaledLinearKind())
     names = [k.name for k in kh.layers.kinds()]
     assert names == ["attention", "linear", "transposed_linear", "conv", "embedding", "batch_norm", "group_norm",
-                     "layer_norm", "rms_norm"]
+                     "layer_norm", "rms_norm", "recurrent"]
 
 
 def test_with_layers_given_the_summary_lists_what_was_left_out():
