@@ -10,10 +10,14 @@ Conventions (stated once here and in ``docs/conventions.md``):
   positions (a layer location feeding several of them, or ``approx="reduce"``) this adds cross-position
   terms that the block-diagonal loss Hessian does not have (docs/conventions.md §3). A sequence model should
   present its outputs as ``(N, C, T)`` (a 1-D output ``(N,)`` is read as ``(N, 1)``).
-* ``summed_loss`` is the sum over the terms of a batch. The objective over the data set is that sum
-  over all batches ("sum") or divided by the total number of terms ``Z = N·τ`` ("mean"), ``τ`` = terms
-  per sample. This is exactly what the ``loss_fn`` computes on the whole data set, so per-batch means
+* ``summed_loss`` is the sum over the *counted* terms of a batch. The objective over the data set is that sum
+  over all batches ("sum") or divided by the total number of counted terms ``Z = N·τ`` ("mean"), ``τ = Z/N`` the
+  counted terms per sample. This is exactly what the ``loss_fn`` computes on the whole data set, so per-batch means
   recombine correctly with an uneven last batch.
+* Cross-entropy targets equal to ``ignore_index`` (transformers' ``-100``) are not counted: their terms are absent
+  from the loss, so every output column (Hessian square root, Monte-Carlo label, gradient) is zero there, and ``τ``
+  is then the *mean* number of counted positions per sample, not necessarily an integer. The per-sample loss of
+  the empirical Fisher is ``ℓ_n = (1/τ) Σ_{counted t of n} ℓ_{n,t}``, so that ``L = (1/N) Σ_n ℓ_n`` under "mean".
 * Every gradient, Hessian square root and Hessian-vector product below is that of the *summed* loss
   with respect to the model output ``f``; reduction scaling is applied by the callers once ``N`` is known.
 
@@ -49,8 +53,12 @@ class LossSpec:
     reduction: Reduction
     ignore_index: int = -100
 
-    def scale(self, n_samples: int, terms_per_sample: int) -> float:
-        """Factor that turns a sum over all terms of the data set into the objective."""
+    def scale(self, n_samples: int, terms_per_sample: float) -> float:
+        """Factor that turns a sum over all counted terms of the data set into the objective: ``1/(N τ)`` under
+        "mean", ``τ`` the counted terms per sample (``counted_terms`` summed over the data, divided by ``N``)."""
+        if n_samples * terms_per_sample == 0:
+            raise ValueError(f"the data has no counted loss term: every target equals ignore_index={self.ignore_index}"
+                             " (or the data is empty); the objective is undefined — give data with a counted target")
         if self.reduction == "sum":
             return 1.0
         return 1.0 / (n_samples * terms_per_sample)
@@ -103,11 +111,13 @@ def check_batch(spec: LossSpec, output: Tensor, target: Tensor) -> None:
                         "axis 1: pass output=kfac_hessian.sequence_logits (logits.transpose(1, 2))")
             raise ValueError(f"CrossEntropyLoss targets have shape {tuple(target.shape)}, expected {expected} for an "
                              f"output of shape {tuple(output.shape)}{hint}")
-        if (target == spec.ignore_index).any():
-            raise ValueError(f"targets equal to ignore_index={spec.ignore_index} are not supported")
-        if target.numel() and (target.min() < 0 or target.max() >= output.shape[1]):
-            raise ValueError(f"class indices must lie in [0, {output.shape[1]}), "
-                             f"got [{int(target.min())}, {int(target.max())}]")
+        counted = target[target != spec.ignore_index]
+        if target.numel() and not counted.numel():
+            raise ValueError(f"a batch has no counted target (every target equals ignore_index={spec.ignore_index}), "
+                             "so its mean loss is undefined: leave such batches out of the data")
+        if counted.numel() and (counted.min() < 0 or counted.max() >= output.shape[1]):
+            raise ValueError(f"class indices must lie in [0, {output.shape[1]}) or equal ignore_index="
+                             f"{spec.ignore_index}, got [{int(counted.min())}, {int(counted.max())}]")
     else:
         name = "MSELoss" if spec.name == "mse" else "BCEWithLogitsLoss"
         if tuple(target.shape) != tuple(output.shape):
@@ -126,39 +136,68 @@ def terms_per_sample(spec: LossSpec, output: Tensor) -> int:
     return math.prod(output.shape[1:])
 
 
-def summed_loss(spec: LossSpec, output: Tensor, target: Tensor) -> Tensor:
-    """Sum of the loss terms of one batch."""
+def counted_terms(spec: LossSpec, output: Tensor, target: Tensor) -> int:
+    """The loss terms of one batch that count: ``N·τ`` positions or elements, less the ignored cross-entropy targets."""
     if spec.name == "cross_entropy":
-        return F.cross_entropy(output, target, reduction="sum")
+        return int((target != spec.ignore_index).sum())
+    return output.numel()
+
+
+def counted_mask(spec: LossSpec, target: Tensor | None, class_axis: int) -> Tensor | None:
+    """``1`` where a cross-entropy target counts and ``0`` where it equals ``ignore_index``, with a size-1 class axis
+    at ``class_axis`` (broadcasts over a column's classes); ``None`` when every term counts."""
+    if spec.name != "cross_entropy" or target is None or not (target == spec.ignore_index).any():
+        return None
+    return (target != spec.ignore_index).unsqueeze(class_axis)
+
+
+def summed_loss(spec: LossSpec, output: Tensor, target: Tensor) -> Tensor:
+    """Sum of the counted loss terms of one batch."""
+    if spec.name == "cross_entropy":
+        return F.cross_entropy(output, target, reduction="sum", ignore_index=spec.ignore_index)
     if spec.name == "mse":
         return F.mse_loss(output, target, reduction="sum")
     return F.binary_cross_entropy_with_logits(output, target, reduction="sum")
 
 
 def output_gradient(spec: LossSpec, output: Tensor, target: Tensor, leading: int = 0) -> Tensor:
-    """∂(summed loss)/∂f in closed form; ``output`` and ``target`` may carry ``leading`` extra axes in front."""
+    """∂(summed loss)/∂f in closed form (zero at ignored targets); ``output`` and ``target`` may carry ``leading``
+    extra axes in front."""
     if spec.name == "cross_entropy":
         class_axis = 1 + leading
-        one_hot = F.one_hot(target, output.shape[class_axis]).movedim(-1, class_axis).to(output.dtype)
-        return output.softmax(class_axis) - one_hot
+        mask = counted_mask(spec, target, class_axis)
+        if mask is None:
+            return _cross_entropy_gradient(output, target, class_axis)
+        return _cross_entropy_gradient(output, target.masked_fill(target == spec.ignore_index, 0), class_axis) * mask
     if spec.name == "mse":
         return 2.0 * (output - target)
     return output.sigmoid() - target
 
 
+def _cross_entropy_gradient(output: Tensor, labels: Tensor, class_axis: int) -> Tensor:
+    """``softmax(f) − onehot(y)``, every label counted (``labels`` are class indices)."""
+    one_hot = F.one_hot(labels, output.shape[class_axis]).movedim(-1, class_axis).to(output.dtype)
+    return output.softmax(class_axis) - one_hot
+
+
 def sample_output_gradients(spec: LossSpec, output: Tensor, n_samples: int,
-                            generator: torch.Generator | None) -> Tensor:
+                            generator: torch.Generator | None, target: Tensor | None = None) -> Tensor:
     """Monte-Carlo Fisher columns, shape ``(n_samples, *output.shape)``.
 
     Labels are drawn from the model's predictive distribution and the summed loss is differentiated
     at them; ``E[g gᵀ] = Λ`` per term (for squared error the Gaussian has variance 1/2, so that
-    ``E[(2ε)(2ε)ᵀ] = 2 I``).
+    ``E[(2ε)(2ε)ᵀ] = 2 I``). Where ``target`` equals ``ignore_index`` the term is absent: its columns are zero
+    (labels are drawn there too, so that the draws elsewhere do not depend on which targets are ignored).
     """
     out = output.detach()
     if spec.name == "cross_entropy":
         probs = out.softmax(1).movedim(1, -1).reshape(-1, out.shape[1])
         draws = torch.multinomial(probs, n_samples, replacement=True, generator=generator)  # (positions, m)
         targets = draws.T.reshape(n_samples, out.shape[0], *out.shape[2:])
+        # a drawn label is a class, even one equal to ignore_index: only the true targets say what is ignored
+        gradients = _cross_entropy_gradient(out.expand(n_samples, *out.shape), targets, 2)
+        mask = counted_mask(spec, target, 1)
+        return gradients if mask is None else gradients * mask
     elif spec.name == "mse":
         noise = torch.randn((n_samples, *out.shape), generator=generator, dtype=out.dtype, device=out.device)
         targets = out + noise * math.sqrt(0.5)
@@ -168,39 +207,73 @@ def sample_output_gradients(spec: LossSpec, output: Tensor, n_samples: int,
     return output_gradient(spec, out.expand(n_samples, *out.shape), targets, leading=1)
 
 
-def hessian_sqrt_columns(spec: LossSpec, output: Tensor) -> Tensor:
+def hessian_sqrt_columns(spec: LossSpec, output: Tensor, target: Tensor | None = None) -> Tensor:
     """Columns of ``S`` (``S Sᵀ = Λ`` per term), shape ``(K, *output.shape)``.
 
     Column ``c`` holds, at every position at once, the ``c``-th column of that position's square root;
-    ``K`` is the size of the feature axis (axis 1), less one for cross-entropy (rank ``C − 1``).
+    ``K`` is the size of the feature axis (axis 1), less one for cross-entropy (rank ``C − 1``). All ``K`` at once
+    are ``K²`` numbers per position: a large vocabulary takes them from ``HessianSqrt`` a chunk at a time. Zero where
+    ``target`` equals ``ignore_index``.
     """
-    out = output.detach()
-    if spec.name == "cross_entropy":
-        p = out.softmax(1).movedim(1, -1)  # (N, *, C)
-        sqrt_p = p.sqrt()
-        s = torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)  # (N, *, C_row, C_col)
-        # S √p = 0, so S Q Qᵀ Sᵀ = Λ for any orthonormal basis Q of √p's complement: C − 1 columns suffice.
-        # Q = the first C − 1 columns of the Householder reflection H = I − 2 w wᵀ/‖w‖², w = √p + e_C,
-        # which maps e_C to −√p (‖w‖² ≥ 2: no cancellation).
-        w = sqrt_p.clone()
-        w[..., -1] += 1
-        q = (torch.eye(p.shape[-1], dtype=out.dtype, device=out.device)[:, :-1]
-             - 2 * w.unsqueeze(-1) * w[..., None, :-1] / w.pow(2).sum(-1)[..., None, None])
-        s = s @ q  # (N, *, C_row, C − 1)
-        return s.movedim(-1, 0).movedim(-1, 2).contiguous()  # (C − 1, N, C_row, *)
-    root = math.sqrt(2.0) * torch.ones_like(out) if spec.name == "mse" else (out.sigmoid() * (1 - out.sigmoid())).sqrt()
-    if out.dim() == 1:
-        return root.unsqueeze(0)
-    width = out.shape[1]
-    eye = torch.eye(width, dtype=out.dtype, device=out.device).view(width, 1, width, *([1] * (out.dim() - 2)))
-    return eye * root.unsqueeze(0)
+    root = HessianSqrt(spec, output, target)
+    return root.columns(torch.arange(root.rank, device=output.device))
 
 
-def hessian_vector_product(spec: LossSpec, output: Tensor, vectors: Tensor) -> Tensor:
-    """``Λ u`` for each ``u`` in ``vectors`` of shape ``(m, *output.shape)`` (per term, summed loss)."""
+class HessianSqrt:
+    """The loss-Hessian square root ``S`` of every term of one batch's output, applied without forming it.
+
+    ``apply(c)`` is ``S c`` per term for coefficients ``c`` of shape ``(m, N, K, *)`` (``(m, *output.shape)`` for
+    squared error and BCE, where ``K = C``): unit coefficients give columns of ``S`` (``columns``), random signs
+    unbiased combinations of them. Memory and time are ``O(m · output.numel())``, never ``O(K · output.numel())``.
+
+    Cross-entropy: ``S = (diag(√p) − p √pᵀ) Q``, ``Q`` the first ``C − 1`` columns of the Householder reflection
+    ``I − 2 w wᵀ/‖w‖²``, ``w = √p + e_C``, which maps ``e_C`` to ``−√p`` (``S √p = 0``, so ``S Sᵀ = Λ``; ``‖w‖² ≥ 2``:
+    no cancellation). Written out, ``S c = u − b Σ_k u_k`` with ``u = √p_{:C−1} ⊙ c`` (zero-padded to ``C``) and
+    ``b = p + √p_C/(1 + √p_C) · (e_C − p)``. Where ``target`` equals ``ignore_index``, ``S = 0`` (no term there).
+    """
+
+    def __init__(self, spec: LossSpec, output: Tensor, target: Tensor | None = None):
+        out = output.detach()
+        self.spec, self.shape, self.dtype, self.device = spec, out.shape, out.dtype, out.device
+        if spec.name == "cross_entropy":
+            p = out.softmax(1)
+            self.sqrt_p = p.sqrt()
+            r = self.sqrt_p[:, -1:] / (1 + self.sqrt_p[:, -1:])
+            self.b = p * (1 - r)  # p + r (e_C − p)
+            self.b[:, -1:] += r
+            mask = counted_mask(spec, target, 1)
+            if mask is not None:  # u = √p ⊙ c vanishes at the ignored positions, and with it S c
+                self.sqrt_p = self.sqrt_p * mask
+            self.rank = p.shape[1] - 1
+        else:
+            self.root = torch.full_like(out, math.sqrt(2.0)) if spec.name == "mse" else (
+                out.sigmoid() * (1 - out.sigmoid())).sqrt()
+            self.rank = out.shape[1] if out.dim() > 1 else 1
+
+    def apply(self, coefficients: Tensor) -> Tensor:
+        """``S c`` per term (class docstring): ``(m, N, K, *)`` → ``(m, *output.shape)``."""
+        if self.spec.name != "cross_entropy":
+            return self.root * coefficients
+        u = self.sqrt_p[:, :-1] * coefficients
+        return F.pad(u.movedim(2, -1), (0, 1)).movedim(-1, 2) - self.b * u.sum(2, keepdim=True)
+
+    def columns(self, indices: Tensor) -> Tensor:
+        """Columns ``indices`` of ``S``, each at every position at once: ``(len(indices), *output.shape)``."""
+        n, rest = self.shape[0], self.shape[2:]
+        if len(self.shape) == 1:  # (N,): one column, the root itself
+            return self.root.expand(len(indices), n).clone()
+        unit = torch.zeros(len(indices), self.rank, dtype=self.dtype, device=indices.device)
+        unit[torch.arange(len(indices), device=indices.device), indices] = 1
+        return self.apply(unit.view(len(indices), 1, self.rank, *([1] * len(rest))).expand(-1, n, -1, *rest))
+
+
+def hessian_vector_product(spec: LossSpec, output: Tensor, vectors: Tensor, target: Tensor | None = None) -> Tensor:
+    """``Λ u`` for each ``u`` in ``vectors`` of shape ``(m, *output.shape)`` (per term, summed loss; zero where
+    ``target`` equals ``ignore_index``)."""
     out = output.detach()
     if spec.name == "cross_entropy":
-        p = out.softmax(1)
+        mask = counted_mask(spec, target, 1)
+        p = out.softmax(1) if mask is None else out.softmax(1) * mask
         pu = p * vectors
         return pu - p * pu.sum(dim=2, keepdim=True)
     if spec.name == "mse":

@@ -183,3 +183,35 @@ def transformers_problem(family: str, n: int = 3, length: int = 5, seed: int = 0
         raise ValueError(family)
     model, inputs, targets, output = problem
     return model.double().eval(), inputs, targets, output
+
+
+def tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1 + torch.tanh(0.79788456 * (x + 0.044715 * x**3)))
+
+
+class OldStyleGeLU(torch.autograd.Function):
+    """An old-style Function (no ``setup_context``, as BLOOM's ``GeLUFunction``): torch.func cannot transform it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return tanh_gelu(x)
+
+    @staticmethod
+    def backward(ctx, g):  # written with differentiable ops: plain autograd can take its derivative again
+        (x,) = ctx.saved_tensors
+        t = torch.tanh(0.79788456 * (x + 0.044715 * x**3))
+        return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * 0.79788456 * (1 + 3 * 0.044715 * x * x))
+
+
+class FunctionScaled(nn.Module):
+    """``gelu(x · scale)`` with a parameter no layer kind claims, through ``OldStyleGeLU`` (``plain=False``) or the
+    same formula in plain torch ops (``plain=True``: the reference torch.func can differentiate)."""
+
+    def __init__(self, width: int = 4, plain: bool = False):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.6, 1.4, width))
+        self.plain = plain
+
+    def forward(self, x):
+        return tanh_gelu(x * self.scale) if self.plain else OldStyleGeLU.apply(x * self.scale)

@@ -8,7 +8,9 @@ from torch import nn
 from torch.func import hessian
 
 from kfac_hessian.losses import (
+    HessianSqrt,
     check_batch,
+    counted_terms,
     hessian_sqrt_columns,
     hessian_vector_product,
     loss_spec,
@@ -97,7 +99,8 @@ def test_unsupported_losses(loss_fn, error, match):
         (nn.CrossEntropyLoss(), torch.zeros(3, 4), torch.zeros(3, 4), "class indices"),
         (nn.CrossEntropyLoss(), torch.zeros(3, 4), torch.zeros(2, dtype=torch.long), r"expected \(3,\)"),
         (nn.CrossEntropyLoss(), torch.zeros(3, 4), torch.tensor([0, 1, 4]), r"lie in \[0, 4\)"),
-        (nn.CrossEntropyLoss(), torch.zeros(3, 4), torch.tensor([0, 1, -100]), "ignore_index"),
+        (nn.CrossEntropyLoss(), torch.zeros(3, 4), torch.tensor([-100, -100, -100]), "no counted target"),
+        (nn.CrossEntropyLoss(), torch.zeros(3, 4), torch.tensor([0, -1, -100]), r"or equal ignore_index=-100"),
         (nn.MSELoss(), torch.zeros(3, 4), torch.zeros(3, 1), "must match exactly"),
         (nn.MSELoss(), torch.zeros(3, 4), torch.zeros(3, 4, dtype=torch.long), "floating point"),
         (nn.CrossEntropyLoss(), torch.zeros(3), torch.zeros(3, dtype=torch.long), r"\(N, C\)"),
@@ -116,3 +119,49 @@ def test_ggn_columns_square_to_loss_hessian():
             s = cols[:, n, :, t]  # (column, row)
             p = f[n, :, t].softmax(0)
             assert torch.allclose(s.T @ s, torch.diag(p) - torch.outer(p, p), atol=1e-14)
+
+
+IGNORED = [(-100, torch.tensor([[2, -100, 0], [-100, -100, 3]])),  # transformers' labels
+           (0, torch.tensor([[2, 0, 1], [0, 0, 3]]))]  # an ignore_index that is also a class
+
+
+@pytest.mark.parametrize("ignore_index, y", IGNORED)
+def test_ignored_targets_have_no_terms(ignore_index, y):
+    """With targets equal to ``ignore_index`` every piece equals torch.func's of the summed loss that PyTorch
+    computes: no term, so zero gradient, zero Hessian rows, zero square-root columns at those positions."""
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
+    loss_fn = nn.CrossEntropyLoss(ignore_index=ignore_index)
+    spec = loss_spec(loss_fn)
+    check_batch(spec, f, y)
+    ignored = (y == ignore_index).unsqueeze(1).expand_as(f)
+    total = lambda out: summed_loss(spec, out, y)  # noqa: E731
+    assert torch.allclose(total(f), nn.CrossEntropyLoss(ignore_index=ignore_index, reduction="sum")(f, y))
+    assert counted_terms(spec, f, y) == int((y != ignore_index).sum())
+    assert torch.allclose(loss_fn(f, y), total(f) / counted_terms(spec, f, y))
+    leaf = f.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(total(leaf), leaf)
+    assert torch.allclose(output_gradient(spec, f, y), grad, atol=1e-14)
+    H = hessian(total)(f).reshape(f.numel(), f.numel())
+    cols = hessian_sqrt_columns(spec, f, y)
+    assert cols[:, ignored].abs().max() == 0
+    flat = cols.reshape(len(cols), -1)
+    same_position = torch.arange(f.numel()).reshape(f.shape).movedim(1, -1).reshape(-1, f.shape[1])
+    for group in same_position:  # terms do not couple positions: S Sᵀ = H on each position's block
+        block = group[:, None], group[None, :]
+        assert torch.allclose((flat.T @ flat)[block], H[block], atol=1e-13)
+    U = torch.randn(2, *f.shape, generator=g, dtype=torch.float64)
+    assert torch.allclose(hessian_vector_product(spec, f, U, y).reshape(2, -1), U.reshape(2, -1) @ H, atol=1e-13)
+    signs = HessianSqrt(spec, f, y).apply(torch.randn(5, 2, 3, 3, generator=g, dtype=torch.float64))
+    assert signs[:, ignored].abs().max() == 0
+    # Monte-Carlo labels: the same draws as without ignored targets, zeroed where the term is absent
+    drawn = sample_output_gradients(spec, f, 7, torch.Generator().manual_seed(3), y)
+    every = sample_output_gradients(spec, f, 7, torch.Generator().manual_seed(3))
+    assert drawn[:, ignored].abs().max() == 0 and torch.equal(drawn[:, ~ignored], every[:, ~ignored])
+
+
+def test_data_without_a_counted_target_is_refused():
+    spec = loss_spec(nn.CrossEntropyLoss())
+    with pytest.raises(ValueError, match="no counted loss term"):
+        spec.scale(4, 0.0)
+    assert spec.scale(4, 2.5) == 1 / 10  # τ = Z/N need not be an integer: the mean over Z = 10 counted targets

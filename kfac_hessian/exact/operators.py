@@ -10,11 +10,16 @@ before the reduction scale is applied, so an uneven last batch changes nothing.
 
 Both take ``m`` vectors in one pass over the data. Parameters are passed to the model functionally
 (``torch.func.functional_call``) as detached views, so the model's flags and ``.grad`` are never touched.
+Where torch cannot differentiate a model twice as written, the products take another route to the same values:
+a model ``torch.func`` cannot transform (an old-style ``torch.autograd.Function`` without ``setup_context``, as
+BLOOM's ``GeLUFunction``) gets its GGN products by plain ``torch.autograd`` reverse mode twice (its Hessian products
+are plain double backward anyway); ``nn.EmbeddingBag`` runs written out as an embedding and a sum per bag.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from typing import Any
 
@@ -25,9 +30,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import distributed as _distributed
 from ..data import Data, OutputSelector, iterate_batches, model_output, require_reiterable
+from ..layers.embedding import embedding_bag_written_out
 from ..layers.parameters import own_parameters
 from ..linear_operator import LinearOperator
-from ..losses import check_batch, hessian_vector_product, loss_spec, summed_loss, terms_per_sample
+from ..losses import check_batch, counted_terms, hessian_vector_product, loss_spec, summed_loss
 from ..model_state import (
     compute_dtype,
     eager_calls,
@@ -48,6 +54,21 @@ def _slow_multihead_attention():
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+@contextlib.contextmanager
+def _embedding_bags_written_out(model: nn.Module):
+    """``nn.EmbeddingBag``'s fused op has neither forward-mode AD nor double backward: during the products every
+    plain ``EmbeddingBag`` runs ``layers.embedding.embedding_bag_written_out`` (same values; ``mode="max"`` and
+    ``max_norm`` refused there with ``NotImplementedError``). The module's own ``forward`` is back on exit."""
+    bags = [m for m in model.modules() if type(m).forward is nn.EmbeddingBag.forward and "forward" not in vars(m)]
+    for bag in bags:
+        bag.forward = functools.partial(embedding_bag_written_out, bag)
+    try:
+        yield
+    finally:
+        for bag in bags:
+            del bag.forward
 
 
 class CurvatureOperator(LinearOperator):
@@ -127,29 +148,29 @@ class CurvatureOperator(LinearOperator):
         tangents = [t.reshape(m, *shape).to(self.param_dtype)
                     for t, shape in zip(columns.T.split(self._sizes, dim=1), self._shapes)]
         result = torch.zeros(m, self.num_params, dtype=self.dtype, device=self.device)
-        n_samples, tau = 0, None
+        n_samples, counted = 0, 0
         # detached views (no copies): the model's own flags and .grad are never involved
         fixed = {name: p.detach() for name, p in self.model.named_parameters()}
         theta = tuple(fixed[name].detach().requires_grad_() for name in self.param_names)
         # BatchNorm in eval mode as in compute_kfac: the function the trained network computes at test time
         with preserved_model_state(self.model, self.batch_norm_eval), eager_calls(self.model), torch.enable_grad(), \
-                self._attention_backend(), _slow_multihead_attention():
+                self._attention_backend(), _slow_multihead_attention(), _embedding_bags_written_out(self.model):
             batch_norms = [m for m in self.model.modules() if is_batch_norm(m)]
             if self.kind == "ggn" and any(m.training and m.track_running_stats for m in batch_norms):
                 raise ValueError("kind='ggn' runs the model under torch.func, where a train-mode BatchNorm cannot "
                                  "update its running statistics; use batch_norm_eval=True or kind='hessian'")
             for _, inputs, target in iterate_batches(self.data, self.device):
                 products, output = self._batch_products(self._forward(inputs, fixed), theta, tangents, target)
-                tau = terms_per_sample(self.spec, output)
                 n_samples += output.shape[0]
+                counted += counted_terms(self.spec, output, target)  # less the targets equal to ignore_index
                 result += torch.cat([p.detach().reshape(m, -1) for p in products], dim=1).to(self.dtype)
         if self.distributed:  # every rank streamed its shard: sum products and counts in one collective
-            counts = torch.tensor([n_samples, tau], dtype=self.dtype, device=self.device)
+            counts = torch.tensor([n_samples, counted], dtype=self.dtype, device=self.device)
             result, counts = _distributed.all_reduce_sum([result, counts])
-            n_samples = int(counts[0])
+            n_samples, counted = int(counts[0]), int(counts[1])
         self.n_matvecs += m
         self.n_data_passes += 1
-        return (result * self.spec.scale(n_samples, tau)).T
+        return (result * self.spec.scale(n_samples, counted / n_samples if n_samples else 0)).T
 
     def _forward(self, inputs: Any, fixed: dict[str, Tensor]):
         """The model's output on ``inputs`` as a function of the operator's parameters (the others ``fixed``)."""
@@ -185,7 +206,7 @@ class CurvatureOperator(LinearOperator):
                 output, pullback = vjp(forward, *theta)
                 check_batch(self.spec, output, target)
                 jacobian_products = vmap(lambda *t: jvp(forward, theta, t)[1])(*tangents)
-                return vmap(pullback)(hessian_vector_product(self.spec, output, jacobian_products)), output
+                return vmap(pullback)(hessian_vector_product(self.spec, output, jacobian_products, target)), output
             except (RuntimeError, NotImplementedError) as error:
                 if not any(cue in str(error) for cue in _NO_FORWARD_MODE):
                     raise
@@ -211,15 +232,16 @@ class CurvatureOperator(LinearOperator):
                 continue
             columns.append(torch.autograd.grad([pulled[i] for i in used], u, [tangents[i][column] for i in used],
                                                retain_graph=True)[0])
-        weighted = hessian_vector_product(self.spec, output, torch.stack(columns))
+        weighted = hessian_vector_product(self.spec, output, torch.stack(columns), target)
         products = [torch.autograd.grad(output, theta, w, retain_graph=True, allow_unused=True) for w in weighted]
         return [torch.stack([torch.zeros_like(t[0]) if p[i] is None else p[i] for p in products])
                 for i, t in enumerate(tangents)], output
 
 
 # what torch says when torch.func cannot transform a model: an old-style autograd.Function, an op without a
-# forward-mode derivative
-_NO_FORWARD_MODE = ("functorch", "forward AD", "forward-mode", "setup_context")
+# forward-mode derivative, a fused recurrent op on a PackedSequence (its kernel reads raw storage, which torch.func's
+# wrapped tensors do not have)
+_NO_FORWARD_MODE = ("functorch", "forward AD", "forward-mode", "setup_context", "doesn't have storage")
 
 
 def _refuse_weight_norm_originals(model: nn.Module, names: list[str]) -> None:

@@ -9,7 +9,17 @@ from torch import nn
 
 import kfac_hessian as kh
 
-from ..conftest import NormCNN, TinyCNN, batches, binary_data, classification_data, mlp, regression_data
+from ..conftest import (
+    FunctionScaled,
+    NormCNN,
+    OldStyleGeLU,
+    TinyCNN,
+    batches,
+    binary_data,
+    classification_data,
+    mlp,
+    regression_data,
+)
 from ..references import EXACT, dense_ggn, dense_hessian, rel_err
 
 LOSSES = {
@@ -170,24 +180,9 @@ def test_a_distributed_data_parallel_model_is_run_through_its_module(tmp_path):
         dist.destroy_process_group()
 
 
-class _TanhGeLU(torch.autograd.Function):
-    """An old-style Function (no ``setup_context``, as BLOOM's ``GeLUFunction``): torch.func cannot transform it."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return 0.5 * x * (1 + torch.tanh(0.79788456 * (x + 0.044715 * x**3)))
-
-    @staticmethod
-    def backward(ctx, g):  # written with differentiable ops: plain autograd can take its derivative again
-        (x,) = ctx.saved_tensors
-        t = torch.tanh(0.79788456 * (x + 0.044715 * x**3))
-        return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * 0.79788456 * (1 + 3 * 0.044715 * x * x))
-
-
 class _FunctionAct(nn.Module):
     def forward(self, x):
-        return _TanhGeLU.apply(x)
+        return OldStyleGeLU.apply(x)
 
 
 def test_ggn_products_by_reverse_mode_where_torch_func_cannot_transform_the_model():
@@ -201,7 +196,7 @@ def test_ggn_products_by_reverse_mode_where_torch_func_cannot_transform_the_mode
     weight, bias = model[0].weight.detach(), model[0].bias.detach()
 
     def outputs(theta):
-        return model[2](_TanhGeLU.apply(X @ theta[:20].reshape(4, 5).T + theta[20:]))
+        return model[2](OldStyleGeLU.apply(X @ theta[:20].reshape(4, 5).T + theta[20:]))
 
     theta = torch.cat([weight.flatten(), bias])
     out = outputs(theta).detach()
@@ -228,3 +223,109 @@ def test_torch_double_backward_of_weight_norm_is_asymmetric_which_is_why_its_exa
     fused = torch.autograd.functional.hessian(lambda t: loss(t, True), theta)
     written = torch.func.hessian(lambda t: loss(t, False))(theta)
     assert rel_err(written, written.T) < 1e-14 and rel_err(fused, written) > 0.1
+
+
+def test_ignored_targets_on_both_paths_equal_torch_func_of_the_loss():
+    """transformers' labels (``-100`` where a position has no target), uneven batches whose samples count different
+    numbers of tokens: compute_kfac's exact per-sample/normalization blocks (``per_position=True``) and the exact
+    operator's GGN equal torch.func's ``Jᵀ Λ J`` of the mean over the counted tokens, the Hessian torch.func.hessian's;
+    the empirical Fisher is ``(1/N) Σ_n g_n g_nᵀ`` with ``ℓ_n = (1/τ) Σ_{counted t of n} ℓ_{n,t}``, ``τ = Z/N``."""
+    import warnings
+
+    from torch.func import functional_call, grad, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from benchmarks.reference_models import TinyGPT
+
+    torch.manual_seed(0)
+    model = TinyGPT(7, dim=6, depth=1, heads=2, context=4).double()
+    tokens = torch.randint(0, 7, (3, 5), generator=torch.Generator().manual_seed(1))
+    X, y = tokens[:, :-1], tokens[:, 1:].clone()
+    y[0, [0, 1, 3]], y[1, 3], y[2, 1] = -100, -100, -100  # samples count 1, 3 and 3 tokens: Z = 7, τ = 7/3
+    loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
+    data = batches(X, y, [2, 1])
+    names = ["ln", "blocks.0.ln1"]
+    with warnings.catch_warnings(), sdpa_kernel([SDPBackend.MATH]):
+        warnings.simplefilter("ignore")  # the exact path may switch attention kernels
+        ggn = kh.compute_kfac(model, loss_fn, data, layers=names, per_position=True)
+        empirical = kh.compute_kfac(model, loss_fn, data, layers=["ln"], curvature="empirical")
+        for name in names:
+            reference = dense_ggn(model, loss_fn, X, y, [name])
+            assert rel_err(ggn[name].to_dense(), reference) < EXACT, name
+            assert rel_err(kh.layer_operator(model, loss_fn, data, name, kind="ggn").to_dense(), reference) < EXACT
+        hessian = kh.layer_operator(model, loss_fn, data, "ln", kind="hessian").to_dense()
+        assert rel_err(hessian, dense_hessian(model, loss_fn, X, y, ["ln"])) < EXACT
+        # empirical Fisher of the LayerNorm: per-sample gradients of ℓ_n by torch.func
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        ln = {n: params[n] for n in ("ln.weight", "ln.bias")}
+        tau = (y != -100).sum() / len(y)
+
+        def sample_loss(theta, tokens_n, target_n):
+            logits = functional_call(model, {**params, **theta}, (tokens_n[None],))
+            return nn.functional.cross_entropy(logits, target_n[None], reduction="sum") / tau
+
+        per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(ln, X, y)
+        g = torch.cat([per_sample["ln.weight"], per_sample["ln.bias"]], dim=1)
+    assert rel_err(empirical["ln"].to_dense(), g.T @ g / len(y)) < EXACT
+
+
+def test_a_batch_without_a_counted_target_is_refused_on_both_paths():
+    model = mlp(nn.Tanh)
+    X, y = classification_data(n=4)
+    data = batches(X, torch.tensor([0, 2, -100, -100]), [2, 2])  # the second batch counts no target
+    with pytest.raises(ValueError, match="no counted target"):
+        kh.compute_kfac(model, nn.CrossEntropyLoss(), data)
+    with pytest.raises(ValueError, match="no counted target"):
+        kh.layer_operator(model, nn.CrossEntropyLoss(), data, "0", kind="ggn").matvec(torch.randn(24))
+
+
+def test_hessian_and_ggn_of_a_model_with_an_old_style_function_equal_its_plain_twin():
+    """Hessian products by plain double backward, GGN products by reverse mode twice (torch.func refuses the
+    Function), against torch.func on the same model written with plain torch ops — all parameters jointly."""
+    model = nn.Sequential(nn.Linear(5, 4), FunctionScaled(), nn.Linear(4, 3)).double()
+    twin = nn.Sequential(nn.Linear(5, 4), FunctionScaled(plain=True), nn.Linear(4, 3)).double()
+    twin.load_state_dict(model.state_dict())
+    X, y = classification_data(n=6)
+    X, data = X.double(), batches(X.double(), y, [4, 2])
+    layers = ["0", "1", "2"]
+    hessian = kh.layer_operator(model, nn.CrossEntropyLoss(), data, None, kind="hessian").to_dense()
+    assert rel_err(hessian, dense_hessian(twin, nn.CrossEntropyLoss(), X, y, layers)) < EXACT
+    with pytest.warns(RuntimeWarning, match="reverse mode"):
+        ggn = kh.layer_operator(model, nn.CrossEntropyLoss(), data, None, kind="ggn").to_dense()
+    assert rel_err(ggn, dense_ggn(twin, nn.CrossEntropyLoss(), X, y, layers)) < EXACT
+
+
+class _PackedLSTM(nn.Module):
+    """A fused LSTM over a ``PackedSequence``: torch.func cannot transform it (its kernel reads raw storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        return self.head(self.lstm(packed)[1][0][-1])
+
+
+def test_a_fused_lstm_on_a_packed_sequence_gets_ggn_products_by_reverse_mode():
+    torch.manual_seed(0)
+    model = _PackedLSTM().double()
+    g = torch.Generator().manual_seed(1)
+    inputs = {"x": torch.randn(3, 4, 3, generator=g, dtype=torch.float64), "lengths": torch.tensor([4, 2, 3])}
+    y = torch.randint(0, 3, (3,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    with pytest.warns(RuntimeWarning, match="reverse mode twice"):
+        ggn = kh.layer_operator(model, loss_fn, [(inputs, y)], "head", kind="ggn").to_dense()
+    hessian = kh.layer_operator(model, loss_fn, [(inputs, y)], "head", kind="hessian").to_dense()
+    names = ["head.weight", "head.bias"]
+    params = dict(model.named_parameters())
+
+    def loss(*flat):
+        theta = dict(params) | {n: t for n, t in zip(names, flat)}
+        return loss_fn(torch.func.functional_call(model, theta, (), inputs), y)
+
+    blocks = torch.autograd.functional.hessian(loss, tuple(params[n].detach() for n in names))
+    reference = torch.cat([torch.cat([b.reshape(params[r].numel(), params[c].numel()) for c, b in zip(names, row)],
+                                     dim=1) for r, row in zip(names, blocks)])
+    # the head is the last layer under cross-entropy: its Hessian block is its GGN block
+    assert rel_err(hessian, reference) < EXACT and rel_err(ggn, reference) < EXACT

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 import kfac_hessian as kh
+from kfac_hessian.layers.embedding import embedding_bag_written_out
 
 from ..conftest import batches
-from ..references import check_factor_spectra, dense_hessian, rel_err
+from ..references import EXACT, check_factor_spectra, dense_ggn, dense_hessian, rel_err
 
 
 class _PerToken(nn.Module):
@@ -82,3 +83,63 @@ def test_max_norm_embedding_is_skipped_with_reason():
     kfac = kh.compute_kfac(model, nn.MSELoss(), (tokens, target))
     assert "embed" in kfac.skipped and "max_norm" in kfac.skipped["embed"]
     assert "embed" not in kfac
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_embedding_bag_written_out_equals_the_fused_op(mode):
+    g = torch.Generator().manual_seed(0)
+    for padding_idx in (None, 2):
+        bag = nn.EmbeddingBag(6, 3, mode=mode, padding_idx=padding_idx).double()
+        rows = torch.tensor([[1, 2, 2], [2, 2, 2], [0, 5, 3]])  # the second bag is all padding for padding_idx=2
+        weights = torch.rand(3, 3, generator=g, dtype=torch.float64) if mode == "sum" else None
+        assert torch.allclose(embedding_bag_written_out(bag, rows, None, weights),
+                              bag(rows, per_sample_weights=weights), atol=1e-15)
+        flat, offsets = torch.tensor([4, 2, 1, 1, 5, 0]), torch.tensor([0, 2, 2, 5])  # an empty bag
+        weights = torch.rand(6, generator=g, dtype=torch.float64) if mode == "sum" else None
+        assert torch.allclose(embedding_bag_written_out(bag, flat, offsets, weights),
+                              bag(flat, offsets, per_sample_weights=weights), atol=1e-15)
+    last = nn.EmbeddingBag(6, 3, mode=mode, include_last_offset=True).double()
+    assert torch.allclose(embedding_bag_written_out(last, flat, torch.tensor([0, 2, 2, 6])),
+                          last(flat, torch.tensor([0, 2, 2, 6])), atol=1e-15)
+
+
+class _Bags(nn.Module):
+    """A bag of token vectors (mean, padding left out) → tanh → linear head; ``written=True`` is the same function with
+    an ``nn.Embedding`` and a masked mean, the reference that torch.func can differentiate twice."""
+
+    def __init__(self, written: bool = False, mode: str = "mean"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.written = written
+        self.bag = nn.Embedding(7, 3, padding_idx=0) if written else nn.EmbeddingBag(7, 3, mode=mode, padding_idx=0)
+        self.head = nn.Linear(3, 4)
+
+    def forward(self, tokens):
+        if self.written:
+            kept = (tokens != 0).unsqueeze(-1).to(self.bag.weight.dtype)
+            bags = (self.bag(tokens) * kept).sum(1) / kept.sum(1).clamp(min=1)
+        else:
+            bags = self.bag(tokens)
+        return self.head(torch.tanh(bags))
+
+
+def test_embedding_bag_on_the_exact_path_and_in_compute_kfac():
+    """``nn.EmbeddingBag`` has no double backward; the exact path runs it written out and equals the dense Hessian
+    and GGN of the same model written with an ``nn.Embedding`` (weight block, and all parameters jointly: the mixed
+    blocks with the head); compute_kfac gives its weight the exact per-sample GGN block."""
+    model, twin = _Bags().double(), _Bags(written=True).double()
+    twin.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randint(0, 7, (5, 3), generator=g), torch.randint(0, 4, (5,), generator=g)
+    X[1] = 0  # a bag of padding alone
+    data, loss_fn = batches(X, y, [3, 2]), nn.CrossEntropyLoss()
+    all_layers = ["bag", "head"]
+    for kind, reference in (("hessian", dense_hessian), ("ggn", dense_ggn)):
+        for layer, layers in (("bag", ["bag"]), (None, all_layers)):
+            exact = kh.layer_operator(model, loss_fn, data, layer, kind=kind).to_dense()
+            assert rel_err(exact, reference(twin, loss_fn, X, y, layers)) < EXACT, (kind, layer)
+    assert model.bag.forward.__func__ is nn.EmbeddingBag.forward  # the module's own forward is back
+    kfac = kh.compute_kfac(model, loss_fn, data)
+    assert rel_err(kfac["bag.weight"].to_dense(), dense_ggn(twin, loss_fn, X, y, ["bag"])) < EXACT
+    with pytest.raises(NotImplementedError, match="mode='max'"):
+        kh.layer_operator(_Bags(mode="max").double(), loss_fn, data, "bag").to_dense()

@@ -13,7 +13,7 @@ from torch import nn
 
 import kfac_hessian as kh
 
-from ..conftest import batches, classification_data
+from ..conftest import FunctionScaled, batches, classification_data
 from ..references import EXACT, check_factor_spectra, dense_ggn, rel_err
 
 
@@ -144,7 +144,7 @@ class _Scaled(nn.Module):
         return self.scale * (x - x.mean(0) if self.coupled else self.drop(x))
 
 
-@pytest.mark.parametrize("coupled, reason", [(True, "from that sample alone"), (False, "re-run per sample")])
+@pytest.mark.parametrize("coupled, reason", [(True, "from that sample alone"), (False, "dropout in train mode")])
 def test_modules_that_are_not_per_sample_are_skipped_with_the_reason(coupled, reason):
     torch.manual_seed(6)
     model = nn.Sequential(_Scaled(coupled), nn.Linear(5, 3)).double().train()
@@ -195,8 +195,13 @@ def test_unbatched_calls_are_expanded_to_the_batch():
 def test_an_expansion_that_changes_the_model_output_is_refused():
     model = _Positions(reduce_over_batch=True).double()
     tokens, labels = torch.randint(0, 5, (6, 4)), torch.randint(0, 2, (6, 4))
-    with pytest.raises(ValueError, match=r"\['pos'\] are called on inputs without the batch axis"):
-        kh.compute_kfac(model, nn.CrossEntropyLoss(), (tokens, labels))
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (tokens, labels))
+    # the probe's check: expanding pos to the batch changes the model output, so it is not expanded — and its output,
+    # shared by all samples, gives no per-sample curvature: skipped with the reason, the other layers computed
+    assert "pos" not in kfac and "tok" in kfac and "head" in kfac
+    assert "shared by all samples" in kfac.skipped["pos"] and "not broadcast over the samples" in kfac.skipped["pos"]
+    with pytest.raises(ValueError, match="layer 'pos': its output .* is shared by all samples"):
+        kh.compute_kfac(model, nn.CrossEntropyLoss(), (tokens, labels), layers=["pos"])
 
 
 class _SequenceFirst(nn.Module):
@@ -221,21 +226,21 @@ class _BatchFirst(nn.Module):
         return self.head(self.norm(torch.tanh(self.fc(x)))).transpose(1, 2)
 
 
-def test_sequence_first_calls():
+@pytest.mark.parametrize("length", [3, 5])
+def test_sequence_first_calls(length):
+    """(T, N, d) tensors with T ≠ N and T == N (5 samples): the sample-axis probe finds axis 1 whatever the sizes."""
     model = _SequenceFirst().double()
     g = torch.Generator().manual_seed(10)
-    X, y = torch.randn(5, 3, 3, generator=g), torch.randint(0, 2, (5, 3), generator=g)
-    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y))
-    # expand treats every location as a row, whatever its axis: the factors of the batch-first twin
-    twin = kh.compute_kfac(_BatchFirst(model), nn.CrossEntropyLoss(), (X, y))
-    for name in ("fc", "head"):
-        assert rel_err(kfac[name].A, twin[name].A) < EXACT and rel_err(kfac[name].G, twin[name].G) < EXACT
-    # a per-sample block needs the batch on axis 0: the normalization layer is skipped with the reason
-    assert "norm" not in kfac and "does not carry the batch of 5 samples along axis 0" in kfac.skipped["norm"]
-    with pytest.raises(ValueError, match="no block could be computed.*'fc': 'its output .3, 5, 4. does not carry"):
-        kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), approx="reduce")
-    with pytest.raises(ValueError, match="layer 'norm': its output"):
-        kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), layers=["norm"])
+    X, y = torch.randn(5, length, 3, generator=g), torch.randint(0, 2, (5, length), generator=g)
+    twin = _BatchFirst(model)
+    for approx in ("expand", "reduce"):
+        kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), approx=approx, per_position=True)
+        reference = kh.compute_kfac(twin, nn.CrossEntropyLoss(), (X, y), approx=approx, per_position=True)
+        for name in ("fc", "head"):  # the factors of the batch-first twin
+            assert rel_err(kfac[name].A, reference[name].A) < EXACT and rel_err(kfac[name].G, reference[name].G) < EXACT
+        # the normalization block: the exact GGN block of the sequence-first layer
+        dense = dense_ggn(model, nn.CrossEntropyLoss(), X, y, ["norm"])
+        assert rel_err(kfac["norm"].to_dense(), dense) < EXACT and kfac["norm"].status == "exact GGN block"
 
 
 def _parametrized_mlp(parametrization: str) -> nn.Sequential:
@@ -321,3 +326,14 @@ def test_a_parametrized_layer_without_bias_named_alone():
     assert list(kfac) == names
     for name in names:
         assert rel_err(kfac[name].to_dense(), dense_ggn(model, nn.CrossEntropyLoss(), X.double(), y, [name])) < EXACT
+
+
+def test_a_module_with_an_old_style_autograd_function_gets_its_exact_block_without_vmap():
+    """torch.func refuses an old-style ``torch.autograd.Function`` (BLOOM's ``GeLUFunction``): the per-sample
+    gradients run one sample at a time with plain autograd, and the block equals the plain twin's dense GGN."""
+    model = nn.Sequential(nn.Linear(5, 4), FunctionScaled(), nn.Linear(4, 3)).double()
+    twin = nn.Sequential(nn.Linear(5, 4), FunctionScaled(plain=True), nn.Linear(4, 3)).double()
+    twin.load_state_dict(model.state_dict())
+    X, y = classification_data(n=6)
+    kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), batches(X.double(), y, [4, 2]))
+    assert rel_err(kfac["1.scale"].to_dense(), dense_ggn(twin, nn.CrossEntropyLoss(), X.double(), y, ["1"])) < EXACT
