@@ -7,7 +7,8 @@
   ``(model, loss_fn, data)`` or ``(model, loss_fn, data, output)`` (``output`` as ``compute_kfac`` takes it);
   ``MODULE`` is an importable module or a path to a ``.py`` file. Or ``analyze --checkpoint state.pt --arch
   digits-mlp --hidden 64 32``: a saved ``state_dict`` of the built-in digits MLP, analysed on the digits training
-  split.
+  split. The pass's plan (``kfac_hessian.plan``: backward passes, factor sizes, peak memory, time) is printed first;
+  ``--plan-only`` stops there, and a plan above the budgets is refused (exit code 2) with the cheaper choices named.
 
 A wrong command line or target is answered with one line saying what is wrong and what is expected, and exit code 2.
 """
@@ -32,6 +33,7 @@ from . import __version__, compute_ekfac, compute_kfac, compute_kronecker_fit
 from .analyses.overlap import overlap_by_layer
 from .analyses.report import ValidationReport, compare, json_ready
 from .demo import digits_mlp, digits_mlp_description, load_digits_tensors, train_digits_mlp
+from .factors.plan import PlanExceedsBudget, plan
 from .limits import COMPARE_DENSE_LIMIT
 
 
@@ -191,6 +193,11 @@ def _load_problem(args):
 
 def _run_analyze(args) -> dict:
     model, loss_fn, data, output, description = _load_problem(args)
+    cost = plan(model, loss_fn, data, curvature=args.curvature, layers=args.layers, output=output)
+    _log(args, str(cost) + "\n")
+    if args.plan_only:
+        return {"plan": str(cost)}
+    cost.check()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _log(args, "Kronecker factors …")
@@ -258,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--arch", choices=["digits-mlp"], default="digits-mlp", help="architecture of --checkpoint")
     analyze.add_argument("--hidden", type=_positive, nargs="+", default=[64, 32], help="hidden widths of --arch")
     analyze.add_argument("--layers", nargs="+", default=None, help="block names to factor (default: every parameter)")
+    analyze.add_argument("--plan-only", action="store_true",
+                         help="print the pass's plan (backward passes, factor sizes, peak memory, time) and stop")
     analyze.add_argument("--gauss-newton-residual", action="store_true", help="also report the Hessian − GGN split")
     analyze.add_argument("--also", nargs="+", choices=["ekfac", "fit"], default=[],
                          help="measure further approximations beside KFAC: eigenvalue-corrected (EKFAC) and the "
@@ -271,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     try:
         result = _run_demo(args) if args.command == "demo" else _run_analyze(args)
-    except UsageError as error:
+    except (UsageError, PlanExceedsBudget) as error:
         print(f"kfac-hessian {args.command}: error: {error}", file=sys.stderr)
         return 2
     if args.json:

@@ -14,6 +14,18 @@ DENSE_LIMIT = 20_000
 # exact diagonal. The same bound refuses the unit eigenvectors of a diagonal ``A`` as a dense (width, width) matrix.
 DENSE_BLOCK_LIMIT = 4096
 
+# Kronecker factors at least this wide keep their rows U while they are fewer than the width (``F = scale · UᵀU``,
+# ``blocks.row_factor``): GPT-2's 3072-wide MLP factors and its 50 257-wide head G on a few hundred tokens. Narrower
+# factors stay dense whatever their rows: at most 2048² entries (16 MB in float32, an eigendecomposition well under a
+# second), and every consumer of the matrices (EKFAC, the fit, the PAC-Bayes bases) gets them as they are.
+ROW_FACTOR_MIN_WIDTH = 2048
+
+# Entries (rows × width) of the rows kept for one factor too wide to be formed densely (width² above this): beyond it
+# the rows are sketched to ℓ = this / (2·width) rows (Frequent Directions, ``gram.FrequentDirections``, with a certified
+# error bound). 2²⁷ entries are 512 MB in float32: GPT-2's 50 257-wide head G keeps up to 2670 rows exactly (mc on
+# 2048 tokens is 2048 rows).
+ROW_SKETCH_ELEMENTS = 2**27
+
 # Elements of a working buffer materialized at once: per-sample gradients and outputs of per-sample parameter blocks,
 # unfolded convolution patches, per-sample gradient matrices of the per-sample pass (EKFAC, the fit).
 # 2²⁴ elements are 64 MiB in float32: large enough for full-speed matrix products, small next to the activations.
@@ -41,3 +53,15 @@ CHECKED_SAMPLES = 2
 
 # Hutchinson probes per product (each probe is one column of a multi-vector product).
 PROBE_CHUNK = 256
+
+# Samples of the first batch the sample-axis probe runs the model on (``factors.sample_axis``): its runs keep every
+# recorded tensor, so they cost what a forward of that many samples does, whatever the batch size; three samples
+# rotate visibly and leave two when one is left out.
+SAMPLE_AXIS_PROBE_SAMPLES = 3
+
+# The longest a curvature pass may take by default, in seconds of the plan's estimate (``factors.plan``: its cost in
+# forward+backward passes of the data times one timed forward's): an hour. ``"ggn"`` on full-size GPT-2 needs one
+# backward pass per vocabulary entry and a dense 50 257² head ``G``: about 385 000 forward+backward passes of 256
+# tokens, days on a CPU; above the limit ``compute_kfac`` refuses and names ``"mc"`` and ``column_signs``. Small models
+# never come near it.
+PASS_SECONDS_LIMIT = 3600.0

@@ -115,3 +115,17 @@ def test_analyze_checkpoint_of_builtin_architecture(tmp_path, capsys):
              "--out", str(tmp_path)]
     assert main(wrong) == 2
     assert "is not a state_dict of the digits MLP with --hidden 16" in capsys.readouterr().err
+
+
+def test_analyze_prints_the_plan_first_and_refuses_a_plan_above_the_budgets(tmp_path, monkeypatch, capsys):
+    (tmp_path / "user_problem.py").write_text(USER_PROBLEM)
+    monkeypatch.chdir(tmp_path)
+    assert main(["analyze", "user_problem:make", "--plan-only", "--out", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    assert "Plan of a KFAC pass, curvature='ggn': 2 columns per batch in 2 backward passes" in printed
+    assert "| 0 | A | dense | 5 × 5 | 1 |" in printed and "fits the budgets" in printed
+    assert not (tmp_path / "o").exists()  # nothing computed
+    monkeypatch.setattr("kfac_hessian.limits.PASS_SECONDS_LIMIT", 1e-6)  # the default time budget
+    assert main(["analyze", "user_problem:make", "--no-plots", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "refuses this pass before any backward pass" in err and "curvature='mc'" in err

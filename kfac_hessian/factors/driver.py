@@ -31,6 +31,7 @@ from .checks import warn_about_dropout, warn_about_zero_blocks
 from .counting import parameter_counts
 from .labels import label_blocks
 from .options import Approx, Curvature, PassOptions, check_approx
+from .plan import plan_pass
 from .result import KFAC
 from .stream import Pass, accumulators_for, forward_pass, pass_settings, stream_pass
 
@@ -64,8 +65,15 @@ def compute_kfac(
             model's; float32 for a bfloat16/float16 model). Forward and backward passes run on the model's device,
             under the caller's ``torch.autocast`` if any (our own sums are computed without it).
         options, pass_options: how the pass runs — a ``PassOptions``, and/or its fields as keywords
-            (``mc_samples``, ``seed``, ``column_chunk``, ``per_position``, ``position_signs``, ``batch_norm_eval``,
-            ``progress``, ``distributed``, ``output``), which override the object's.
+            (``mc_samples``, ``seed``, ``column_chunk``, ``per_position``, ``position_signs``, ``column_signs``,
+            ``memory_budget``, ``time_budget``, ``batch_norm_eval``, ``progress``, ``distributed``, ``output``), which
+            override the object's.
+
+    The pass is planned first (``kfac_hessian.plan``: one forward of the first batch, no backward pass): a plan
+    whose peak memory exceeds ``memory_budget`` (default: the memory available) or whose time estimate exceeds
+    ``time_budget`` seconds (default ``limits.PASS_SECONDS_LIMIT``, an hour) raises
+    ``PlanExceedsBudget`` (a ``ValueError``) naming the cheaper choices — ``curvature="mc"``, ``column_signs=R``,
+    ``layers=`` without the largest factors, fewer positions.
     """
     check_approx(approx)
     options = PassOptions.build(options, **({"curvature": curvature} if curvature else {}), **pass_options)
@@ -74,6 +82,8 @@ def compute_kfac(
     warn_about_dropout(model, options.seed)
     selection = select(model, layers)
     settings = pass_settings(selection, approx, dtype)
+    cost, data = plan_pass(model, spec, data, selection, settings, options)
+    cost.check()  # refused within seconds, before any backward pass, rather than failing or running for days
     pass_ = Pass(model, accumulators_for(selection, settings), selection, settings, layers is not None,
                  options.output)
     n_samples, scale, positions = stream_pass(model, spec, data, pass_, options)

@@ -6,8 +6,8 @@ equal for the supported losses), the empirical Fisher block for ``"empirical"``.
 * **exact** — a full block equal to its target (dense blocks from per-sample gradients with exact columns: one output
   position per sample, ``per_position=True``, or the empirical Fisher);
 * **exact entries** — the entries a diagonal or per-feature block keeps are exact, the others are dropped;
-* **estimate** — unbiased but random: every ``mc`` block, and on outputs with several positions every block of the
-  default ``position_signs`` columns (with the number of draws);
+* **estimate** — unbiased but random: every ``mc`` block, every block of ``column_signs`` combinations, and on
+  outputs with several positions every block of the default ``position_signs`` columns (with the number of draws);
 * **biased** — joint columns (``position_signs=0``) on outputs with several positions add cross-position products;
 * **approximation** — Kronecker, EKFAC and fitted Kronecker blocks, with what they assume; an estimate or a biased
   one as well when their columns are.
@@ -15,7 +15,7 @@ equal for the supported losses), the empirical Fisher block for ``"empirical"``.
 
 from __future__ import annotations
 
-from ..blocks import CurvatureBlock, DenseBlocks, EKFACBlock, KroneckerBlock
+from ..blocks import BlockDiagonal, CurvatureBlock, DenseBlocks, EKFACBlock, KroneckerBlock
 from .options import PassOptions
 
 _TARGETS = {"ggn": "GGN", "mc": "GGN", "empirical": "empirical Fisher"}
@@ -26,6 +26,10 @@ def columns_status(options: PassOptions, positions: int) -> str:
     if options.curvature == "mc":
         draws = options.mc_samples
         return f"estimate: {draws} Monte-Carlo label draw{'s' if draws > 1 else ''} per sample"
+    if options.column_signs:
+        draws = options.column_signs
+        return (f"estimate: {draws} random-sign combination{'s' if draws > 1 else ''} of the loss-Hessian columns per "
+                f"sample{f' ({positions} positions)' if positions > 1 else ''}")
     if options.curvature == "empirical" or positions <= 1 or options.per_position:
         return ""
     draws = options.sign_draws
@@ -47,6 +51,7 @@ def label_blocks(blocks: dict[str, CurvatureBlock], options: PassOptions, positi
                 block.status = f"exact {target} block" if whole else f"exact entries of the {target} block"
             else:
                 block.status = f"{target} block, {columns}"
-        elif isinstance(block, (KroneckerBlock, EKFACBlock)):  # an EKFAC block's structure says what it assumes
+        # an EKFAC block's structure says what it assumes; a block-diagonal's parts are Kronecker blocks
+        elif isinstance(block, (KroneckerBlock, BlockDiagonal, EKFACBlock)):
             what = "" if isinstance(block, EKFACBlock) else f" ({approximation})"
             block.status = f"approximation of the {target} block{what}{'; ' + columns if columns else ''}"

@@ -47,6 +47,19 @@ class PassOptions:
             exact for every draw where there are no cross terms. The default (``None``) is one draw: the cost of the
             joint columns without their bias. The signs come from a private generator seeded with ``seed`` (0 without
             one), so results are reproducible and the global RNG is untouched.
+        column_signs: ``"ggn"`` only. ``R``: instead of the ``K`` loss-Hessian square-root columns (``K`` = classes − 1:
+            50 256 backward passes per batch for GPT-2's vocabulary), ``R`` random-sign combinations
+            ``Σ_k s_k c_k / √R`` with independent Rademacher signs per (draw, column, sample, position) —
+            ``E[s sᵀ] = I``, so an unbiased estimate of the per-position GGN outer products (the cross-position
+            products vanish in expectation too) at ``R`` backward passes. Labelled an estimate; signs from a private
+            generator seeded with ``seed`` (0 without one). ``None``: the columns themselves.
+        memory_budget: bytes the pass may use beyond what exists when it starts (``None``: the memory available
+            now — ``MemAvailable`` of ``/proc/meminfo``, or the free memory of a CUDA device). ``compute_kfac``
+            plans the pass first (``kfac_hessian.plan``) and refuses one whose peak estimate exceeds it with
+            ``PlanExceedsBudget``, before any backward pass.
+        time_budget: the most seconds the pass may take by the plan's estimate (its forward+backward passes of the
+            data times one timed forward's; ``None``: ``limits.PASS_SECONDS_LIMIT``, an hour); a longer plan is
+            refused with ``PlanExceedsBudget``. ``float("inf")`` runs whatever it takes.
         batch_norm_eval: run BatchNorm modules in eval mode (running statistics) during the pass, whatever the model's
             mode: the curvature is then that of the function the trained network computes at test time. ``False``
             keeps the model's modes (train-mode BatchNorm couples the samples of a batch, which no per-sample
@@ -65,6 +78,9 @@ class PassOptions:
     column_chunk: int | None = None
     per_position: bool = False
     position_signs: int | None = None
+    column_signs: int | None = None
+    memory_budget: int | None = None
+    time_budget: float | None = None
     batch_norm_eval: bool = True
     progress: bool = False
     distributed: bool = False
@@ -82,6 +98,22 @@ class PassOptions:
         if self.per_position and signs:
             raise ValueError("per_position=True and position_signs are two ways to remove the cross-position terms: "
                              "pick one")
+        columns = self.column_signs
+        if columns is not None:
+            if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
+                raise ValueError(f"column_signs must be a positive integer (combinations) or None, got {columns!r}")
+            if self.curvature != "ggn":
+                raise ValueError("column_signs applies to curvature='ggn' (it combines the loss-Hessian square-root "
+                                 "columns)")
+            if self.per_position or signs is not None:
+                raise ValueError("column_signs draws independent signs per (sample, position) already: leave "
+                                 "per_position and position_signs unset")
+        budget = self.memory_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise ValueError(f"memory_budget must be a positive number of bytes or None, got {budget!r}")
+        cost = self.time_budget
+        if cost is not None and (isinstance(cost, bool) or not isinstance(cost, (int, float)) or not cost > 0):
+            raise ValueError(f"time_budget must be a positive number of seconds or None, got {cost!r}")
         if isinstance(self.mc_samples, bool) or not isinstance(self.mc_samples, int) or self.mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {self.mc_samples!r}")
         chunk = self.column_chunk
@@ -91,7 +123,9 @@ class PassOptions:
     @property
     def sign_draws(self) -> int:
         """The sign draws per column (``position_signs``; ``None`` is one draw for ``"ggn"`` without
-        ``per_position``)."""
+        ``per_position`` or ``column_signs``)."""
+        if self.column_signs:
+            return 0
         if self.position_signs is not None:
             return self.position_signs
         return 1 if self.curvature == "ggn" and not self.per_position else 0

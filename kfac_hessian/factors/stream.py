@@ -6,8 +6,9 @@ bookkeeping: the kinds' contexts, the forward half (recorded calls → input sum
 finiteness checks and, at the end, the blocks. ``stream_pass`` streams the data through the model once: each batch's
 forward half, then the output columns (``columns``) backpropagated to the recorded layers, whose gradients reach the
 accumulators through a ``GradientRouter``. It returns the number of samples ``N`` and the reduction scale that turns
-the sums into the curvature of the objective ``loss_fn`` computes over the whole data set (``N`` samples, ``τ`` loss
-terms per sample, ``m = mc_samples``):
+the sums into the curvature of the objective ``loss_fn`` computes over the whole data set (``N`` samples,
+``τ`` counted loss terms per sample — fewer than the positions where targets equal ``ignore_index`` —,
+``m = mc_samples``):
 
 =============  =======================  ==========
 curvature      reduction="mean"          "sum"
@@ -24,6 +25,7 @@ that of the summed loss under "mean").
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -35,12 +37,14 @@ from ..blocks import CurvatureBlock
 from ..capture import LayerCall, LayerRecorder
 from ..data import Data, OutputSelector, call_model, iterate_batches, model_output
 from ..layers import Accumulator, Entry, PassSettings, Selection
-from ..losses import LossSpec, check_batch, terms_per_sample
+from ..losses import LossSpec, check_batch, counted_terms, terms_per_sample
 from ..model_state import compute_dtype, eager_calls, no_autocast, preserved_model_state
-from .checks import all_finite, batch_axis_reason, first_samples, require_finite, warn_about_joint_columns
+from .checks import all_finite, first_samples, require_finite, sample_axis_reason, warn_about_joint_columns
 from .columns import column_chunks, one_column_per_pass, output_columns
 from .options import PassOptions
+from .progress import tracked
 from .routing import GradientRouter, backpropagate_together
+from .sample_axis import Layouts, SamplesFirst, assign_layouts, needs_sample_map, probe_sample_axes
 
 
 def pass_settings(selection: Selection, approx: str, dtype: torch.dtype | None) -> PassSettings:
@@ -70,10 +74,13 @@ class Pass:
 
     def __init__(self, model: nn.Module, accumulators: dict[str, Accumulator], selection: Selection,
                  settings: PassSettings, named: bool, output: OutputSelector | None, check_formulas: bool = True):
-        self.model, self.accumulators, self.selection, self.named = model, accumulators, selection, named
+        self.model, self.selection, self.named = model, selection, named
+        self.accumulators = {key: SamplesFirst(acc) if needs_sample_map(acc) else acc
+                             for key, acc in accumulators.items()}
         self.settings, self.output = settings, output
         self.entries = dict(zip(accumulators, selection.entries))
         self.checked: set[str] = set() if check_formulas else set(accumulators)
+        self.layouts: Layouts | None = None  # the sample-axis probe's, from the first batch of two samples or more
 
     def hooked(self) -> dict[str, nn.Module]:
         return {key: acc.hooked_module() for key, acc in self.accumulators.items()}
@@ -89,33 +96,24 @@ class Pass:
         return stack
 
     def forward(self, recorder: LayerRecorder, index: int, inputs, n: int, select: bool = True):
-        """The model's output on one batch, with every call of the hooked modules recorded. A module output
-        without the batch axis (leading 1, broadcast over the samples) is expanded to ``n`` so that its per-sample
-        gradients are observable; on the first batch that must leave the model output unchanged (checked)."""
+        """The model's output on one batch, with every call of the hooked modules recorded. On the first batch of
+        two samples or more the sample-axis probe runs first (``sample_axis``): where the samples are in every
+        recorded tensor, and which unbatched outputs (leading size 1, broadcast over the samples) are expanded to the
+        batch so that their per-sample gradients are observable."""
+        def run(batch):
+            return model_output(self.model, batch, self.output) if select else call_model(self.model, batch)
+
+        if self.layouts is None and n > 1:
+            self.layouts = probe_sample_axes(recorder, run, inputs, n)
         recorder.clear()
         recorder.keep_values = index == 0
         recorder.batch_size = n
-        if not select:  # forward half only: what the model returns is not used
-            return call_model(self.model, inputs)
-        output = model_output(self.model, inputs, self.output)
-        if index == 0 and recorder.expanded:
-            self._check_expansion(recorder, inputs, output)
-        return output
-
-    def _check_expansion(self, recorder: LayerRecorder, inputs, output: torch.Tensor) -> None:
-        with recorder.paused(), torch.no_grad():
-            plain = model_output(self.model, inputs, self.output)
-        if not (isinstance(plain, torch.Tensor) and plain.shape == output.shape
-                and torch.allclose(plain, output.detach())):
-            raise ValueError(
-                f"{sorted(recorder.expanded)} are called on inputs without the batch axis and their outputs (leading "
-                "size 1) are broadcast over the samples; expanding them to the batch, which makes their per-sample "
-                "gradients observable, changed the model's output. Call them on batched inputs, or leave them out "
-                "with layers=")
+        return run(inputs)
 
     def add_inputs(self, recorder: LayerRecorder, index: int, n: int) -> bool:
         """The forward half of one batch; ``False`` when no recorded module was called."""
         called = False
+        assign_layouts(recorder.calls, self.layouts, n)
         for key in list(self.accumulators):
             calls = recorder.calls[key]
             acc = self.accumulators[key]
@@ -123,8 +121,8 @@ class Pass:
                 continue
             if key not in self.checked:
                 self.checked.add(key)
-                acc = self._checked(key, first_samples(calls[0], n))
-            reason = batch_axis_reason(acc, calls, n)
+                acc = self._checked(key, first_samples(calls[0]))
+            reason = sample_axis_reason(acc, calls)
             if reason is not None:
                 acc.skip_reason = reason
                 continue
@@ -192,11 +190,11 @@ def stream_pass(model: nn.Module, spec: LossSpec, data: Data, pass_: Pass, optio
     if options.seed is not None and curvature == "mc":
         generator = torch.Generator(settings.device).manual_seed(options.seed)
     signs = options.sign_draws
-    if signs:  # always seeded, on the CPU: the default estimate is reproducible, and the same on every device
+    if signs or options.column_signs:  # always seeded, on the CPU: reproducible, and the same on every device
         generator = torch.Generator().manual_seed(options.seed if options.seed is not None else 0)
     stream = one_column_per_pass(options.column_chunk, settings.device, curvature, options.mc_samples)
     router = GradientRouter(pass_.accumulators)
-    n_samples, tau, positions = 0, None, 1
+    n_samples, tau, positions, counted = 0, None, 1, 0
     with (
         seeded_model_randomness(options.seed, settings.device),
         pass_.contexts(),
@@ -214,19 +212,23 @@ def stream_pass(model: nn.Module, spec: LossSpec, data: Data, pass_: Pass, optio
                 raise ValueError(f"batch {index} has {batch_tau} loss terms per sample, earlier batches {tau}")
             tau = batch_tau
             n_samples += output.shape[0]
+            counted += counted_terms(spec, output, target)  # the loss's own count: less its ignored targets
             if not pass_.add_inputs(recorder, index, output.shape[0]):
                 continue
             router.start_batch(recorder.calls)
             with no_autocast():  # the columns in (at least) float32, handed to the backward in the output's dtype
                 columns = output_columns(spec, curvature, output.detach().to(compute_dtype(output.dtype)), target,
-                                         options.mc_samples, generator).to(output.dtype)
-            if columns.dim() > 3:
-                positions = columns[0, 0, 0].numel()
-            if index == 0 and positions > 1 and curvature == "ggn" and not (options.per_position or signs):
+                                         options.mc_samples, generator)
+            positions = math.prod(output.shape[2:]) if output.dim() > 2 else 1
+            if (index == 0 and positions > 1 and curvature == "ggn"
+                    and not (options.per_position or signs or options.column_signs)):
                 warn_about_joint_columns(positions)
-            n_chunks, chunks = column_chunks(columns, 1 if stream else options.column_chunk or len(columns),
-                                             options.per_position, signs, generator)
+            n_chunks, chunks = column_chunks(columns, output.shape, 1 if stream else options.column_chunk,
+                                             options.per_position, signs, options.column_signs, generator)
+            if options.progress and n_chunks >= CHUNKS_WORTH_A_BAR:
+                chunks = tracked(chunks, f"batch {index}: backward passes", n_chunks, "chunk", leave=False)
             for chunk_index, chunk in enumerate(chunks):
+                chunk = chunk.to(output.dtype)
                 retain = chunk_index < n_chunks - 1
                 if stream:  # the recorder hands each output gradient to the router inside the pass
                     torch.autograd.grad(output, recorder.anchors, chunk[0], retain_graph=retain, allow_unused=True)
@@ -237,13 +239,17 @@ def stream_pass(model: nn.Module, spec: LossSpec, data: Data, pass_: Pass, optio
             pass_.check_gradient_sums(index)
             recorder.clear()
     if options.distributed:
-        n_samples, tau = all_reduce_sums(pass_.accumulators, n_samples, tau, settings.device)
-    scale = spec.scale(n_samples, tau)
+        n_samples, tau, counted = all_reduce_sums(pass_.accumulators, n_samples, tau, counted, settings.device)
+    counted_per_sample = counted / n_samples if n_samples else 0  # τ of the scale: T, or fewer with ignored targets
+    scale = spec.scale(n_samples, counted_per_sample)
     if curvature == "mc":
         scale /= options.mc_samples
     elif curvature == "empirical" and spec.reduction == "mean":
-        scale /= tau
+        scale /= counted_per_sample
     return n_samples, scale, positions
+
+
+CHUNKS_WORTH_A_BAR = 8  # backward chunks in one batch from which they get a progress bar of their own
 
 
 def forward_pass(pass_: Pass, data: Data) -> None:
@@ -272,18 +278,18 @@ def batches(data: Data, device: torch.device, progress: bool, description: str) 
     stream = iterate_batches(data, device)
     if not progress:
         return stream
-    from tqdm.auto import tqdm  # an optional dependency (the demo extra), needed only for the bar
-
     total = len(data) if hasattr(data, "__len__") and not (isinstance(data, tuple) and len(data) == 2) else None
-    return tqdm(stream, desc=description, unit="batch", total=total)
+    return tracked(stream, description, total, "batch")
 
 
-def all_reduce_sums(accumulators: dict[str, Accumulator], n_samples: int, tau: int, device: torch.device
-                    ) -> tuple[int, int]:
-    """Combine every rank's sums and counts in one collective; returns the global ``(N, τ)``."""
+def all_reduce_sums(accumulators: dict[str, Accumulator], n_samples: int, tau: int, counted: int,
+                    device: torch.device) -> tuple[int, int, int]:
+    """Combine every rank's sums and counts in one collective; returns the global ``(N, τ, counted terms)``."""
     _distributed.require_process_group()
+    for acc in accumulators.values():
+        acc.prepare_reduce()
     states = [acc.state() for acc in accumulators.values()]
-    counts = torch.tensor([n_samples, tau], dtype=torch.float64, device=device)
+    counts = torch.tensor([n_samples, tau, counted], dtype=torch.float64, device=device)
     reduced = _distributed.all_reduce_sum([*[t for state in states for t in state], counts])
     position = 0
     for acc, state in zip(accumulators.values(), states):
@@ -292,4 +298,4 @@ def all_reduce_sums(accumulators: dict[str, Accumulator], n_samples: int, tau: i
     counts = reduced[-1].cpu()
     if int(counts[1]) != tau * dist.get_world_size():
         raise ValueError("ranks disagree on the number of loss terms per sample")
-    return int(counts[0]), tau
+    return int(counts[0]), tau, int(counts[2])

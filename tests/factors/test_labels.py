@@ -53,6 +53,8 @@ def test_monte_carlo_and_empirical_blocks():
     mc = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X.double(), y), curvature="mc", seed=0, mc_samples=3)
     assert mc["1"].status == "GGN block, estimate: 3 Monte-Carlo label draws per sample"
     assert mc["0"].status.endswith("; estimate: 3 Monte-Carlo label draws per sample")
+    signs = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X.double(), y), column_signs=1)
+    assert signs["1"].status == "GGN block, estimate: 1 random-sign combination of the loss-Hessian columns per sample"
     empirical = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X.double(), y), curvature="empirical")
     assert empirical["1"].status == "exact empirical Fisher block"
 
@@ -62,6 +64,8 @@ def test_monte_carlo_and_empirical_blocks():
     ({"position_signs": 3}, "GGN block, estimate: 3 random-sign draws per output position (4 positions)", False),
     ({"position_signs": 0}, "GGN block, biased: joint columns add cross-position products (4 positions)", False),
     ({"per_position": True}, "exact GGN block", True),
+    ({"column_signs": 2}, "GGN block, estimate: 2 random-sign combinations of the loss-Hessian columns per sample "
+                          "(4 positions)", False),
 ])
 def test_sequence_outputs(options, status, exact):
     model = _NormedSequence().double()

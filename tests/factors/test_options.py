@@ -27,6 +27,15 @@ from ..conftest import batches, classification_data, mlp
     (dict(curvature="mc", per_position=True), "apply to curvature='ggn'"),
     (dict(curvature="empirical", position_signs=2), "apply to curvature='ggn'"),
     (dict(per_position=True, position_signs=2), "pick one"),
+    (dict(column_signs=0), "column_signs must be a positive integer (combinations) or None, got 0"),
+    (dict(column_signs=True), "column_signs must be a positive integer"),
+    (dict(curvature="mc", column_signs=4), "column_signs applies to curvature='ggn'"),
+    (dict(column_signs=4, position_signs=2), "leave per_position and position_signs unset"),
+    (dict(column_signs=4, per_position=True), "leave per_position and position_signs unset"),
+    (dict(memory_budget=0), "memory_budget must be a positive number of bytes or None, got 0"),
+    (dict(memory_budget=1.5), "memory_budget must be a positive number of bytes"),
+    (dict(time_budget=-1.0), "time_budget must be a positive number of seconds or None, got -1.0"),
+    (dict(time_budget=float("nan")), "time_budget must be a positive number"),
     (dict(column_chunk=0), "column_chunk must be a positive integer or None, got 0"),
     (dict(column_chunk=False), "column_chunk must be a positive integer or None, got False"),
     (dict(column_chunk=-3), "column_chunk must be a positive integer or None, got -3"),
@@ -34,7 +43,8 @@ from ..conftest import batches, classification_data, mlp
 def test_every_invalid_option_is_refused_with_what_it_got(fields, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         PassOptions(**fields)
-    with pytest.raises(ValueError, match="must|apply to|pick one"):  # the same check behind the keyword arguments
+    # the same check behind the keyword arguments
+    with pytest.raises(ValueError, match="must|apply to|applies to|pick one|unset"):
         kh.compute_kfac(mlp(), nn.CrossEntropyLoss(), classification_data(), **fields)
 
 
@@ -52,6 +62,7 @@ def test_valid_edge_values_are_accepted():
     (dict(per_position=True), 0),
     (dict(curvature="mc"), 0),
     (dict(curvature="empirical"), 0),
+    (dict(column_signs=3), 0),  # the combinations carry their own signs per position
 ])
 def test_sign_draws(fields, draws):
     assert PassOptions(**fields).sign_draws == draws

@@ -171,4 +171,4 @@ def test_low_precision_models_and_autocast():
             assert rel_err(block.to_dense(), reference[name].to_dense()) < 0.05, name
             assert torch.isfinite(block.eig().topk(3)[0]).all()
     bf16_block = KroneckerBlock(reference["5"].A.bfloat16(), reference["5"].G.bfloat16(), reference["5"].layout)
-    assert bf16_block.eig().eigenvalues().dtype == torch.float32  # decomposed in float32
+    assert bf16_block.eig().eigenvalues.dtype == torch.float32  # decomposed in float32
