@@ -60,6 +60,24 @@ def load_tabular(
         X, y = loaders[name](return_X_y=True)
     else:
         raise ValueError(f"unknown data set {name!r}; choose from {TABULAR}")
+    return split_tabular(X, y, name, binary=binary, label_noise=label_noise, n_train=n_train,
+                         test_fraction=test_fraction, seed=seed, dtype=dtype)
+
+
+def split_tabular(
+    X: np.ndarray,
+    y: np.ndarray,
+    name: str,
+    *,
+    binary: bool = False,
+    label_noise: float = 0.0,
+    n_train: int | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> TabularSplit:
+    """The seeded split of ``load_tabular`` for any features ``(n, d)`` and integer labels ``0..C−1`` ``(n,)`` (e.g.
+    from a scikit-learn generator); the arguments as there."""
     if not 0.0 <= label_noise <= 1.0:
         raise ValueError(f"label_noise must lie in [0, 1], got {label_noise!r}")
     if not 0.0 < test_fraction < 1.0:
