@@ -6,7 +6,8 @@ For one layer with eigenvalues ``λ_1 ≥ … ≥ λ_P ≥ 0`` of ``G ⊗ A`` (p
 * ``effective_rank`` ``exp(−Σ p log p)`` with ``p = λ/Σλ`` (spectral entropy). For ``G ⊗ A`` the products'
   distribution is the product of the factors', so the entropy adds and ``erank(G ⊗ A) = erank(A)·erank(G)``
   exactly (``BlockEigen.effective_rank``);
-* ``stable_rank`` ``trace / λ_1``; ``top_k_condition`` ``λ_1 / λ_k``;
+* ``stable_rank`` ``trace / λ_1``; ``top_k_condition`` ``λ_1 / λ_k'`` over the top ``k`` eigenvalues above round-off
+  (``P·ε·λ_1``, ``resolved_condition``);
 * ``outliers``: eigenvalues above the widest log-gap among the top 50 (``find_outliers``), and ``outlier_gap_ratio``,
   that gap's ratio ``λ_i/λ_{i+1}`` (how clearly the count stands: near the threshold 2 it is fragile);
 * optionally ``exact_trace`` (± ``exact_trace_stderr``): a Hutchinson estimate of the *exact* block's trace;
@@ -41,6 +42,17 @@ METRICS = ("top_eigenvalue", "trace", "effective_rank", "stable_rank", "top_k_co
            "outlier_gap_ratio")
 
 
+def resolved_condition(values: torch.Tensor, num_params: int) -> float:
+    """``λ_1 / λ_k'`` over the leading eigenvalues ``values`` (descending) that stand above round-off, ``P·ε·λ_1``
+    (``ε`` of their dtype): a numerically singular block otherwise reports a condition of ~1e15 (or infinity) that
+    is the floating-point format's, not the network's. 1 when only ``λ_1`` is resolved; NaN when ``λ_1 ≤ 0``."""
+    lam1 = float(values[0])
+    if not lam1 > 0:
+        return math.nan
+    kept = values[values > num_params * torch.finfo(values.dtype).eps * lam1]
+    return lam1 / float(kept[-1])
+
+
 def spectral_metrics(eig: BlockEigen, top_k: int = 10) -> dict[str, float]:
     """The metrics of the module docstring for one block's eigen-structure (no eigenvectors needed)."""
     k = min(top_k, eig.num_params)
@@ -52,7 +64,7 @@ def spectral_metrics(eig: BlockEigen, top_k: int = 10) -> dict[str, float]:
         "trace": trace,
         "effective_rank": eig.effective_rank() if trace > 0 else 0.0,
         "stable_rank": trace / lam1 if lam1 > 0 else 0.0,
-        "top_k_condition": lam1 / float(values[k - 1]) if float(values[k - 1]) > 0 else math.inf,
+        "top_k_condition": resolved_condition(values[:k], eig.num_params),
         "outliers": outliers.count,
         "outlier_gap_ratio": outliers.gap_ratio,
     }

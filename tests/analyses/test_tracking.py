@@ -24,7 +24,9 @@ def _dense_metrics(H: torch.Tensor, k: int) -> dict:
         "trace": float(values.sum()),
         "effective_rank": math.exp(float(-(p * p.log()).sum())),
         "stable_rank": float(values.sum() / values[0]),
-        "top_k_condition": float(values[0] / values[k - 1]),
+        # λ₁/λ_k' over the top k above round-off (P·ε·λ₁): a singular block's round-off eigenvalues are left out
+        "top_k_condition": float(values[0] / values[:k][values[:k] > len(values) * torch.finfo(H.dtype).eps
+                                                        * values[0]][-1]),
         "outliers": count_outliers(values),
         "outlier_gap_ratio": float((searched[:-1] / searched[1:]).max()),
     }
@@ -143,3 +145,17 @@ def test_normalization_and_embedding_layers_are_tracked_too():
         reference = _dense_metrics(factor.to_dense(), min(10, factor.num_params))
         for key, value in reference.items():
             assert rows[name][key] == pytest.approx(value, rel=1e-9), (name, key)
+
+
+def test_top_k_condition_leaves_out_round_off_eigenvalues():
+    # a cross-entropy G has the null direction 1 (softmax gradients sum to zero): G ⊗ A is singular, and the smallest
+    # computed eigenvalues of the block are round-off, whose ratio to λ₁ says nothing about the network
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 4)).double()
+    X, y = torch.randn(50, 3, dtype=torch.float64), torch.randint(0, 4, (50,))
+    block = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), dtype=torch.float64)["2"]
+    dense = torch.linalg.eigvalsh(block.to_dense()).flip(0)  # independent: the formed (12, 12) matrix
+    rank = 3 * 3  # rank(G) = C − 1 = 3 times rank(A) = 3 (2 hidden units + bias)
+    assert float(dense[rank - 1]) > 1e-6 * float(dense[0]) and abs(float(dense[rank])) < 1e-12 * float(dense[0])
+    metrics = spectral_metrics(block.eig(), top_k=12)
+    assert metrics["top_k_condition"] == pytest.approx(float(dense[0] / dense[rank - 1]), rel=1e-8)
