@@ -249,7 +249,8 @@ def stream_pass(model: nn.Module, spec: LossSpec, data: Data, pass_: Pass, optio
     return n_samples, scale, positions
 
 
-CHUNKS_WORTH_A_BAR = 8  # backward chunks in one batch from which they get a progress bar of their own
+CHUNKS_WORTH_A_BAR = 32  # backward chunks in one batch from which they get a progress bar of their own (fewer: a
+# flash of nested bars in every batch of a small model, as the demo's 9 classes gave)
 
 
 def forward_pass(pass_: Pass, data: Data) -> None:
