@@ -1,16 +1,19 @@
 """How orthogonal initialization, skip connections and batch norm change the back-matching local Hessians.
 
-Usage: python -m benchmarks.local_hessian_study [--seeds 3] [--depth 8] [--epochs 20]
+Usage: python -m benchmarks.local_hessian_study [--seeds 5] [--depth 8] [--epochs 20] [--replicate]
 A deep ReLU MLP on digits (64 → 64 ×depth → 10). Variants: default (PyTorch) init; orthogonal init (gain 1);
 residual blocks h ← ReLU(h + W h); BatchNorm after every hidden Linear. For every hidden block we measure the
 condition numbers of its local Hessians (kfac_hessian.analyses.back_matching_hessians) at initialization and
 after SGD training, the ratio of gradient norms first/last hidden block at initialization, and the final
-losses. Writes docs/results/local_hessians.md.
+losses. Every cell is a mean with the half-width of its 95 % t-interval over seeds (``benchmarks/intervals.py``);
+condition numbers span decades, so theirs is taken over log10 of the condition. ``--replicate`` reruns every cell
+on as many new seeds and counts the cells that agree. Writes docs/results/local_hessians.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from pathlib import Path
@@ -19,11 +22,14 @@ import torch
 from torch import nn
 
 from benchmarks.datasets import load_tabular
+from benchmarks.intervals import agree, mean_interval
 from kfac_hessian.analyses import back_matching_hessians
 from kfac_hessian.demo import train_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("default", "orthogonal", "residual", "batch_norm")
+KEYS = ("init_input", "init_weight", "trained_input", "trained_weight", "grad_ratio", "train_loss", "test_acc")
+CONDITION_KEYS = frozenset({"init_input", "init_weight", "trained_input", "trained_weight"})
 
 
 class DeepMLP(nn.Module):
@@ -96,17 +102,28 @@ def gradient_ratio(model: DeepMLP, X, y) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--replicate", action="store_true", help="rerun every cell on as many new seeds")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "results" / "local_hessians.md")
     args = parser.parse_args()
     split = load_tabular("digits")
+    rows = run_seeds(range(args.seeds), args, split)
+    replicate = run_seeds(range(args.seeds, 2 * args.seeds), args, split) if args.replicate else None
+    text = render(rows, args, replicate)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+    print(text)
+
+
+def run_seeds(seeds: range, args, split) -> list[dict]:
+    """One row per variant and seed: local-Hessian conditions at init and trained, gradient ratio, loss, accuracy."""
     rows = []
     for variant in VARIANTS:
-        for seed in range(args.seeds):
+        for seed in seeds:
             model = build(variant, args.depth, args.width, seed)
             at_init = measure(model, split.X_train, split.y_train)
             ratio = gradient_ratio(model, split.X_train, split.y_train)
@@ -123,32 +140,79 @@ def main() -> None:
                          "trained_weight": trained["weight_condition"], "grad_ratio": ratio,
                          "train_loss": train_loss, "test_acc": test_acc})
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
-    text = render(rows, args)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(text)
+    return rows
 
 
-def render(rows: list[dict], args) -> str:
-    def cell(variant, key):
-        values = [r[key] for r in rows if r["variant"] == variant]
-        return f"{statistics.median(values):.3g} ({min(values):.3g}–{max(values):.3g})"
+def cell_values(rows: list[dict], variant: str, key: str) -> list[float]:
+    """The per-seed values of one cell; log10 for condition numbers (which span decades)."""
+    values = [r[key] for r in rows if r["variant"] == variant]
+    return [math.log10(v) for v in values] if key in CONDITION_KEYS else values
 
+
+def summarize(values: list[float], log_scale: bool) -> str:
+    """``mean ± h`` (95 % t-interval over seeds); on log10 values, the geometric mean with its interval as a factor.
+
+    A singular local Hessian has condition ``inf``: a cell with any is reported as such, with how many seeds.
+    """
+    infinite = sum(math.isinf(v) for v in values)
+    if infinite:
+        return "inf" if infinite == len(values) else f"inf in {infinite} of {len(values)} seeds"
+    mean, half = mean_interval(values)
+    if log_scale:
+        return f"{10 ** mean:.3g} ×/÷ {10 ** half:.2g}"
+    return f"{mean:.3g} ± {half:.2g}"
+
+
+def agreement(first: list[dict], second: list[dict]) -> tuple[int, int, list[str]]:
+    """Cells whose two runs agree by ``intervals.agree``, cells compared, and the names of those that do not.
+
+    Cells infinite in every seed of both runs agree trivially and are not counted; a cell infinite in only some
+    seeds cannot be compared by a mean and counts as a disagreement.
+    """
+    agreeing, compared, disagreeing = 0, 0, []
+    for variant in VARIANTS:
+        for key in KEYS:
+            a, b = cell_values(first, variant, key), cell_values(second, variant, key)
+            if all(math.isinf(v) for v in a + b):
+                continue
+            compared += 1
+            if not any(math.isinf(v) for v in a + b) and agree(a, b):
+                agreeing += 1
+            else:
+                disagreeing.append(f"{variant} {key}")
+    return agreeing, compared, disagreeing
+
+
+def render(rows: list[dict], args, replicate: list[dict] | None = None) -> str:
+    seeds = len({r["seed"] for r in rows})
     lines = [
         "# Back-matching local Hessians by design choice (generated)", "",
         f"Command: `python -m benchmarks.local_hessian_study --seeds {args.seeds} --depth {args.depth} "
-        f"--width {args.width} --epochs {args.epochs} --lr {args.lr}` ({time.strftime('%Y-%m-%d')}, CPU).",
+        f"--width {args.width} --epochs {args.epochs} --lr {args.lr}{' --replicate' if replicate else ''}` "
+        f"({time.strftime('%Y-%m-%d')}, CPU).",
         f"Digits, MLP 64 → {args.width} ×{args.depth} → 10, SGD (momentum 0.9, lr {args.lr}, batch 64, "
         f"{args.epochs} epochs). "
-        "Conditions are medians over the hidden blocks, then median (min–max) over seeds. Input Hessian: WᵀDW, "
-        "(I+W)ᵀD(I+W) for residual blocks; weight Hessian: D ⊗ A (D = γ²/σ² with BatchNorm, else I).", "",
+        f"Conditions are medians over the hidden blocks, then the geometric mean over {seeds} seeds ×/÷ the factor of "
+        "its 95 % t-interval (taken over log10 of the condition); other columns: mean ± half-width of the 95 % "
+        "t-interval over seeds. inf: a singular local Hessian. Input Hessian: WᵀDW, (I+W)ᵀD(I+W) for residual "
+        "blocks; weight Hessian: D ⊗ A (D = γ²/σ² with BatchNorm, else I).", "",
         "| variant | input cond. (init) | weight cond. (init) | input cond. (trained) | weight cond. (trained) | "
         "‖∇W_first‖/‖∇W_last‖ (init) | train loss | test acc |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for variant in VARIANTS:
-        keys = ("init_input", "init_weight", "trained_input", "trained_weight", "grad_ratio", "train_loss", "test_acc")
-        lines.append(f"| {variant} | " + " | ".join(cell(variant, k) for k in keys) + " |")
+        lines.append(f"| {variant} | " + " | ".join(
+            summarize(cell_values(rows, variant, key), key in CONDITION_KEYS) for key in KEYS) + " |")
+    if replicate:
+        agreeing, compared, disagreeing = agreement(rows, replicate)
+        new_seeds = sorted({r["seed"] for r in replicate})
+        lines += ["", f"Replicate on {len(new_seeds)} new seeds ({new_seeds[0]}–{new_seeds[-1]}): **{agreeing} of "
+                  f"{compared}** finite cells agree (difference of means within the combined 95 % half-width; about "
+                  "5 % may disagree by chance)" + (f"; disagreeing: {', '.join(disagreeing)}." if disagreeing else "."),
+                  "", "| variant | " + " | ".join(KEYS) + " |", "|---" * (len(KEYS) + 1) + "|"]
+        for variant in VARIANTS:
+            lines.append(f"| {variant} | " + " | ".join(
+                summarize(cell_values(replicate, variant, key), key in CONDITION_KEYS) for key in KEYS) + " |")
     return "\n".join(lines) + "\n"
 
 
