@@ -265,12 +265,16 @@ def _per_sample_gradients(module: nn.Module, theta: dict[str, Tensor], call: Lay
                                         allow_unused=True)
         return {name: torch.zeros_like(t) if g is None else g for (name, t), g in zip(theta.items(), grads)}
 
+    vmappable = [True]  # once vmap refuses the module, every later chunk and column goes straight to the loop
+
     def pulled_back(cotangents: tuple[Tensor, ...], values: list[Tensor]) -> dict[str, Tensor]:
-        try:
-            return vmap(one_sample, in_dims=in_dims)(cotangents, *values)
-        except RuntimeError as error:
-            if not _old_style_function(error):
-                raise
+        if vmappable[0]:
+            try:
+                return vmap(one_sample, in_dims=in_dims)(cotangents, *values)
+            except RuntimeError as error:
+                if not _old_style_function(error):
+                    raise
+                vmappable[0] = False
         each = [one_sample_by_autograd(tuple(c[i] for c in cotangents), *(v[i] for v in values))
                 for i in range(len(cotangents[0]))]
         return {name: torch.stack([e[name] for e in each]) for name in theta}
