@@ -4,7 +4,8 @@ block in one streamed pass — ``G ⊗ A`` for Kronecker layers, exact blocks fo
 (``kfac_hessian.layers``); ``compute_ekfac`` and ``compute_kronecker_fit`` refine the Kronecker blocks;
 ``PassOptions`` says how a pass runs; ``plan`` says what it will cost before it runs (``PlanExceedsBudget`` when over
 budget). ``block.eig()`` gives every eigenvalue and the top eigenvectors without forming the block. Exact path:
-``layer_operator`` applies the true block; ``lanczos``, ``slq_density`` and ``hutchinson_trace`` measure it;
+``layer_operator`` applies the true block (``finite_difference_operator`` estimates it where torch cannot
+differentiate twice: a model sharded with FSDP); ``lanczos``, ``slq_density`` and ``hutchinson_trace`` measure it;
 ``model_spectrum`` gives the whole model's top-k and density in one call. Every eigen result (``EigenResult``: block
 eigen-structures, Lanczos results, ``eigen_pairs`` of a dense matrix) has descending ``eigenvalues``, ``topk(k)`` and
 ``num_params``, and every analysis takes any of them. Blocks, their eigen-structures, Lanczos results and exact
@@ -29,7 +30,7 @@ from .blocks import BlockEigen, CurvatureBlock
 from .bounds import pac_bayes_bound
 from .data import sequence_logits
 from .eigen import EigenResult, eigen_pairs
-from .exact import hutchinson_trace, lanczos, layer_operator, model_spectrum, slq_density
+from .exact import finite_difference_operator, hutchinson_trace, lanczos, layer_operator, model_spectrum, slq_density
 from .factors import KFAC, PassOptions, PlanExceedsBudget, compute_ekfac, compute_kfac, compute_kronecker_fit, plan
 from .linear_operator import LinearOperator
 
@@ -55,6 +56,7 @@ __all__ = [
     "eigen_pairs",
     "eigenspace_overlap",
     "find_outliers",
+    "finite_difference_operator",
     "hutchinson_trace",
     "lanczos",
     "layer_operator",

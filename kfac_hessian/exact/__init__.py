@@ -1,6 +1,7 @@
 """The exact path: true curvature blocks by products, their extreme eigenpairs, densities and traces, and the
 whole-model spectrum (top-k and density) in one call."""
 
+from .finite_difference import FiniteDifferenceOperator, finite_difference_operator
 from .lanczos import LanczosResult, lanczos
 from .operators import CurvatureOperator, layer_operator
 from .spectrum import ModelSpectrum, model_spectrum
@@ -17,4 +18,6 @@ __all__ = [
     "layer_operator",
     "model_spectrum",
     "slq_density",
+    "FiniteDifferenceOperator",
+    "finite_difference_operator",
 ]

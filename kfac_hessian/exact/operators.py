@@ -286,11 +286,17 @@ def layer_operator(
     ``output`` picks the output tensor from what the model returns, as in ``compute_kfac``.
     """
     model = eager_model(model)
+    names = layer_parameter_names(model, layer)
+    return CurvatureOperator(model, loss_fn, data, names, kind, distributed, batch_norm_eval, output)
+
+
+def layer_parameter_names(model: nn.Module, layer: str | list[str] | None) -> list[str]:
+    """The names of the parameters ``layer_operator`` covers for ``layer`` (its docstring), in public order."""
     if layer is None:
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         if not names:
             raise ValueError("the model has no trainable parameter")
-        return CurvatureOperator(model, loss_fn, data, names, kind, distributed, batch_norm_eval, output)
+        return names
     modules = dict(model.named_modules())
     # a tied parameter is listed once by named_parameters, under its first owner's name
     canonical = {id(p): n for n, p in model.named_parameters()}
@@ -314,4 +320,4 @@ def layer_operator(
         names.extend(own)
     if len(set(names)) != len(names):
         raise ValueError(f"layers {layer} share parameters; name each layer once")
-    return CurvatureOperator(model, loss_fn, data, names, kind, distributed, batch_norm_eval, output)
+    return names
