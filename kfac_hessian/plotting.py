@@ -175,7 +175,7 @@ def plot_model_spectrum(spectrum, path: Path, title: str = "") -> Path:
     positions = np.log10(top[top > 0]) if density.log else top
     for x in positions:
         left.axvline(x, ymax=0.08, color="tab:blue", lw=1.0)
-    outliers = find_outliers(spectrum.eigenvalues)
+    outliers = find_outliers(spectrum)  # a top-k: no bulk to fit a null to
     if outliers.count:
         edges = (top[outliers.count], top[outliers.count - 1])
         left.axvspan(*(np.log10(edges) if density.log else edges), color="tab:green", alpha=0.15,

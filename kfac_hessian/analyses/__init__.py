@@ -3,7 +3,15 @@ outliers, tracking through training, back-matching local Hessians."""
 
 from .local_hessian import BackMatchingHessian, back_matching_hessians, condition_number
 from .low_rank import LowRankStructure, low_rank_structure
-from .outliers import MarchenkoPastur, NullComparison, OutlierResult, count_outliers, find_outliers
+from .outliers import (
+    MarchenkoPastur,
+    NullComparison,
+    OutlierResult,
+    UnseenSpectrum,
+    count_outliers,
+    find_outliers,
+    unseen_spectrum,
+)
 from .overlap import eigenspace_overlap, kronecker_overlap, overlap_by_layer
 from .report import ValidationReport, compare
 from .tracking import SpectrumTracker, spectral_metrics
@@ -15,6 +23,7 @@ __all__ = [
     "NullComparison",
     "OutlierResult",
     "SpectrumTracker",
+    "UnseenSpectrum",
     "ValidationReport",
     "back_matching_hessians",
     "compare",
@@ -26,4 +35,5 @@ __all__ = [
     "low_rank_structure",
     "overlap_by_layer",
     "spectral_metrics",
+    "unseen_spectrum",
 ]

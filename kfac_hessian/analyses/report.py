@@ -39,7 +39,7 @@ from ..exact import hutchinson_trace, lanczos, layer_operator, slq_density
 from ..factors import KFAC
 from ..limits import COMPARE_DENSE_LIMIT
 from .low_rank import low_rank_structure
-from .outliers import find_outliers
+from .outliers import DEFAULT_NULL, find_outliers
 from .overlap import eigenspace_overlap
 
 
@@ -233,7 +233,9 @@ def compare(
                            _measures(other, other_eig, o_vals, o_vecs, o_all, exact, dense_limit).items()
                            if key in ALSO_MEASURES}
         outliers_k = find_outliers(torch.as_tensor(k_all))
-        outliers_e = find_outliers(torch.as_tensor(e_dist_values if mode == "dense" else exact.top))
+        # a Lanczos top-k is not a whole spectrum: no Marchenko–Pastur bulk to compare with
+        outliers_e = find_outliers(torch.as_tensor(e_dist_values if mode == "dense" else exact.top),
+                                   null=DEFAULT_NULL if mode == "dense" else None)
         rows.append(
             {
                 "layer": name,
