@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from benchmarks.datasets import load_tabular
-from benchmarks.intervals import agree, mean_interval
+from benchmarks.intervals import Agreement, chance_disagreement, count_agreement, mean_interval
 from kfac_hessian.analyses import back_matching_hessians
 from kfac_hessian.demo import train_classifier
 
@@ -163,24 +163,10 @@ def summarize(values: list[float], log_scale: bool) -> str:
     return f"{mean:.3g} ± {half:.2g}"
 
 
-def agreement(first: list[dict], second: list[dict]) -> tuple[int, int, list[str]]:
-    """Cells whose two runs agree by ``intervals.agree``, cells compared, and the names of those that do not.
-
-    Cells infinite in every seed of both runs agree trivially and are not counted; a cell infinite in only some
-    seeds cannot be compared by a mean and counts as a disagreement.
-    """
-    agreeing, compared, disagreeing = 0, 0, []
-    for variant in VARIANTS:
-        for key in KEYS:
-            a, b = cell_values(first, variant, key), cell_values(second, variant, key)
-            if all(math.isinf(v) for v in a + b):
-                continue
-            compared += 1
-            if not any(math.isinf(v) for v in a + b) and agree(a, b):
-                agreeing += 1
-            else:
-                disagreeing.append(f"{variant} {key}")
-    return agreeing, compared, disagreeing
+def agreement(first: list[dict], second: list[dict]) -> Agreement:
+    """``intervals.count_agreement`` over every variant and key (cells infinite in every seed are not counted)."""
+    return count_agreement({f"{variant} {key}": (cell_values(first, variant, key), cell_values(second, variant, key))
+                            for variant in VARIANTS for key in KEYS})
 
 
 def render(rows: list[dict], args, replicate: list[dict] | None = None) -> str:
@@ -207,8 +193,9 @@ def render(rows: list[dict], args, replicate: list[dict] | None = None) -> str:
         agreeing, compared, disagreeing = agreement(rows, replicate)
         new_seeds = sorted({r["seed"] for r in replicate})
         lines += ["", f"Replicate on {len(new_seeds)} new seeds ({new_seeds[0]}–{new_seeds[-1]}): **{agreeing} of "
-                  f"{compared}** finite cells agree (difference of means within the combined 95 % half-width; about "
-                  "5 % may disagree by chance)" + (f"; disagreeing: {', '.join(disagreeing)}." if disagreeing else "."),
+                  f"{compared}** finite cells agree (difference of means within the combined 95 % half-width; "
+                  f"{chance_disagreement(len(new_seeds), len(new_seeds)):.1%} of cells disagree by chance at equal "
+                  "means)" + (f"; disagreeing: {', '.join(disagreeing)}." if disagreeing else "."),
                   "", "| variant | " + " | ".join(KEYS) + " |", "|---" * (len(KEYS) + 1) + "|"]
         for variant in VARIANTS:
             lines.append(f"| {variant} | " + " | ".join(

@@ -12,7 +12,10 @@ each layer's exact statistic: KFAC (``compute_kfac``, GGN), EKFAC (``compute_ekf
 between a small-batch and a large-batch solution from the same initialization, beside the path between two
 small-batch solutions from different initializations — and the scikit-learn digits demo (``kfac_hessian/demo.py``)
 over seeds. Every cell is a mean with the half-width of its 95 % t-interval over seeds (``benchmarks/intervals.py``);
-``--replicate`` reruns every cell on as many new seeds and says whether the two runs agree.
+``--replicate`` reruns every cell on as many new seeds and says whether the two runs agree. Beside each count, the
+counts above two nulls: the default null of ``find_outliers`` (a Marchenko–Pastur bulk fitted to the spectrum) and,
+where the study measures it anyway (the training-stage factor, whose epoch 0 is the same model at initialization),
+the largest eigenvalue of the same spectrum at initialization.
 
     python -m benchmarks.outliers_study                # 5 seeds + 5 replicate seeds → docs/results/outliers.md
     python -m benchmarks.outliers_study --quick        # 3 seeds, fewer settings, printed only (a smoke run)
@@ -34,15 +37,16 @@ import torch
 from torch import Tensor, nn
 
 import kfac_hessian as kh
-from kfac_hessian.analyses.outliers import OutlierResult, find_outliers
+from kfac_hessian.analyses.outliers import OutlierResult, find_outliers, unseen_spectrum
 from kfac_hessian.demo import relu_mlp, train_classifier, train_digits_mlp
 
 from .clusters import ClusterData, gaussian_clusters
-from .intervals import agree, format_interval
+from .intervals import count_agreement, format_interval
 
 LAYERS = ("0", "2", "4")  # the Linear layers of relu_mlp((d, w, w, C))
 APPROXIMATIONS = ("kfac", "ekfac", "fit")
 LEARNING_RATE, BATCH_SIZE = 1e-2, 100
+COMPARED = ("model/hessian", "model/ggn", *(f"{n}/exact" for n in LAYERS), *(f"4/{a}" for a in APPROXIMATIONS))
 
 
 @dataclass(frozen=True)
@@ -78,9 +82,11 @@ QUICK_FACTORS: dict[str, tuple[str, tuple]] = {
 @dataclass
 class Measurement:
     """The outlier statistics of one trained model: ``spectra`` maps ``"model/hessian"``, ``"model/ggn"``,
-    ``"<layer>/exact"`` and ``"<layer>/<approximation>"`` to ``find_outliers`` results."""
+    ``"<layer>/exact"`` and ``"<layer>/<approximation>"`` to ``find_outliers`` results (with the default null), and
+    ``values`` the same keys to the eigenvalues themselves, descending (at initialization: a null for later stages)."""
 
     spectra: dict[str, OutlierResult]
+    values: dict[str, Tensor]
     train_accuracy: float
     test_accuracy: float
     train_loss: float
@@ -116,11 +122,10 @@ def measure(model: nn.Module, data: ClusterData) -> Measurement:
     loss_fn = nn.CrossEntropyLoss()
     train = (data.X_train, data.y_train)
     hessian, ggn = _dense(model, loss_fn, train, "hessian"), _dense(model, loss_fn, train, "ggn")
-    hessian_values = torch.linalg.eigvalsh(hessian).flip(0)
-    spectra = {"model/hessian": find_outliers(hessian_values), "model/ggn": find_outliers(torch.linalg.eigvalsh(ggn))}
+    values = {"model/hessian": torch.linalg.eigvalsh(hessian).flip(0), "model/ggn": torch.linalg.eigvalsh(ggn).flip(0)}
     layer_difference = 0.0
     for name, part in _layer_slices(model).items():
-        spectra[f"{name}/exact"] = find_outliers(torch.linalg.eigvalsh(hessian[part, part]))
+        values[f"{name}/exact"] = torch.linalg.eigvalsh(hessian[part, part]).flip(0)
         layer_difference = max(layer_difference,
                                float((hessian[part, part] - ggn[part, part]).norm() / hessian[part, part].norm()))
     kfac = kh.compute_kfac(model, loss_fn, train, curvature="ggn")
@@ -128,11 +133,13 @@ def measure(model: nn.Module, data: ClusterData) -> Measurement:
                       "fit": kh.compute_kronecker_fit(model, loss_fn, train, kfac=kfac)}
     for label, result in approximations.items():
         for name in LAYERS:
-            spectra[f"{name}/{label}"] = find_outliers(result[name].eig())
+            values[f"{name}/{label}"] = result[name].eig().eigenvalues.detach().double()
+    spectra = {key: find_outliers(spectrum) for key, spectrum in values.items()}
     with torch.no_grad():
         train_loss = float(loss_fn(model(data.X_train), data.y_train))
-    return Measurement(spectra, _accuracy(model, *train), _accuracy(model, data.X_test, data.y_test), train_loss,
-                       float((hessian - ggn).norm() / hessian.norm()), layer_difference, hessian_values[:20])
+    return Measurement(spectra, values, _accuracy(model, *train), _accuracy(model, data.X_test, data.y_test),
+                       train_loss, float((hessian - ggn).norm() / hessian.norm()), layer_difference,
+                       values["model/hessian"][:20])
 
 
 def _new_model(setting: Setting, seed: int) -> nn.Module:
@@ -250,10 +257,12 @@ def digits_demo(seeds: list[int], epochs: int, model_top: int, log: Callable[[st
         model, loss_fn, train = problem.model, problem.loss_fn, problem.train
         output = kh.layer_operator(model, loss_fn, train, "4", kind="hessian")
         kfac = kh.compute_kfac(model, loss_fn, train, curvature="ggn")
-        top = kh.lanczos(kh.layer_operator(model, loss_fn, train, None, kind="hessian"), model_top, tol=1e-6,
-                         seed=seed)
+        whole = kh.layer_operator(model, loss_fn, train, None, kind="hessian")
+        top = kh.lanczos(whole, model_top, tol=1e-6, seed=seed)
+        # the default null of a top-k: the rest of the spectrum from Hutchinson probes of the deflated operator
+        unseen = unseen_spectrum(whole, top, probes=32, seed=seed)
         results.append(DigitsMeasurement(find_outliers(torch.linalg.eigvalsh(output.to_dense())),
-                                         find_outliers(kfac["4"].eig()), find_outliers(top.eigenvalues),
+                                         find_outliers(kfac["4"].eig()), find_outliers(top, unseen=unseen),
                                          problem.test_accuracy))
     log(f"  digits demo: {len(seeds)} seeds in {time.perf_counter() - start:.0f}s")
     return results
@@ -322,26 +331,56 @@ def layer_table(measured, factors) -> list[str]:
     return lines
 
 
+def _above_null(results: list[OutlierResult]) -> list[float]:
+    """Eigenvalues above the default (Marchenko–Pastur) null's edge, per seed."""
+    return [r.null.count_above if r.null is not None else math.nan for r in results]
+
+
+def null_table(measured, factors) -> list[str]:
+    """Each count beside the counts above the nulls: the default null's edge (its fitted γ beside it) and, where the
+    same seeds' models are measured at initialization (epoch 0 of the training-stage factor), the largest eigenvalue
+    of the same spectrum at initialization."""
+    lines = ["| factor | setting | spectrum | count (ratio ≥ 2) | above the fitted MP edge | fitted γ "
+             "| above λ₁ at initialization |", "|---|---|---|---|---|---|---|"]
+    for factor, label, setting, runs in _factor_rows(measured, factors):
+        init = measured.get(replace(setting, epochs=0))
+        for key in COMPARED:
+            results = [m.spectra[key] for m in runs]
+            above_init = "–" if init is None else _cell(
+                [float((m.values[key] > m0.values[key][0]).sum()) for m, m0 in zip(runs, init)])
+            lines.append(f"| {factor} | {label} | {key} | {_cell([r.count for r in results])} "
+                         f"| {_cell(_above_null(results))} "
+                         f"| {_cell([r.null.aspect_ratio if r.null else math.nan for r in results])} | {above_init} |")
+    return lines
+
+
 def agreement_table(first, second, factors) -> list[str]:
-    """For each setting and spectrum: do the gap position and ratio of the replicate seeds agree with the first?"""
-    lines = ["| factor | setting | spectrum | gap after: first / replicate | agree | ratio: first / replicate "
-             "| agree |",
-             "|---|---|---|---|---|---|---|"]
-    disagreements = 0
+    """For each setting and spectrum: do the gap position and ratio, and the count above the default null, of the
+    replicate seeds agree with the first?"""
+    cells, rows = {}, []
+    statistics = {"position": lambda rs: [r.gap_position for r in rs], "ratio": lambda rs: [r.gap_ratio for r in rs],
+                  "above MP edge": _above_null}
     for factor, label, setting, runs in _factor_rows(first, factors):
-        for key in ("model/hessian", "model/ggn", *(f"{n}/exact" for n in LAYERS), *(f"4/{a}" for a in APPROXIMATIONS)):
+        for key in COMPARED:
             a = [m.spectra[key] for m in runs]
             b = [m.spectra[key] for m in second[setting]]
-            positions = [[r.gap_position for r in rs] for rs in (a, b)]
-            ratios = [[r.gap_ratio for r in rs] for rs in (a, b)]
-            ok_position, ok_ratio = agree(*positions), agree(*ratios)
-            disagreements += (not ok_position) + (not ok_ratio)
-            lines.append(f"| {factor} | {label} | {key} | {_cell(positions[0])} / {_cell(positions[1])} "
-                         f"| {'yes' if ok_position else '**no**'} | {_cell(ratios[0])} / {_cell(ratios[1])} "
-                         f"| {'yes' if ok_ratio else '**no**'} |")
-    total = 2 * (len(lines) - 2)
-    return [f"{total - disagreements} of {total} cells agree (difference of means within the combined half-width).",
-            "", *lines]
+            name = f"{factor} {label} {key}"
+            for stat, of in statistics.items():
+                cells[f"{name} {stat}"] = [of(a), of(b)]
+            rows.append((factor, label, key, name))
+    counted = count_agreement(cells)
+    lines = ["| factor | setting | spectrum | gap after: first / replicate | agree | ratio: first / replicate "
+             "| agree | above MP edge: first / replicate | agree |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for factor, label, key, name in rows:
+        row = ""
+        for stat in statistics:
+            first_values, second_values = cells[f"{name} {stat}"]
+            verdict = "**no**" if f"{name} {stat}" in counted.disagreeing else "yes"
+            row += f" | {_cell(first_values)} / {_cell(second_values)} | {verdict}"
+        lines.append(f"| {factor} | {label} | {key}{row} |")
+    return [f"{counted.agreeing} of {counted.compared} cells agree (difference of means within the combined "
+            "half-width).", "", *lines]
 
 
 def basin_table(paths: dict[str, list[PathMeasurement]]) -> list[str]:
@@ -358,13 +397,14 @@ def basin_table(paths: dict[str, list[PathMeasurement]]) -> list[str]:
 
 
 def digits_table(results: list[DigitsMeasurement]) -> list[str]:
-    lines = ["| spectrum | gap after (ratio) | count (ratio ≥ 2) = 9 | count = 10 | count = 0 |",
-             "|---|---|---|---|---|"]
+    lines = ["| spectrum | gap after (ratio) | count (ratio ≥ 2) = 9 | count = 10 | count = 0 "
+             "| above the fitted MP edge | fitted γ |", "|---|---|---|---|---|---|---|"]
     for label, key in (("output layer 4, exact Hessian (330 × 330)", "output_exact"),
                        ("output layer 4, KFAC", "output_kfac"), ("whole model, Hessian top-30 (Lanczos)", "model_top")):
         rs = [getattr(r, key) for r in results]
         hits = " | ".join(f"{sum(r.count == n for r in rs)} of {len(rs)}" for n in (9, 10, 0))
-        lines.append(f"| {label} | {_gap_cell(rs)} | {hits} |")
+        lines.append(f"| {label} | {_gap_cell(rs)} | {hits} | {_cell(_above_null(rs))} "
+                     f"| {_cell([r.null.aspect_ratio for r in rs])} |")
     per_seed = ", ".join(f"{r.output_exact.gap_position} ({r.output_exact.gap_ratio:.2f})" for r in results)
     return [*lines, "", f"Output layer, exact, per seed — gap after (ratio): {per_seed}."]
 
@@ -438,13 +478,30 @@ def main(argv: list[str] | None = None) -> str:
         "product) put their widest gap in the same place? Layer 0 = input, 4 = output.",
         "",
         *layer_table(measured, factors),
+        "",
+        "## Counts against the nulls",
+        "",
+        "What it answers: does a count mean more than a bulk of the same spread would give, and more than the same "
+        "spectrum had before training? *Above the fitted MP edge*: eigenvalues above the upper edge σ²(1 + √γ)² of "
+        "a Marchenko–Pastur bulk whose σ² and γ are fitted to the spectrum's own bulk (mean σ², variance γσ⁴; the "
+        "fewest largest eigenvalues set aside so that the rest lies within its edge) — `find_outliers`' default "
+        "null. A Hessian's bulk is not a Wishart spectrum: the fitted γ is a shape parameter, not a sample ratio, "
+        "and a heavy upper tail puts tail eigenvalues above the edge (large counts here say 'not Marchenko–Pastur-"
+        "shaped', not 'that many outliers'); read it beside the gap. *Above λ₁ at initialization*: eigenvalues above "
+        "the largest eigenvalue of the same spectrum of the same seed's model before training — measured only "
+        "where the study trains that model from epoch 0 anyway (the base setting, in every factor, and the "
+        "training-stage factor); '–' elsewhere. Spectra: the whole model, each layer's exact block and the output "
+        "layer's approximations.",
+        "",
+        *null_table(measured, factors),
     ]
     if replicate:
         log("replicate seeds:")
         again = run_settings(factors, new_seeds, log)
         sections += ["", "## Re-run on new seeds", "",
                      f"Seeds {new_seeds} against {seeds}, every setting; whole-model spectra, the exact layer blocks, "
-                     "and the output layer's approximations.", "", *agreement_table(measured, again, factors)]
+                     "and the output layer's approximations: the widest gap's position and ratio, and the count above "
+                     "the fitted Marchenko–Pastur edge.", "", *agreement_table(measured, again, factors)]
     if not args.no_basin:
         paths = same_basin(seeds, 11, log)
         sections += ["", "## Same basin: small- vs large-batch solutions", "",

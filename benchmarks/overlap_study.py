@@ -1,6 +1,7 @@
 """Do independently trained models share their top layer-wise Hessian eigenspaces (Wu et al. 2020)? Exact vs KFAC.
 
-Usage: python -m benchmarks.overlap_study [--pairs 5] [--epochs 20] [--quick] [--rows PATH [--render-only]]
+Usage: python -m benchmarks.overlap_study [--pairs 5] [--epochs 20] [--quick] [--replicate]
+       [--rows PATH [--render-only]]
 
 Setting: scikit-learn's digits (fixed split, 1437 training samples, 10 classes), a ReLU MLP 64-24-24-10 in float64
 trained with Adam (lr 3e-3, batches of 64) from ``2·pairs`` seeds on the same data, every curvature block (exact and
@@ -24,6 +25,9 @@ pair ``i`` (disjoint pairs: independent samples for the 95 % t-interval over pai
 * the decoupling error per layer through training: ``‖B − H‖_F / ‖H‖_F`` for each approximation ``B`` against the
   dense exact block ``H`` at a few epochs, on the first model of every pair.
 
+``--replicate`` reruns the whole study on ``pairs`` new pairs (seeds ``2·pairs … 4·pairs − 1``, disjoint from the first
+run's) and counts the rendered cells whose two runs agree (``benchmarks.intervals.count_agreement``). ``--rows``
+keeps every measured value (both runs) as JSON, from which ``--render-only`` rewrites the tables without measuring.
 Writes docs/results/overlap.md.
 """
 
@@ -41,7 +45,7 @@ from torch import Tensor, nn
 import kfac_hessian as kh
 from benchmarks.alignment import align_vectors, match_hidden_units, rescale_hidden_units
 from benchmarks.datasets import load_tabular
-from benchmarks.intervals import format_interval
+from benchmarks.intervals import Agreement, agreement_notes, count_agreement, format_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("exact", "kfac", "ekfac", "fit")
@@ -197,12 +201,51 @@ def decoupling_errors(model: nn.Sequential, data, layers: tuple[str, ...]) -> di
     return errors
 
 
+def pair_seeds(pair: int) -> tuple[int, int]:
+    """The training seeds of pair ``pair``: ``2·pair`` and ``2·pair + 1`` (pairs never share a seed)."""
+    return 2 * pair, 2 * pair + 1
+
+
+def replicate_pairs(pairs: int) -> range:
+    """The pairs of the re-run: the next ``pairs`` pair indices, so its seeds are disjoint from the first run's."""
+    return range(pairs, 2 * pairs)
+
+
+def measure(pair_indices: range, split, settings: Settings) -> dict:
+    """Every table's rows over the pairs ``pair_indices`` (seeds ``pair_seeds(i)``), with the test accuracies."""
+    train_data = (split.X_train, split.y_train)
+    data = (split.X_train[:CURVATURE_SAMPLES], split.y_train[:CURVATURE_SAMPLES])
+    start = time.perf_counter()
+    pairs, rescaled, within, decoupling, accuracy = [], [], [], [], []
+    for pair in pair_indices:
+        models, spectra = [], []
+        for position, seed in enumerate(pair_seeds(pair)):
+            def checkpoint(epoch, model, first=position == 0):
+                if first:  # the decoupling error is measured on the first model of each pair
+                    for layer, errors in decoupling_errors(model, data, settings.decoupling_layers).items():
+                        decoupling.append({"epoch": epoch, "layer": layer, **errors})
+
+            model = train(seed, train_data, settings, checkpoint)
+            with torch.no_grad():
+                accuracy.append(float((model(split.X_test).argmax(1) == split.y_test).float().mean()))
+            models.append(model)
+            spectra.append(model_spectra(model, data, settings.k))
+            within.extend(within_model_rows(spectra[-1]))
+        pairs.extend(pair_rows(*models, *spectra, data, settings))
+        rescaled.extend(rescaling_rows(models[0], spectra[0], data, settings.k, seed=100 + pair))
+        print(f"pair {pair} done ({time.perf_counter() - start:.0f} s)", flush=True)
+    return {"pairs": pairs, "rescaled": rescaled, "within": within, "decoupling": decoupling,
+            "accuracy": accuracy, "seconds": time.perf_counter() - start}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=5, help="independent model pairs (2·pairs seeds)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="fewer epochs, decoupling error on the small layers")
+    parser.add_argument("--replicate", action="store_true",
+                        help="rerun every cell on as many new pairs (new seeds) and count the cells that agree")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "results" / "overlap.md")
     parser.add_argument("--rows", type=Path, help="write the measured rows here (JSON)")
     parser.add_argument("--render-only", action="store_true", help="render the tables from --rows, measure nothing")
@@ -219,31 +262,14 @@ def main() -> None:
         return
     torch.set_num_threads(min(2, torch.get_num_threads()))
     split = load_tabular("digits", seed=0, dtype=torch.float64)
-    train_data = (split.X_train, split.y_train)
-    data = (split.X_train[:CURVATURE_SAMPLES], split.y_train[:CURVATURE_SAMPLES])
-    start = time.perf_counter()
-    pairs, rescaled, within, decoupling, accuracy = [], [], [], [], []
-    for pair in range(settings.pairs):
-        models, spectra = [], []
-        for seed in (2 * pair, 2 * pair + 1):
-            def checkpoint(epoch, model, seed=seed):
-                if seed % 2 == 0:  # the first model of each pair
-                    for layer, errors in decoupling_errors(model, data, settings.decoupling_layers).items():
-                        decoupling.append({"epoch": epoch, "layer": layer, **errors})
-
-            model = train(seed, train_data, settings, checkpoint)
-            with torch.no_grad():
-                accuracy.append(float((model(split.X_test).argmax(1) == split.y_test).float().mean()))
-            models.append(model)
-            spectra.append(model_spectra(model, data, settings.k))
-            within.extend(within_model_rows(spectra[-1]))
-        pairs.extend(pair_rows(*models, *spectra, data, settings))
-        rescaled.extend(rescaling_rows(models[0], spectra[0], data, settings.k, seed=100 + pair))
-        print(f"pair {pair} done ({time.perf_counter() - start:.0f} s)", flush=True)
-    measured = {"pairs": pairs, "rescaled": rescaled, "within": within, "decoupling": decoupling,
-                "accuracy": accuracy, "seconds": time.perf_counter() - start}
-    if args.rows is not None:
+    measured = measure(range(settings.pairs), split, settings)
+    if args.rows is not None:  # the first run survives a replicate cut short
         args.rows.write_text(json.dumps(measured))
+    if args.replicate:
+        print("replicate pairs:", flush=True)
+        measured["replicate"] = measure(replicate_pairs(settings.pairs), split, settings)
+        if args.rows is not None:
+            args.rows.write_text(json.dumps(measured))
     write(render(settings, **measured, args=args), args.output)
 
 
@@ -253,24 +279,69 @@ def write(text: str, path: Path) -> None:
     print(text)
 
 
-def _cell(rows: list[dict], key: str, **where) -> str:
-    values = [r[key] for r in rows if all(r[k] == v for k, v in where.items())]
-    return format_interval(values)
+TAGS = ("unaligned", "aligned")
+WITHIN_KEYS = {**{f"vs_exact_{m}": f"{m} vs exact" for m in APPROXIMATIONS},  # row key → the cell's name
+               "energy_share_mean": "rank-one share (mean over k)", "energy_share_first": "rank-one share (v₁)",
+               "a_top_mean_cos2": "cos²(u₁(A), ā)"}
 
 
-def render(settings: Settings, pairs, rescaled, within, decoupling, accuracy, seconds: float, args) -> str:
+def cell_values(pairs, rescaled, within, decoupling, accuracy, decoupling_layers: tuple[str, ...],
+                **_) -> dict[str, list[float]]:
+    """Every cell the tables render, by name, with its values over the pairs (or models): what ``render`` formats
+    and what a re-run on new seeds is compared on, cell by cell."""
+    layers = list(dict.fromkeys(r["layer"] for r in pairs))
+    cells = {"test accuracy": list(accuracy)}
+    for layer in layers:
+        for method in METHODS:
+            for tag in TAGS:
+                cells[f"layer {layer}: {method} overlap, {tag}"] = _values(pairs, f"overlap_{tag}", layer=layer,
+                                                                           method=method)
+    for layer in layers:
+        for side in ("G", "A"):
+            for method in METHODS:
+                for tag in TAGS:
+                    cells[f"layer {layer}: {method} {side} side, {tag}"] = _values(pairs, f"{side}_{tag}",
+                                                                                   layer=layer, method=method)
+    for layer in layers:
+        for key, label in WITHIN_KEYS.items():
+            cells[f"layer {layer}: {label}"] = _values(within, key, layer=layer)
+    for layer in layers:
+        cells[f"layer {layer}: overlap with the rescaled copy"] = _values(rescaled, "overlap", layer=layer)
+    for layer in decoupling_layers:
+        for method in APPROXIMATIONS:
+            for epoch in sorted({r["epoch"] for r in decoupling}):
+                cells[f"layer {layer}: {method} decoupling error, epoch {epoch}"] = _values(decoupling, method,
+                                                                                            layer=layer, epoch=epoch)
+    return cells
+
+
+def agreement(first: dict, second: dict, settings: Settings) -> tuple[Agreement, dict]:
+    """``intervals.count_agreement`` over every rendered cell of two runs on disjoint seeds, and the paired cells."""
+    a, b = (cell_values(**run, decoupling_layers=settings.decoupling_layers) for run in (first, second))
+    cells = {name: (a[name], b[name]) for name in a}
+    return count_agreement(cells), cells
+
+
+def render(settings: Settings, pairs, rescaled, within, decoupling, accuracy, seconds: float, args,
+           replicate: dict | None = None) -> str:
+    measured = {"pairs": pairs, "rescaled": rescaled, "within": within, "decoupling": decoupling, "accuracy": accuracy}
+    cells = cell_values(**measured, decoupling_layers=settings.decoupling_layers)
+    cell = {name: format_interval(values) for name, values in cells.items()}
     layers = list(dict.fromkeys(r["layer"] for r in pairs))
     size = {r["layer"]: r["P"] for r in pairs}
     quick = " --quick" if args.quick else ""
     epochs_flag = "" if args.quick else f" --epochs {args.epochs}"  # --quick sets the epochs itself
+    replicate_flag = " --replicate" if replicate else ""
+    minutes = (seconds + (replicate["seconds"] if replicate else 0.0)) / 60
     k, r = settings.k, settings.side_rank
     dims = {name: (out, inp + 1) for name, inp, out in zip(layers, WIDTHS[:-1], WIDTHS[1:])}
     lines = [
         "# Top eigenspaces across seeds: exact vs Kronecker approximations (generated)", "",
-        f"Command: `python -m benchmarks.overlap_study --pairs {settings.pairs}{epochs_flag} --k {k}{quick}` "
-        f"({time.strftime('%Y-%m-%d')}, CPU, {seconds / 60:.1f} min). Digits, ReLU MLP "
-        f"{'-'.join(map(str, WIDTHS))} (float64, Adam, {settings.epochs} epochs), {2 * settings.pairs} seeds on the "
-        f"same data in {settings.pairs} disjoint pairs; test accuracy {format_interval(accuracy)}; every block on the "
+        f"Command: `python -m benchmarks.overlap_study --pairs {settings.pairs}{epochs_flag} --k {k}{quick}"
+        f"{replicate_flag}` ({time.strftime('%Y-%m-%d')}, CPU, {minutes:.1f} min). Digits, ReLU MLP "
+        f"{'-'.join(map(str, WIDTHS))} (float64, Adam, {settings.epochs} epochs), {2 * settings.pairs} seeds "
+        f"(0–{2 * settings.pairs - 1}) on the "
+        f"same data in {settings.pairs} disjoint pairs; test accuracy {cell['test accuracy']}; every block on the "
         f"first {CURVATURE_SAMPLES} training samples. Every cell: mean "
         "± half-width of the 95 % t-interval over the pairs (or over the models). Layers: '0' and '2' hidden, '4' "
         "the output layer. Exact = the layer's Hessian block (equal to its GGN block for a ReLU network), top-k by "
@@ -294,19 +365,12 @@ def render(settings: Settings, pairs, rescaled, within, decoupling, accuracy, se
         "| layer | P | random k/P | " + " | ".join(METHODS) + " | KFAC ÷ exact |", "|---|---|---|" + "---|" * 5,
     ]
     for layer in layers:
-        cells = [f"{_cell(pairs, 'overlap_unaligned', layer=layer, method=m)} → "
-                 f"{_cell(pairs, 'overlap_aligned', layer=layer, method=m)}" for m in METHODS]
-        ratio = [f"{_ratio(pairs, layer, tag):.2f}" for tag in ("unaligned", "aligned")]
-        lines.append(f"| {layer} | {size[layer]} | {k / size[layer]:.4f} | " + " | ".join(cells)
+        row = [f"{cell[f'layer {layer}: {m} overlap, unaligned']} → {cell[f'layer {layer}: {m} overlap, aligned']}"
+               for m in METHODS]
+        ratio = [f"{_ratio(pairs, layer, tag):.2f}" for tag in TAGS]
+        lines.append(f"| {layer} | {size[layer]} | {k / size[layer]:.4f} | " + " | ".join(row)
                      + f" | {ratio[0]} → {ratio[1]} |")
-    ratios = {tag: [_ratio(pairs, layer, tag) for layer in layers] for tag in ("unaligned", "aligned")}
-    exact = {tag: [_mean(pairs, f"overlap_{tag}", layer=layer, method="exact") for layer in layers]
-             for tag in ("unaligned", "aligned")}
-    lines += ["", "In short: KFAC's cross-model overlap is " + _span(ratios["unaligned"]) + "× the exact one without "
-              "alignment and " + _span(ratios["aligned"]) + "× with it; aligning the hidden units raises the exact "
-              "overlap from " + _span(exact["unaligned"]) + " to " + _span(exact["aligned"]) + " (layers "
-              + ", ".join(layers) + "); a model and its own rescaled copy overlap only "
-              + _span([_mean(rescaled, "overlap", layer=layer) for layer in layers]) + " (last table)."]
+    lines += ["", "In short: " + _in_short(pairs, rescaled, layers) + " (last table)."]
     lines += ["", f"## Per side: overlap of the top-{r} output-side (G) and input-side (A) subspaces", "",
               f"Layer {layers[0]}'s inputs are the data themselves: its A is the same matrix in every model and no "
               "permutation acts on it (the A side differs between models only through which of A's eigenvectors "
@@ -317,9 +381,9 @@ def render(settings: Settings, pairs, rescaled, within, decoupling, accuracy, se
               "| layer | side | " + " | ".join(METHODS) + " |", "|---|---|" + "---|" * 4]
     for layer in layers:
         for side in ("G", "A"):
-            cells = [f"{_cell(pairs, f'{side}_unaligned', layer=layer, method=m)} → "
-                     f"{_cell(pairs, f'{side}_aligned', layer=layer, method=m)}" for m in METHODS]
-            lines.append(f"| {layer} | {side} | " + " | ".join(cells) + " |")
+            row = [f"{cell[f'layer {layer}: {m} {side} side, unaligned']} → "
+                   f"{cell[f'layer {layer}: {m} {side} side, aligned']}" for m in METHODS]
+            lines.append(f"| {layer} | {side} | " + " | ".join(row) + " |")
     lines += ["", "## Within each model", "",
               f"Overlap of each approximation's top-{k} with the exact top-{k}; the exact top-{k} eigenvectors "
               "reshaped to `[W b]`: energy share of the top singular value (1 = rank one; mean over the k vectors, "
@@ -328,15 +392,13 @@ def render(settings: Settings, pairs, rescaled, within, decoupling, accuracy, se
               "| layer | KFAC vs exact | EKFAC vs exact | fit vs exact | rank-one share (mean over k) | rank-one share "
               "(v₁) | cos²(u₁(A), ā) |", "|---|---|---|---|---|---|---|"]
     for layer in layers:
-        cells = [_cell(within, f"vs_exact_{m}", layer=layer) for m in APPROXIMATIONS]
-        cells += [_cell(within, key, layer=layer) for key in ("energy_share_mean", "energy_share_first",
-                                                             "a_top_mean_cos2")]
-        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+        lines.append(f"| {layer} | " + " | ".join(cell[f"layer {layer}: {label}"] for label in WITHIN_KEYS.values())
+                     + " |")
     lines += ["", "## The confounder no permutation removes: per-unit ReLU rescaling", "",
               f"Exact top-{k} overlap of a model with itself after rescaling every hidden unit by `e^u`, "
               "`u ~ U(−1, 1)` (the same function; the first model of each pair).", "",
               "| layer | exact overlap with the rescaled copy |", "|---|---|"]
-    lines += [f"| {layer} | {_cell(rescaled, 'overlap', layer=layer)} |" for layer in layers]
+    lines += [f"| {layer} | {cell[f'layer {layer}: overlap with the rescaled copy']} |" for layer in layers]
     epochs = sorted({r["epoch"] for r in decoupling})
     lines += ["", "## Decoupling error through training", "",
               "`‖B − H‖_F / ‖H‖_F` of each approximation `B` against the dense exact block `H`, on the first model of "
@@ -345,13 +407,34 @@ def render(settings: Settings, pairs, rescaled, within, decoupling, accuracy, se
               "|---|---|" + "---|" * len(epochs)]
     for layer in settings.decoupling_layers:
         for method in APPROXIMATIONS:
-            cells = [_cell(decoupling, method, layer=layer, epoch=e) for e in epochs]
-            lines.append(f"| {layer} | {method} | " + " | ".join(cells) + " |")
+            lines.append(f"| {layer} | {method} | "
+                         + " | ".join(cell[f"layer {layer}: {method} decoupling error, epoch {e}"] for e in epochs)
+                         + " |")
+    if replicate:
+        lines += ["", *_replicate_section(measured, replicate, settings)]
     return "\n".join(lines) + "\n"
 
 
+def _replicate_section(first: dict, replicate: dict, settings: Settings) -> list[str]:
+    counted, cells = agreement(first, replicate, settings)
+    layers = list(dict.fromkeys(r["layer"] for r in replicate["pairs"]))
+    seeds = [seed for pair in replicate_pairs(settings.pairs) for seed in pair_seeds(pair)]
+    lines = ["## Re-run on new seeds", "",
+             f"The whole study again on {settings.pairs} new pairs (seeds {seeds[0]}–{seeds[-1]}, disjoint from the "
+             f"first run's): **{counted.agreeing} of {counted.compared} cells agree** (every interval cell of the "
+             "tables above; agree = the difference of the two means lies within the combined 95 % half-width "
+             "√(h₁² + h₂²), `benchmarks.intervals.agree`).", "",
+             "The re-run in short: " + _in_short(replicate["pairs"], replicate["rescaled"], layers) + ".", "",
+             *agreement_notes(cells, counted)]
+    return lines
+
+
+def _values(rows: list[dict], key: str, **where) -> list[float]:
+    return [r[key] for r in rows if all(r[k] == v for k, v in where.items())]
+
+
 def _mean(rows: list[dict], key: str, **where) -> float:
-    values = [r[key] for r in rows if all(r[k] == v for k, v in where.items())]
+    values = _values(rows, key, **where)
     return sum(values) / len(values)
 
 
@@ -359,6 +442,17 @@ def _ratio(pairs: list[dict], layer: str, tag: str) -> float:
     """Mean KFAC overlap ÷ mean exact overlap."""
     key = f"overlap_{tag}"
     return _mean(pairs, key, layer=layer, method="kfac") / _mean(pairs, key, layer=layer, method="exact")
+
+
+def _in_short(pairs: list[dict], rescaled: list[dict], layers: list[str]) -> str:
+    """The headline: KFAC ÷ exact overlap, the exact overlap without → with alignment, the rescaled self-overlap."""
+    ratios = {tag: [_ratio(pairs, layer, tag) for layer in layers] for tag in TAGS}
+    exact = {tag: [_mean(pairs, f"overlap_{tag}", layer=layer, method="exact") for layer in layers] for tag in TAGS}
+    return ("KFAC's cross-model overlap is " + _span(ratios["unaligned"]) + "× the exact one without alignment and "
+            + _span(ratios["aligned"]) + "× with it; aligning the hidden units raises the exact overlap from "
+            + _span(exact["unaligned"]) + " to " + _span(exact["aligned"]) + " (layers " + ", ".join(layers)
+            + "); a model and its own rescaled copy overlap only "
+            + _span([_mean(rescaled, "overlap", layer=layer) for layer in layers]))
 
 
 def _span(values: list[float]) -> str:

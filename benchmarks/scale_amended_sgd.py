@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from benchmarks.datasets import load_tabular
-from benchmarks.intervals import agree, mean_interval
+from benchmarks.intervals import Agreement, chance_disagreement, count_agreement, mean_interval
 from kfac_hessian.optim import ScaleAmendedSGD
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,14 +113,12 @@ def summarize(values: list[float], decimals: int) -> str:
     return f"{mean:.{decimals}f} ± {half:.{decimals}f}"
 
 
-def agreement(first: list[dict], second: list[dict], lrs: list[float]) -> tuple[int, int, list[str]]:
-    """Cells (learning rate, optimizer, train loss or test accuracy) whose two runs agree by ``intervals.agree``,
-    cells compared, and the names of those that do not. Wall-clock seconds are not compared: they measure the
-    machine's load, not the optimizer."""
-    cells = [(lr, name, metric) for lr in lrs for name in OPTIMIZERS for metric in ("train_loss", "test_acc")]
-    disagreeing = [f"lr {lr} {name} {metric}" for lr, name, metric in cells
-                   if not agree(cell_values(first, lr, name, metric), cell_values(second, lr, name, metric))]
-    return len(cells) - len(disagreeing), len(cells), disagreeing
+def agreement(first: list[dict], second: list[dict], lrs: list[float]) -> Agreement:
+    """``intervals.count_agreement`` over the cells (learning rate, optimizer, train loss or test accuracy). Wall-clock
+    seconds are not compared: they measure the machine's load, not the optimizer."""
+    return count_agreement({f"lr {lr} {name} {metric}": (cell_values(first, lr, name, metric),
+                                                         cell_values(second, lr, name, metric))
+                            for lr in lrs for name in OPTIMIZERS for metric in ("train_loss", "test_acc")})
 
 
 def plot(runs, lrs, path: Path) -> None:
@@ -165,7 +163,8 @@ def render(runs, lrs, args, replicate: list[dict] | None = None) -> str:
         new_seeds = sorted({r["seed"] for r in replicate})
         lines += ["", f"Replicate on {len(new_seeds)} new seeds ({new_seeds[0]}–{new_seeds[-1]}): **{agreeing} of "
                   f"{compared}** cells (train loss, test accuracy) agree (difference of means within the combined 95 % "
-                  "half-width; about 5 % may disagree by chance)"
+                  f"half-width; {chance_disagreement(len(new_seeds), len(new_seeds)):.1%} of cells disagree by chance "
+                  "at equal means)"
                   + (f"; disagreeing: {', '.join(disagreeing)}." if disagreeing else "."), "", *table(replicate)]
     return "\n".join(lines) + "\n"
 

@@ -79,6 +79,34 @@ def test_measured_spectra_are_the_dense_hessian_spectra():
             find_outliers(torch.linalg.eigvalsh(block)).bulk_edge, rel=1e-8)
         for approximation in study.APPROXIMATIONS:
             assert measurement.spectra[f"{name}/{approximation}"].n_values == size
+    # the default null of the whole-model Hessian: the Marchenko–Pastur fit of the dense reference spectrum
+    null = measurement.spectra["model/hessian"].null
+    assert null.edge == pytest.approx(expected.null.edge, rel=1e-8) and null.count_above == expected.null.count_above
+
+
+def test_counts_above_the_initialization_null_use_the_same_seeds_untrained_spectra(monkeypatch):
+    """The null table's 'above λ₁ at initialization': the trained spectrum's eigenvalues above the largest eigenvalue
+    of the same seed's model at epoch 0, each against a dense float64 Hessian (torch.func.hessian) of that model."""
+    monkeypatch.setattr(study, "BASE", TINY)
+    stages = (0, TINY.epochs)
+    measured = {study.replace(TINY, epochs=e): [] for e in stages}
+    references = {e: [] for e in stages}
+    for seed in (0, 1):
+        data = gaussian_clusters(TINY.n_classes, TINY.clusters_per_class, TINY.dim, TINY.separation, TINY.n_train,
+                                 n_test=500, seed=seed)
+        model, done = study._new_model(TINY, seed), 0
+        for stage in stages:
+            study.train_classifier(model, nn.CrossEntropyLoss(), data.X_train, data.y_train, stage - done,
+                                   lr=study.LEARNING_RATE, batch_size=study.BATCH_SIZE, seed=seed + stage)
+            done = stage
+            measured[study.replace(TINY, epochs=stage)].append(study.measure(model, data))
+            loss_of, flat = _flat_function(model, lambda p, m=model, X=data.X_train, y=data.y_train:
+                                           nn.functional.cross_entropy(functional_call(m, p, (X,)), y))
+            references[stage].append(torch.linalg.eigvalsh(hessian(loss_of)(flat)))
+    lines = study.null_table(measured, {"epochs (training stage)": ("epochs", stages)})
+    row = next(line for line in lines if f"epochs={TINY.epochs} (base)" in line and "| model/hessian |" in line)
+    expected = [float((trained > init.max()).sum()) for trained, init in zip(references[TINY.epochs], references[0])]
+    assert row.split(" | ")[-1].rstrip(" |") == study._cell(expected)
 
 
 def test_path_ends_are_the_two_solutions():
@@ -108,9 +136,9 @@ def test_quick_run_writes_every_table(tmp_path, monkeypatch):
     text = study.main(["--quick", "--seeds", "2", "--factors", "classes C", "--no-basin", "--no-digits",
                        "--replicate", "--out", str(out)])
     assert out.read_text() == text
-    for heading in ("## Whole model", "## Layer blocks", "## Re-run on new seeds"):
+    for heading in ("## Whole model", "## Layer blocks", "## Counts against the nulls", "## Re-run on new seeds"):
         assert heading in text
     rows = [line for line in text.splitlines() if line.startswith("| classes C |")]
-    # 2 values of C: one whole-model row, 3 layer rows and 8 agreement rows each
-    assert len(rows) == 2 * (1 + 3 + 8)
+    # 2 values of C: one whole-model row, 3 layer rows, 8 null rows and 8 agreement rows each
+    assert len(rows) == 2 * (1 + 3 + 8 + 8)
     assert "n_classes=3 (base)" in text and "n_classes=2 |" in text

@@ -1,12 +1,23 @@
-"""The PAC-Bayes study's spread: cells against scipy's t-interval, paired differences against a hand-built pairing."""
+"""The PAC-Bayes study's spread: cells against scipy's t-interval, paired differences against a hand-built pairing,
+and the re-run on new seeds."""
 
 import argparse
+import re
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from benchmarks.pac_bayes_study import BASES, interval_cell, paired_differences, render
+from benchmarks.intervals import agree, mean_interval
+from benchmarks.pac_bayes_study import (
+    BASES,
+    agreement,
+    interval_cell,
+    paired_differences,
+    render,
+    replicate_seeds,
+    seed_order,
+)
 
 
 def _rows(bounds: dict[str, list[float]]) -> list[dict]:
@@ -46,3 +57,55 @@ def test_paired_interval_resolves_what_the_unpaired_ones_do_not():
     half = stats.t.ppf(0.975, len(shifted) - 1) * stats.sem(shifted)
     assert f"**{shifted.mean():.3f} ± {half:.3f}**" in iterative_row  # unpaired: wide, overlapping identity's
     assert "seeds finished: 5 (0–4)" in table
+
+
+def test_replicate_seeds_are_disjoint_and_alternate_with_the_first_runs():
+    for seeds in (2, 5):
+        order = seed_order(seeds, replicate=True)
+        assert not set(range(seeds)) & set(replicate_seeds(seeds))
+        assert sorted(order) == sorted([*range(seeds), *replicate_seeds(seeds)])  # every seed once
+        assert order[::2] == list(range(seeds)) and order[1::2] == list(replicate_seeds(seeds))
+        assert seed_order(seeds, replicate=False) == list(range(seeds))
+
+
+def _metrics_rows(seeds, rng: np.random.Generator) -> list[dict]:
+    """Every task, labels and basis with random metrics (a nonzero half-width in every cell)."""
+    return [{"task": task, "labels": labels, "seed": seed, "basis": basis, "bound": rng.uniform(0.2, 0.8),
+             "train_error": rng.uniform(0, 0.5), "test_error": rng.uniform(0, 0.5),
+             "mean_test_error": rng.uniform(0, 0.5), "kl": rng.uniform(10, 100), "converged": True,
+             "seconds": rng.uniform(1, 9), "n_train": 10}
+            for seed in seeds for task in ("digits", "breast_cancer") for labels in ("true", "random")
+            for basis in BASES]
+
+
+def test_agreement_count_is_intervals_agree_on_the_rendered_cells():
+    rng = np.random.default_rng(0)
+    first, second = _metrics_rows(range(5), rng), _metrics_rows(replicate_seeds(5), rng)
+    args = argparse.Namespace(seeds=5, epochs=None, lr=0.01, n_samples=10, width=50, train_epochs=100,
+                              replicate=True)
+    table = render(first, args, n_seeds=5)
+    counted, cells = agreement(first, second)
+    # every rendered interval but the seconds column is a compared cell (4 task-label groups × 4 bases)
+    assert counted.compared == len(re.findall(r"\d ± \d", table)) - 4 * len(BASES)
+    # shift one basis's bound in the re-run so that its paired difference lands just past the combined half-width
+    name = "breast_cancer random iterative Δ vs identity"
+    (m1, h1), (m2, h2) = mean_interval(cells[name][0]), mean_interval(cells[name][1])
+    for row in second:
+        if (row["task"], row["labels"], row["basis"]) == ("breast_cancer", "random", "iterative"):
+            row["bound"] += m1 - m2 + 1.01 * np.hypot(h1, h2)
+    counted, cells = agreement(first, second)
+    assert not agree(*cells[name])
+    assert counted.disagreeing == [n for n, (a, b) in cells.items() if not agree(a, b)]
+    text = render(first, args, 5, second)
+    assert f"**{counted.agreeing} of {counted.compared} cells agree**" in text
+    assert "| breast_cancer random iterative |" in text and f"| {name} |" in text  # Δ table and disagreement list
+
+
+def test_a_run_on_a_subset_of_bases_and_labels_says_so_in_its_command():
+    rows = [r for r in _metrics_rows(range(3), np.random.default_rng(1))
+            if r["labels"] == "true" and r["basis"] in ("identity", "iterative")]
+    args = argparse.Namespace(seeds=3, epochs=None, lr=0.01, n_samples=10, width=50, train_epochs=100,
+                              bases=["identity", "iterative"], labels=["true"], replicate=False)
+    table = render(rows, args, n_seeds=3)
+    assert "--n-samples 10 --bases identity iterative --labels true`" in table
+    assert sum(line.startswith("| digits") or line.startswith("| breast_cancer") for line in table.splitlines()) == 4
