@@ -61,6 +61,16 @@ class LayerCall:
         return self.args[0]
 
 
+@dataclass
+class RecordedRun:
+    """One forward pass as the recorder saw it, kept to be handed back (``LayerRecorder.snapshot``/``restore``): the
+    model's output in the graph, the recorded calls and the anchors of their outputs."""
+
+    output: object
+    calls: dict[str, list[LayerCall]]
+    anchors: dict[tuple, Tensor]
+
+
 class LayerRecorder:
     """Context manager recording ``LayerCall``s of ``modules``; hooks are removed on every exit path.
 
@@ -154,6 +164,16 @@ class LayerRecorder:
 
             tapped.grad_fn.register_prehook(deliver)
         return tapped
+
+    def snapshot(self, output) -> RecordedRun:
+        """The forward pass just recorded, with its ``output``, kept apart from the recorder's later passes."""
+        return RecordedRun(output, {name: list(calls) for name, calls in self.calls.items()}, dict(self._anchors))
+
+    def restore(self, run: RecordedRun) -> None:
+        """Make ``run`` the current forward pass (its calls and anchors), as if it had just been recorded."""
+        for name, calls in self.calls.items():
+            calls[:] = run.calls.get(name, [])
+        self._anchors = dict(run.anchors)
 
     def clear(self) -> None:
         for calls in self.calls.values():

@@ -12,9 +12,10 @@ From the model's structure, one forward pass of the first batch and the options,
   ``limits.ROW_FACTOR_MIN_WIDTH`` wide), dense ``(w, w)`` per group otherwise; an embedding's ``A`` is a diagonal
   ``(w,)``; every other block the sums its accumulator holds (measured on the ``meta`` device: nothing allocated).
 * **the peak memory** beyond what exists when the pass starts — the forward's saved tensors (parameters and inputs
-  excluded), the recorded layer outputs, the same again on the first batch (the sample-axis probe's second run, the
-  values the formula checks keep: with it the estimate came within 11 % of the measured peak of live tensors on
-  GPT-2 with 2 and 12 layers and a Llama-style model, ``docs/results/scale.md``), the columns of one chunk and the
+  excluded), the recorded layer outputs, the same again on the first batch's probed samples (the sample-axis
+  probe's further runs on ``limits.SAMPLE_AXIS_PROBE_SAMPLES`` samples: with it the estimate came within 11 % of the
+  measured peak of live tensors on GPT-2 with 2 and 12 layers and a Llama-style model, ``docs/results/scale.md``),
+  the columns of one chunk and the
   loss-Hessian pieces they come from, the gradients of one backward chunk (a chunk of ``k > 1`` columns holds ``k``
   gradients of every recorded output) and the factors.
 * **the time in forward+backward passes over the same data** — in multiply-adds of one batch, with ``F`` the
@@ -109,9 +110,11 @@ class Plan:
 
     @property
     def first_batch_bytes(self) -> int:
-        """What the first batch holds beyond the others: a second forward's activations and recorded outputs (the
-        sample-axis probe's runs and the values the formula checks keep, ``factors.sample_axis``, ``stream``)."""
-        return self.activation_bytes + self.recorded_bytes
+        """What the first batch holds beyond the others: one more forward's activations and recorded tensors on the
+        ``limits.SAMPLE_AXIS_PROBE_SAMPLES`` samples the sample-axis probe runs (``factors.sample_axis``: on a batch of
+        that many or fewer, its run that becomes the pass's forward is alive while it runs the model again)."""
+        share = min(self.samples_per_batch, limits.SAMPLE_AXIS_PROBE_SAMPLES) / self.samples_per_batch
+        return round((self.activation_bytes + self.recorded_bytes) * share)
 
     @property
     def peak_bytes(self) -> int:
@@ -185,14 +188,16 @@ class Plan:
 
 # The first batch's work besides its own forward and backward passes, in forwards of its samples (profiled on GPT-2
 # with 2 layers, 2 × 64 tokens): the plan's forward (1), the sample-axis probe's runs and comparisons on
-# ``limits.SAMPLE_AXIS_PROBE_SAMPLES`` samples (about 8: ``factors.sample_axis``), the kinds' formula checks on
+# ``limits.SAMPLE_AXIS_PROBE_SAMPLES`` samples (about 8: ``factors.sample_axis``; one less on a batch of that many
+# samples or fewer, whose probe run is the pass's own forward), the kinds' formula checks on
 # ``limits.CHECKED_SAMPLES`` samples (about 1.5), and the blocks' finalization once per pass (about 1).
 PLAN_FORWARDS, PROBE_FORWARDS, CHECK_FORWARDS, FINALIZE_FORWARDS = 1.0, 8.0, 1.5, 1.0
 
 
 def _first_batch_forwards(n: int) -> float:
     """The first batch's further work in forwards of a batch of ``n`` samples (``PLAN_FORWARDS`` …)."""
-    return (PLAN_FORWARDS + FINALIZE_FORWARDS + PROBE_FORWARDS * min(n, limits.SAMPLE_AXIS_PROBE_SAMPLES) / n
+    probed = min(n, limits.SAMPLE_AXIS_PROBE_SAMPLES)
+    return (PLAN_FORWARDS + FINALIZE_FORWARDS + PROBE_FORWARDS * probed / n - (1.0 if probed == n else 0.0)
             + CHECK_FORWARDS * min(n, limits.CHECKED_SAMPLES) / n)
 
 FACTOR_ROWS = 12  # the largest factors listed by ``Plan.__str__``; the rest in one line

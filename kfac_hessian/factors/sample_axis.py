@@ -9,7 +9,8 @@ rotated run. The samples are on axis ``a`` exactly when rotating ``L`` along ``a
 the rotation must be visible); as flattened rows ``(N·R, …)`` when rotating ``L``'s blocks of ``R`` rows
 (sample-major) or its ``N``-strided entries (position-major) gives ``L'``. Sizes alone decide nothing: a
 sequence-first ``(T, N, C)`` tensor with ``T == N`` rotates along axis 1 only, and T5's relative-attention bias
-``(T, T, heads)``, which every sample shares, does not rotate at all. The verdicts (``sample_layout.SampleLayout``): one
+``(T, T, heads)``, which every sample shares, does not rotate at all (the rotation is never copied: its distance
+to ``L'`` is summed slice by slice, in float64). The verdicts (``sample_layout.SampleLayout``): one
 visible match — ``axis`` / ``rows``; ``L' == L`` — ``shared`` when the rotation would have been visible along every
 axis that could hold the samples (or none can), else ``constant``; anything else — ``unknown``. A ``constant`` tensor
 (the same for every sample: position ids, masks of ones, zeros) is placed by its shape in one more run on the first
@@ -21,6 +22,10 @@ confirm it: the expanded run gives the same model output, and a perturbation of 
 sample's output. Where that fails, expansions to ``R`` rows per sample are tried in the same way, for every ``R`` of a
 ``rows`` layout found (Swin's relative-position bias, added to the scores of ``N·windows`` windows); a broadcast over
 anything else is not expanded and stays ``shared``.
+
+On a batch of at most ``limits.SAMPLE_AXIS_PROBE_SAMPLES`` samples, the probe's run with the pass's own settings
+(as given, with the verified expansions) is the pass's forward of that batch, kept with its graph, unless the model
+drew random numbers in the probe (dropout in train mode): one forward fewer, the same numbers.
 
 Blind spots (the layouts these give, and what the pass does with them): values equal for every sample — dead ReLUs,
 LoRA's zero-initialized ``B``, identical samples, masks of ones — are placed by their shape alone (a tensor whose
@@ -35,6 +40,7 @@ blocks need every row only, and refuse only outputs ``shared`` by all samples.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -42,7 +48,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .. import limits
-from ..capture import LayerCall, LayerRecorder, differentiable
+from ..capture import LayerCall, LayerRecorder, RecordedRun, differentiable
 from ..layers import Accumulator, KroneckerSums
 from ..layers.embedding import EmbeddingKind
 from ..layers.kronecker import PerSampleSums
@@ -85,7 +91,38 @@ def _close(a: Tensor, b: Tensor) -> bool:
     if not a.is_floating_point():
         return bool(torch.equal(a, b))
     tolerance = torch.finfo(a.dtype).eps ** 0.5
-    return float((a - b).double().norm()) <= tolerance * max(float(a.double().norm()), torch.finfo(torch.float32).tiny)
+    a, b = a.contiguous(), b.contiguous()  # flattened as views below
+    return _norm64(a, b) <= tolerance * max(_norm64(a), torch.finfo(torch.float32).tiny)
+
+
+NORM_CHUNK = 1 << 15  # elements per partial norm of ``_norm64``: small enough to stay in the cache
+
+
+def _norm64(a: Tensor, b: Tensor | None = None) -> float:
+    """``‖a − b‖`` (``‖a‖`` without ``b``) accumulated in float64 chunk by chunk: a float64 copy of a whole recorded
+    tensor (GPT-2's logits) costs more than the comparison itself, and a float32 sum of 10⁷ squares is off by 10⁻⁴."""
+    a = a.reshape(-1)
+    b = None if b is None else b.reshape(-1)
+    partial = [torch.linalg.vector_norm(a[i : i + NORM_CHUNK] if b is None else a[i : i + NORM_CHUNK]
+                                        - b[i : i + NORM_CHUNK], dtype=torch.float64)
+               for i in range(0, a.numel(), NORM_CHUNK)]
+    return float(torch.linalg.vector_norm(torch.stack(partial))) if partial else 0.0
+
+
+def _sample_slices(tensor: Tensor, layout: SampleLayout, n: int) -> tuple[Tensor, ...]:
+    """The ``n`` samples' slices of ``tensor`` under a candidate ``layout`` (views; ``rotated`` moves slice ``i`` to
+    ``i + 1``)."""
+    if layout.state != "rows":
+        return tensor.unbind(layout.axis)
+    if layout.sample_major:
+        return tensor.unflatten(layout.axis, (n, -1)).unbind(layout.axis)
+    return tensor.unflatten(layout.axis, (-1, n)).unbind(layout.axis + 1)
+
+
+def _rotation_distance(original: Tensor, other: Tensor, layout: SampleLayout, n: int) -> float:
+    """``‖rotated(original) − other‖`` in float64, slice by slice: the rotation is never copied."""
+    moved, target = _sample_slices(original, layout, n), _sample_slices(other, layout, n)
+    return math.sqrt(sum(_norm64(moved[i - 1] - target[i]) ** 2 for i in range(n)))
 
 
 def classify(original: Tensor, permuted: Tensor, n: int) -> SampleLayout:
@@ -99,19 +136,35 @@ def classify(original: Tensor, permuted: Tensor, n: int) -> SampleLayout:
             candidates.append(SampleLayout("axis", axis, samples=n))
         elif size > n and size % n == 0:
             candidates += [SampleLayout("rows", axis, major, samples=n) for major in (True, False)]
+    if original.is_floating_point():  # ``_close`` with the norm of ``original`` (a rotation keeps it) computed once
+        tolerance = torch.finfo(original.dtype).eps ** 0.5 * max(_norm64(original.contiguous()),
+                                                                 torch.finfo(torch.float32).tiny)
+        same = _norm64(original.contiguous(), permuted.contiguous()) <= tolerance
+
+        def rotates_to(layout: SampleLayout, other: Tensor) -> bool:
+            return _rotation_distance(original, other, layout, n) <= tolerance
+    else:
+        same = bool(torch.equal(original, permuted))
+
+        def rotates_to(layout: SampleLayout, other: Tensor) -> bool:
+            moved = rotated(original, layout.axis, n, layout.sample_major, layout.state == "rows")
+            return bool(torch.equal(moved, other))
+
     visible, matches = [], []
     for layout in candidates:
-        moved = rotated(original, layout.axis, n, layout.sample_major, layout.state == "rows")
-        if not _close(moved, original):
+        match = rotates_to(layout, permuted)
+        if not match and not same:  # neither a match nor needed for the shared/constant verdict below
+            continue
+        if not rotates_to(layout, original):
             visible.append(layout)
-            if _close(moved, permuted):
+            if match:
                 matches.append(layout)
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
         found = ", ".join(m.describe() for m in matches)
         return unknown(f"its values rotate with the samples along several axes ({found})")
-    if _close(original, permuted):
+    if same:
         return SHARED if len(visible) == len(candidates) else CONSTANT
     return unknown("its values change with the order of the samples, but along no axis as the samples do (dropout in "
                    "train mode, batch statistics, samples mixed?)")
@@ -166,14 +219,24 @@ def _resolve_constants(layouts: Layouts, plain: dict[str, list[LayerCall]], fewe
                         layouts_of[i] = shrunk_layout(a[i].shape, b[i].shape, n)
 
 
-def _recorded(recorder: LayerRecorder, run: Callable, inputs) -> tuple[dict[str, list[LayerCall]], object]:
+def _recorded(recorder: LayerRecorder, run: Callable, inputs, keep: bool = False
+              ) -> tuple[dict[str, list[LayerCall]], object, RecordedRun | None]:
+    """The recorded calls and the detached output of one run, and with ``keep`` the run itself (``RecordedRun``)."""
     # in the pass's own grad mode: PyTorch takes fused fast paths without grad (nn.TransformerEncoderLayer in eval
     # mode), which would call other modules than the pass sees
     recorder.clear()
-    output = tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, run(inputs))
+    live = run(inputs)
+    output = tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, live)
+    kept = recorder.snapshot(live) if keep else None
     calls = {key: list(calls) for key, calls in recorder.calls.items()}
     recorder.clear()
-    return calls, output
+    return calls, output, kept
+
+
+def _rng_states() -> list[Tensor]:
+    """The global RNG states (CPU, and every CUDA device once CUDA is initialized)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return [torch.get_rng_state(), *cuda]
 
 
 def _leaves(call: LayerCall) -> tuple[list, list[Tensor]]:
@@ -182,35 +245,51 @@ def _leaves(call: LayerCall) -> tuple[list, list[Tensor]]:
     return inputs, outputs
 
 
-def probe_sample_axes(recorder: LayerRecorder, run: Callable, inputs, n: int) -> Layouts:
+def probe_sample_axes(recorder: LayerRecorder, run: Callable, inputs, n: int, keep: bool = False
+                      ) -> tuple[Layouts, RecordedRun | None]:
     """The layouts of every recorded call's input and output leaves on a batch of ``n ≥ 2`` samples, found on its
     first ``limits.SAMPLE_AXIS_PROBE_SAMPLES``; sets ``recorder.expand`` to the verified expansions (module
-    docstring). ``run(inputs)`` runs the model."""
+    docstring). ``run(inputs)`` runs the model.
+
+    With ``keep``, also the probe's run that is the pass's own forward of this batch, when there is one: a run on the
+    whole batch (``n ≤ SAMPLE_AXIS_PROBE_SAMPLES``) with the expansions found, recording values, while the model draws
+    no random numbers (the global RNG states are the same after the probe): the pass uses it instead of running the
+    same function of the same inputs once more. ``None`` otherwise."""
     probed = min(n, limits.SAMPLE_AXIS_PROBE_SAMPLES)
+    keep = keep and probed == n
     inputs, n = _first_samples(inputs, n, probed), probed
-    keep = recorder.keep_values
+    states = _rng_states() if keep else []
+    previous = recorder.keep_values
     recorder.keep_values, recorder.expand, recorder.batch_size = True, {}, n
+    kept: dict[frozenset, RecordedRun] = {}  # runs that may be the pass's forward, by their expansions
     try:
-        plain, output = _recorded(recorder, run, inputs)
-        rotated_calls, rotated_output = _recorded(recorder, run, _rotated_inputs(inputs, n))
+        plain, output, kept[frozenset()] = _recorded(recorder, run, inputs, keep)
+        rotated_calls, rotated_output, _ = _recorded(recorder, run, _rotated_inputs(inputs, n))
         _check_model_output(output, rotated_output, n)
         layouts: Layouts = {key: _layouts_of(calls, rotated_calls[key], n) for key, calls in plain.items()}
+        del rotated_calls, rotated_output
         if any(layout is CONSTANT for per_call in layouts.values() for ins, outs in per_call for layout in ins + outs):
             try:
-                fewer, _ = _recorded(recorder, run, _first_samples(inputs, n, n - 1))
+                fewer, _, _ = _recorded(recorder, run, _first_samples(inputs, n, n - 1))
             except Exception:  # noqa: BLE001 — a model that cannot run one sample fewer leaves them constant
                 fewer = {}
             _resolve_constants(layouts, plain, fewer, n)
         candidates = {(key, i, leaf) for key, per_call in layouts.items() for i, (_, outs) in enumerate(per_call)
                       for leaf, layout in enumerate(outs)
                       if layout is SHARED and _leaves(plain[key][i])[1][leaf].shape[0] == 1}
+        if candidates:  # the plain run is not the pass's forward then: its graph is let go
+            kept.pop(frozenset())
         verified: dict[tuple[str, int, int], int] = {}
         for rows in (1, *sorted(_rows_per_sample(layouts, plain, n))):  # a sample's copies: 1, or its rows
             rest = candidates - verified.keys()
             if rest:
-                verified.update(_verified_expansions(recorder, run, inputs, n, output, dict.fromkeys(rest, rows)))
+                found, run_kept = _verified_expansions(recorder, run, inputs, n, output, dict.fromkeys(rest, rows),
+                                                       keep)
+                verified.update(found)
+                if run_kept is not None:
+                    kept[frozenset(found.items())] = run_kept
     finally:
-        recorder.keep_values = keep
+        recorder.keep_values = previous
         recorder.clear()
     for key, i, leaf in candidates:
         rows = verified.get((key, i, leaf))
@@ -218,7 +297,8 @@ def probe_sample_axes(recorder: LayerRecorder, run: Callable, inputs, n: int) ->
             SampleLayout("shared", reason="its leading size 1 is not broadcast over the samples or their rows alone")
             if rows is None else LEADING if rows == 1 else SampleLayout("rows", 0))
     recorder.expand = verified
-    return layouts
+    same_draws = keep and all(torch.equal(a, b) for a, b in zip(states, _rng_states()))
+    return layouts, kept.get(frozenset(verified.items())) if same_draws else None
 
 
 def _rows_per_sample(layouts: Layouts, plain: dict[str, list[LayerCall]], n: int) -> set[int]:
@@ -256,31 +336,36 @@ def _call_layouts(call: LayerCall, other: LayerCall, n: int) -> tuple[list[Sampl
 
 
 def _verified_expansions(recorder: LayerRecorder, run: Callable, inputs, n: int, output,
-                         candidates: dict[tuple[str, int, int], int]) -> dict[tuple[str, int, int], int]:
+                         candidates: dict[tuple[str, int, int], int], keep: bool = False
+                         ) -> tuple[dict[tuple[str, int, int], int], RecordedRun | None]:
     """The candidates (→ rows per sample) whose expansion to the batch keeps the model output and keeps sample 0's
-    copies at sample 0: all together when that holds, else each one alone."""
-    if _expansion_holds(recorder, run, inputs, n, output, candidates):
-        return candidates
+    copies at sample 0: all together when that holds, else each one alone; with ``keep``, the expanded run of all
+    of them together when that holds."""
+    holds, kept = _expansion_holds(recorder, run, inputs, n, output, candidates, keep)
+    if holds:
+        return candidates, kept
     return {c: rows for c, rows in candidates.items()
-            if _expansion_holds(recorder, run, inputs, n, output, {c: rows})}
+            if _expansion_holds(recorder, run, inputs, n, output, {c: rows})[0]}, None
 
 
 def _expansion_holds(recorder: LayerRecorder, run: Callable, inputs, n: int, output,
-                     expand: dict[tuple[str, int, int], int]) -> bool:
+                     expand: dict[tuple[str, int, int], int], keep: bool = False) -> tuple[bool, RecordedRun | None]:
     plain = [leaf for leaf in tree_flatten(output)[0] if isinstance(leaf, Tensor)]
     recorder.expand = expand
     try:
-        expanded = [leaf for leaf in tree_flatten(_recorded(recorder, run, inputs)[1])[0] if isinstance(leaf, Tensor)]
+        _, expanded, kept = _recorded(recorder, run, inputs, keep)
+        expanded = [leaf for leaf in tree_flatten(expanded)[0] if isinstance(leaf, Tensor)]
         recorder.perturb = torch.Generator().manual_seed(0)
         perturbed = [leaf for leaf in tree_flatten(_recorded(recorder, run, inputs)[1])[0] if isinstance(leaf, Tensor)]
     except Exception:  # noqa: BLE001 — an expansion the model cannot run (Swin: rows are N·windows) is not one
-        return False
+        return False, None
     finally:
         recorder.expand, recorder.perturb = {}, None
     if len(expanded) != len(plain) or not all(_close(e, p) for e, p in zip(expanded, plain)):
-        return False
-    return len(perturbed) == len(plain) and all(
+        return False, None
+    holds = len(perturbed) == len(plain) and all(
         _close(q[1:], p[1:]) for q, p in zip(perturbed, plain) if q.shape == p.shape and q.dim() and q.shape[0] == n)
+    return holds, kept if holds else None
 
 
 def assign_layouts(calls: dict[str, list[LayerCall]], layouts: Layouts | None, n: int) -> None:

@@ -103,11 +103,15 @@ class Pass:
         def run(batch):
             return model_output(self.model, batch, self.output) if select else call_model(self.model, batch)
 
+        kept = None
         if self.layouts is None and n > 1:
-            self.layouts = probe_sample_axes(recorder, run, inputs, n)
+            self.layouts, kept = probe_sample_axes(recorder, run, inputs, n, keep=index == 0)
         recorder.clear()
         recorder.keep_values = index == 0
         recorder.batch_size = n
+        if kept is not None:  # the probe ran this very forward pass (same inputs, expansions, no random draws)
+            recorder.restore(kept)
+            return kept.output
         return run(inputs)
 
     def add_inputs(self, recorder: LayerRecorder, index: int, n: int) -> bool:

@@ -143,3 +143,33 @@ def test_one_shot_iterators_are_planned_and_streamed_whole():
     assert all(torch.equal(from_list[n].G, from_generator[n].G) for n in from_list)
     assert plan(model, nn.CrossEntropyLoss(), (b for b in batches)).batches is None
     assert plan(model, nn.CrossEntropyLoss(), batches).batches == 2
+
+
+@pytest.mark.parametrize("n", [2, 6])
+def test_the_first_batch_counts_the_probes_recorded_tensors_on_its_samples(monkeypatch, n):
+    """The sample-axis probe runs the model on the first ``limits.SAMPLE_AXIS_PROBE_SAMPLES`` samples of the first
+    batch: the tensors its run records (every recorded call's outputs and the model output) are the plan's recorded
+    bytes in that share of the batch, and the first batch's extra memory is that share of a forward's."""
+    from kfac_hessian.factors import sample_axis
+
+    model = mlp(nn.Tanh).double()
+    X, y = classification_data(n=n)
+    X = X.double()
+    recorded = []
+    original = sample_axis._recorded
+
+    def spy(recorder, run, inputs, keep=False):
+        calls, output, kept = original(recorder, run, inputs, keep)
+        if not recorded:  # the probe's first run, on the samples it probes
+            leaves = [call.output_values for key_calls in calls.values() for call in key_calls]
+            recorded.append(sum(t.numel() * t.element_size() for t in [*leaves, output]))
+        return calls, output, kept
+
+    monkeypatch.setattr(sample_axis, "_recorded", spy)
+    cost = plan(model, nn.CrossEntropyLoss(), (X, y), curvature="mc", seed=0)
+    kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), curvature="mc", seed=0)
+    share = min(n, limits.SAMPLE_AXIS_PROBE_SAMPLES) / n
+    assert recorded[0] == cost.recorded_bytes * share
+    assert cost.first_batch_bytes == round((cost.activation_bytes + cost.recorded_bytes) * share)
+    assert cost.peak_bytes == (cost.activation_bytes + cost.recorded_bytes + cost.first_batch_bytes
+                               + cost.column_bytes + cost.backward_bytes + cost.factor_bytes)

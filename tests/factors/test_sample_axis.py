@@ -312,3 +312,59 @@ def test_data_with_the_samples_off_axis_zero_is_refused_even_when_the_sizes_coin
     X, y = torch.randn(length, N, 4, generator=g, dtype=torch.float64), torch.randint(0, 2, (N,), generator=g)
     with pytest.raises(ValueError, match="does not follow the samples of the data"):
         kh.compute_kfac(_SequenceFirstData().double(), nn.CrossEntropyLoss(), [(X, y)])
+
+
+def _blocks_without_reuse(monkeypatch, run):
+    """``run()`` with the probe's run never handed to the pass (the pass runs its forward once more)."""
+    from kfac_hessian.factors import stream
+
+    probe = stream.probe_sample_axes
+    with monkeypatch.context() as patched:
+        patched.setattr(stream, "probe_sample_axes", lambda *args, **kwargs: probe(*args, **{**kwargs, "keep": False}))
+        return run()
+
+
+@pytest.mark.parametrize("family, n", [("llama", 3), ("gpt2", 2)])
+def test_the_probes_run_on_the_whole_batch_is_the_passs_own_forward(monkeypatch, family, n):
+    """On a batch of at most ``limits.SAMPLE_AXIS_PROBE_SAMPLES`` samples the probe's run with the pass's settings
+    (GPT-2: its position embedding expanded to the batch) is the pass's forward: one forward fewer, and every block
+    the same to the last bit as with the forward run again."""
+    from ..conftest import transformers_problem
+
+    model, inputs, targets, output = transformers_problem(family, n=n)
+    forwards = [0]
+    model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+
+    def run():
+        start = forwards[0]
+        kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (inputs, targets), curvature="mc", seed=0,
+                               output=output)
+        return kfac, forwards[0] - start
+
+    kfac, runs = run()
+    again, runs_again = _blocks_without_reuse(monkeypatch, run)
+    assert runs == runs_again - 1
+    assert set(kfac) == set(again)
+    for name in kfac:
+        assert torch.equal(kfac[name].to_dense(), again[name].to_dense()), name
+
+
+def test_a_model_drawing_random_numbers_runs_its_forward_again(monkeypatch):
+    """Dropout in train mode draws new masks in every run: the probe's run is not the pass's forward then."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.3), nn.Tanh(), nn.Linear(4, 3)).double().train()
+    X = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 2, 1])
+    forwards = [0]
+    model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+
+    def run():
+        start = forwards[0]
+        with pytest.warns(UserWarning):  # the dropout warning
+            kfac = kh.compute_kfac(model, nn.CrossEntropyLoss(), (X, y), curvature="mc", seed=0)
+        return kfac, forwards[0] - start
+
+    kfac, runs = run()
+    again, runs_again = _blocks_without_reuse(monkeypatch, run)
+    assert runs == runs_again
+    assert all(torch.equal(kfac[name].to_dense(), again[name].to_dense()) for name in kfac)
