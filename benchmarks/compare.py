@@ -2,12 +2,16 @@
 
 Usage: python -m benchmarks.compare [--n 2048] [--n-cnn 256] [--repeats 3] [--device cpu|cuda]
        [--workloads mlp,cnn] [--skip-exact]
-Prints a markdown report section by section. Ratios are measured in the same run, interleaved.
+Prints a markdown report section by section. Ratios are measured in the same run, interleaved. The load average
+is printed before and after every workload: on a shared machine other processes' load changes the ratios (torch's
+multithreaded LAPACK calls suffer most from oversubscribed cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import os
 import statistics
 import time
 
@@ -204,7 +208,14 @@ def workload_cases(model, loss_fn, data) -> dict:
         e.topk(10) for e in kfac.eig(vectors=False).values()]
     cases["compute_ekfac mc, kfac= given (eigenvectors + correction pass)"] = lambda: kh.compute_ekfac(
         model, loss_fn, data, kfac=kfac_mc, seed=0)
+    cases["user's job without the pass: eig() + topk(20) of every layer of the mc factors"] = lambda: [
+        e.topk(min(20, e.num_params)) for e in kfac_mc.eig().values()]
     return cases
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average (1/5/15 min): {one:.2f} / {five:.2f} / {fifteen:.2f} on {os.cpu_count()} CPUs"
 
 
 def fmt(t):
@@ -226,9 +237,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     lines = [f"# kfac_hessian benchmark ({device}, torch {torch.__version__}, {torch.get_num_threads()} threads)", ""]
+    try:
+        lines.append(f"curvlinops-for-pytorch {importlib.metadata.version('curvlinops-for-pytorch')}")
+    except importlib.metadata.PackageNotFoundError:
+        lines.append("curvlinops-for-pytorch not installed: no peer rows")
     rate = matmul_rate(device)
     lines.append(f"matmul rate (float32, 2048²): {rate:.0f} GFLOP/s")
     for name in [w for w in args.workloads.split(",") if w]:
+        lines.append(f"{name}: before, {load_average()}")
         n = {"mlp": args.n, "cnn": args.n_cnn, "seq": args.n_seq}[name]
         model, loss_fn, data = workload(name, n)
         model = model.to(device)
@@ -247,6 +263,7 @@ def main(argv=None):
             result["counted floor, ggn: forward + 10 backward + (A + 9·G products) at the matmul rate"] = (
                 (result["forward + 10 backward passes"][0] + 2 * (a_macs + columns * g_macs) / (rate * 1e9),) * 3)
         n_params = sum(p.numel() for p in model.parameters())
+        lines.append(f"{name}: after, {load_average()}")
         lines += ["", f"## {name}: {n_params / 1e6:.2f}M parameters, N={n}, CE, float32", "",
                   "| what | seconds: median (min–max) | / floor |", "|---|---|---|"]
         for case, t in result.items():

@@ -1,5 +1,6 @@
-"""Two LAPACK routines called without the GIL: ``sytrd`` (tridiagonalization) and ``sterf`` (eigenvalues of a
-symmetric tridiagonal matrix), in single and double precision.
+"""Three LAPACK routines called without the GIL: ``sytrd`` (tridiagonalization), ``sterf`` (eigenvalues of a
+symmetric tridiagonal matrix) and ``syevd`` (all eigenvalues and eigenvectors, divide and conquer), in single and
+double precision.
 
 scipy's Python LAPACK wrappers hold the GIL for the whole call, so decompositions of independent factors cannot
 overlap in threads. The raw routines that ``scipy.linalg.cython_lapack`` exports (C function pointers with
@@ -31,6 +32,9 @@ def _routine(name: str):
     if name.endswith("sytrd"):  # uplo, n, a, lda, d, e, tau, work, lwork, info
         signature = ctypes.CFUNCTYPE(None, ctypes.c_char_p, _INT_P, real, _INT_P, real, real, real, real, _INT_P,
                                      _INT_P)
+    elif name.endswith("syevd"):  # jobz, uplo, n, a, lda, w, work, lwork, iwork, liwork, info
+        signature = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, _INT_P, real, _INT_P, real, real, _INT_P,
+                                     _INT_P, _INT_P, _INT_P)
     else:  # sterf: n, d, e, info
         signature = ctypes.CFUNCTYPE(None, _INT_P, real, real, _INT_P)
     return signature(pointer(capsule, capsule_name(capsule)))
@@ -70,3 +74,27 @@ def sterf(diagonal: np.ndarray, off_diagonal: np.ndarray) -> tuple[np.ndarray, i
     size, info = ctypes.c_int(len(values)), ctypes.c_int(0)
     _routine(f"{prefix}sterf")(ctypes.byref(size), _ptr(values, prefix), _ptr(work, prefix), ctypes.byref(info))
     return values, info.value
+
+
+def syevd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Eigenvalues (ascending) and orthonormal eigenvectors (the columns of an ``(n, n)`` array) of a symmetric
+    float32/float64 matrix, and LAPACK's ``info`` (``scipy.linalg.eigh(…, driver="evd")`` without the GIL)."""
+    prefix = "s" if matrix.dtype == np.float32 else "d"
+    n = matrix.shape[0]
+    # C-ordered symmetric input read as Fortran-ordered is the same matrix; the eigenvectors come back Fortran-ordered
+    a = np.array(matrix, dtype=_DTYPE[prefix], order="C", copy=True)
+    values = np.empty(n, a.dtype)
+    size, info = ctypes.c_int(n), ctypes.c_int(0)
+    routine = _routine(f"{prefix}syevd")
+
+    def call(work: np.ndarray, iwork: np.ndarray, query: bool) -> None:
+        lwork, liwork = (ctypes.c_int(-1), ctypes.c_int(-1)) if query else (ctypes.c_int(len(work)),
+                                                                              ctypes.c_int(len(iwork)))
+        routine(b"V", b"L", ctypes.byref(size), _ptr(a, prefix), ctypes.byref(size), _ptr(values, prefix),
+                _ptr(work, prefix), ctypes.byref(lwork), iwork.ctypes.data_as(_INT_P), ctypes.byref(liwork),
+                ctypes.byref(info))
+
+    work, iwork = np.empty(1, a.dtype), np.empty(1, np.int32)
+    call(work, iwork, query=True)  # the sizes of the workspaces
+    call(np.empty(max(1, int(work[0])), a.dtype), np.empty(max(1, int(iwork[0])), np.int32), query=False)
+    return values, a.T, info.value

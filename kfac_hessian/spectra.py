@@ -116,6 +116,51 @@ def symmetric_eigvals(batches: list[Tensor]) -> list[tuple[Tensor, list[ClampRep
     return results
 
 
+def symmetric_eigs(batches: list[Tensor]) -> list[tuple[Tensor, Tensor, list[ClampReport]]]:
+    """Eigenvalues and eigenvectors (``symmetric_eig(…, vectors=True)``) of batches ``(B, d, d)`` of PSD matrices of
+    any sizes; per batch ``(values (B, d), vectors (B, d, d), reports)``.
+
+    On the CPU (float32/float64, ``d ≥ TRIDIAGONAL_MIN_SIZE``) every matrix through LAPACK's ``syevd`` without the
+    GIL, concurrently on ``EIG_THREADS`` threads with one LAPACK thread each (largest first), as the eigenvalues
+    alone in ``symmetric_eigvals``; everything else through torch's ``eigh``, one batched call per size.
+    """
+    results: list = [None] * len(batches)
+    concurrent, groups = [], {}
+    for i, batch in enumerate(batches):
+        if batch.device.type == "cpu" and batch.dtype in (torch.float32, torch.float64) \
+                and batch.shape[-1] >= TRIDIAGONAL_MIN_SIZE:
+            concurrent += [(i, b) for b in range(len(batch))]
+        else:
+            groups.setdefault((batch.shape[-1], batch.device, batch.dtype), []).append(i)
+    for members in groups.values():
+        values, vectors, reports = symmetric_eig(torch.cat([batches[i] for i in members]), vectors=True)
+        start = 0
+        for i in members:
+            count = len(batches[i])
+            results[i] = (values[start : start + count], vectors[start : start + count], reports[start : start + count])
+            start += count
+    order = sorted(concurrent, key=lambda item: -batches[item[0]].shape[-1])
+    with _single_threaded_scipy_lapack():
+        decomposed = dict(zip(order, _map_concurrently(lambda item: _syevd(batches[item[0]][item[1]]), order)))
+    for i in sorted({i for i, _ in concurrent}):
+        pairs = [decomposed[(i, b)] for b in range(len(batches[i]))]
+        values, reports = _descending_clamped(torch.stack([values for values, _ in pairs]))
+        results[i] = (values, torch.stack([vectors for _, vectors in pairs]).flip(-1), reports)
+    return results
+
+
+def _syevd(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Ascending eigenvalues and eigenvectors (columns) of one symmetric matrix; a float32 failure is retried in
+    float64 (results cast back)."""
+    values, vectors, info = _lapack.syevd(matrix.detach().contiguous().numpy())
+    if info != 0:
+        if matrix.dtype == torch.float64:
+            raise torch.linalg.LinAlgError(f"syevd failed to converge (info={info})")
+        values, vectors = _syevd(matrix.double())
+        return values.to(matrix.dtype), vectors.to(matrix.dtype)
+    return torch.from_numpy(values), torch.from_numpy(vectors)
+
+
 def _tridiagonal_applies(batch: Tensor) -> bool:
     return (batch.device.type == "cpu" and batch.shape[0] == 1 and batch.dtype in (torch.float32, torch.float64)
             and batch.shape[-1] >= TRIDIAGONAL_MIN_SIZE)

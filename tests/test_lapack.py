@@ -18,3 +18,17 @@ def test_the_lapack_calls_equal_scipys():
         assert abs(ours - theirs).max() < 1e-12
     values, info = _lapack.sterf(diagonal, off_diagonal)
     assert info == 0 and abs(values - lapack.dsterf(diagonal, off_diagonal)[0]).max() < 1e-12
+
+
+def test_syevd_equals_scipys_eigh():
+    import numpy as np
+    from scipy.linalg import eigh
+
+    from kfac_hessian import _lapack
+
+    for n in (1, 37):
+        matrix = _psd(n).numpy()
+        values, vectors, info = _lapack.syevd(matrix)
+        expected_values, expected_vectors = eigh(matrix, driver="evd")
+        assert info == 0 and abs(values - expected_values).max() < 1e-12 * expected_values.max()
+        assert abs(abs(vectors.T @ expected_vectors) - np.eye(n)).max() < 1e-10  # the same vectors, up to sign

@@ -84,3 +84,39 @@ def test_float32_eigh_failure_is_retried_in_float64(monkeypatch):
     assert calls == [torch.float32, torch.float64]
     assert values.dtype == torch.float32 and vectors.dtype == torch.float32
     assert torch.allclose(values, torch.linalg.eigvalsh(m.double()).flip(-1).float(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_eigenvectors_through_concurrent_syevd_are_eigh(dtype, tol, threads, monkeypatch):
+    monkeypatch.setattr(spectra, "EIG_THREADS", threads)
+    batches = [_psd(40, dtype, 0).unsqueeze(0), torch.stack([_psd(64, dtype, s) for s in (1, 2)]),
+               _psd(5, dtype, 3).unsqueeze(0), _psd(33, dtype, 4).unsqueeze(0)]  # d = 5: torch's batched eigh
+    for batch, (values, vectors, reports) in zip(batches, spectra.symmetric_eigs(batches)):
+        reference = batch.double()
+        expected = torch.linalg.eigvalsh(reference).flip(-1)  # float64 reference, descending
+        assert values.dtype == vectors.dtype == dtype and vectors.shape == batch.shape
+        assert [r.count for r in reports] == [0] * len(batch)
+        assert torch.allclose(values.double(), expected, atol=tol * float(expected.max()))
+        eye = torch.eye(batch.shape[-1], dtype=torch.float64)
+        assert torch.allclose(vectors.double().mT @ vectors.double(), eye.expand_as(reference), atol=10 * tol)
+        residual = reference @ vectors.double() - vectors.double() * values.double().unsqueeze(-2)
+        assert float(residual.abs().max()) < 10 * tol * float(expected.max())
+
+
+def test_float32_syevd_failure_is_retried_in_float64(monkeypatch):
+    from kfac_hessian import _lapack
+
+    original = _lapack.syevd
+
+    def failing_in_float32(matrix):
+        values, vectors, info = original(matrix)
+        return values, vectors, (1 if matrix.dtype.name == "float32" else info)
+
+    monkeypatch.setattr(_lapack, "syevd", failing_in_float32)
+    ((values, vectors, _),) = spectra.symmetric_eigs([_psd(40, torch.float32).unsqueeze(0)])
+    assert values.dtype == vectors.dtype == torch.float32  # retried in float64, cast back
+    assert torch.allclose(values[0].double(), torch.linalg.eigvalsh(_psd(40)).flip(0), atol=1e-6)
+    with pytest.raises(torch.linalg.LinAlgError, match="syevd"):
+        monkeypatch.setattr(_lapack, "syevd", lambda matrix: (*original(matrix)[:2], 3))
+        spectra.symmetric_eigs([_psd(40).unsqueeze(0)])

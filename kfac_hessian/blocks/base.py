@@ -91,14 +91,22 @@ class CurvatureBlock(LinearOperator):
 
 
 def eig_blocks(blocks: Mapping[str, CurvatureBlock], dtype: torch.dtype | None = None, vectors: bool = False,
-               distributed: bool = False) -> dict[str, BlockEigen]:
+               distributed: bool = False, progress: bool = False) -> dict[str, BlockEigen]:
     """``BlockEigen`` of every block (``dtype``: precision of the decompositions; ``vectors``: all eigenvectors now
     instead of on first use; ``distributed``: each rank of the process group decomposes a cost-balanced share
-    (≈ B·d³ per matrix) and all ranks receive every result)."""
+    (≈ B·d³ per matrix) and all ranks receive every result; ``progress``: blocks done, rate and ETA as the pass
+    reports them (``factors.progress``) when the work is worth it, ``_worth_a_bar``)."""
     # bfloat16/float16 blocks are decomposed in float32 (no LAPACK routine takes them)
     requests = {(name, i): m for name, block in blocks.items()
                 for i, m in enumerate(block.eig_matrices(dtype or _upcast(block.dtype)))}
-    results = decompose_distributed(requests, vectors) if distributed else decompose(requests, vectors)
+    decomposed = decompose_distributed if distributed else decompose
+    if progress and _worth_a_bar(blocks, requests):
+        results = {}
+        for chunk in _tracked_chunks(blocks, requests, vectors):
+            if chunk:  # not only blocks that are diagonal already (EKFAC)
+                results |= decomposed({key: requests[key] for key in chunk}, vectors)
+    else:
+        results = decomposed(requests, vectors)
     out = {}
     for name, block in blocks.items():
         keys = [key for key in requests if key[0] == name]
@@ -110,6 +118,34 @@ def eig_blocks(blocks: Mapping[str, CurvatureBlock], dtype: torch.dtype | None =
 
 def _upcast(dtype: torch.dtype) -> torch.dtype | None:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else None
+
+
+EIG_BLOCKS_WORTH_A_BAR = 8  # blocks from which their eigendecompositions report progress …
+EIG_COST_WORTH_A_BAR = 2 * 1024**3  # … once Σ B·d³ of their matrices is above this (about a second on 2 CPU cores)
+EIG_PROGRESS_STEPS = 20  # updates of the progress report, about
+
+
+def _worth_a_bar(blocks: Mapping[str, CurvatureBlock], requests: dict) -> bool:
+    cost = sum(float(len(m)) * float(m.shape[-1]) ** 3 for m in requests.values())
+    return len(blocks) >= EIG_BLOCKS_WORTH_A_BAR and cost >= EIG_COST_WORTH_A_BAR
+
+
+def _tracked_chunks(blocks: Mapping[str, CurvatureBlock], requests: dict, vectors: bool):
+    """The keys of ``requests`` in chunks of whole blocks, reported as blocks done. A chunk is decomposed in one call
+    (batched by size, concurrent tridiagonalizations): it holds about 1/``EIG_PROGRESS_STEPS`` of the blocks and at
+    least as many matrices as there are threads, so that the report costs little of the concurrency."""
+    from ..factors.progress import tracked  # the factors package imports this one: imported when needed
+
+    by_block: dict[str, list] = {name: [] for name in blocks}
+    for key in requests:
+        by_block[key[0]].append(key)
+    per_block = max(1.0, len(requests) / max(len(by_block), 1))
+    size = max(math.ceil(len(by_block) / EIG_PROGRESS_STEPS), math.ceil(torch.get_num_threads() / per_block))
+    names = list(by_block)
+    chunks = [names[start : start + size] for start in range(0, len(names), size)]
+    what = "eigendecompositions" if vectors else "eigenvalues"
+    for chunk in tracked(chunks, f"{what} of {len(blocks)} blocks", len(blocks), "block", size=len):
+        yield [key for name in chunk for key in by_block[name]]
 
 
 class BlockEigen(LinearOperator):

@@ -3,8 +3,9 @@ distributed.
 
 Every block reduces to a few small PSD matrices (``CurvatureBlock.eig_matrices``: ``A`` and ``G`` of a Kronecker
 block, the sub-blocks of ``DenseBlocks``); ``blocks.base.eig_blocks`` hands all of them here at once, keyed by
-``(block name, index)``. Eigenvectors come from one batched ``eigh`` per size, eigenvalues alone from
-``spectra.symmetric_eigvals`` (concurrent tridiagonalizations on the CPU, batched ``eigvalsh`` elsewhere).
+``(block name, index)``. Eigenvectors come from ``spectra.symmetric_eigs`` (concurrent ``syevd`` calls on the CPU,
+one batched ``eigh`` per size elsewhere), eigenvalues alone from ``spectra.symmetric_eigvals`` (concurrent
+tridiagonalizations on the CPU, batched ``eigvalsh`` elsewhere).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed as _distributed
-from ..spectra import ClampReport, symmetric_eig, symmetric_eigvals
+from ..spectra import ClampReport, symmetric_eigs, symmetric_eigvals
 
 
 def decompose(matrices: dict, vectors: bool) -> dict:
@@ -22,19 +23,8 @@ def decompose(matrices: dict, vectors: bool) -> dict:
     if not vectors:
         decomposed = symmetric_eigvals([matrices[k] for k in keys])
         return {k: (values, None, reports, forms) for k, (values, reports, forms) in zip(keys, decomposed)}
-    groups: dict[tuple, list] = {}
-    for key, m in matrices.items():
-        groups.setdefault((m.shape[-1], m.device, m.dtype), []).append(key)
-    results = {}
-    for members in groups.values():  # one batched eigh per size
-        values, vecs, reports = symmetric_eig(torch.cat([matrices[k] for k in members]), vectors=True)
-        start = 0
-        for key in members:
-            count = len(matrices[key])
-            results[key] = (values[start : start + count], vecs[start : start + count], reports[start : start + count],
-                            [None] * count)
-            start += count
-    return results
+    decomposed = symmetric_eigs([matrices[k] for k in keys])
+    return {k: (values, vecs, reports, [None] * len(values)) for k, (values, vecs, reports) in zip(keys, decomposed)}
 
 
 def decompose_distributed(matrices: dict, vectors: bool) -> dict:

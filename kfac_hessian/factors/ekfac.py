@@ -77,7 +77,8 @@ def compute_ekfac(
     """
     options, kfac_arguments = correction_options(curvature, kfac, options, arguments)
     kfac = base_kfac(model, loss_fn, data, kfac, options, kfac_arguments)
-    eigs = eig_blocks({name: block for name, block in kfac.items() if isinstance(block, KroneckerBlock)}, vectors=True)
+    eigs = eig_blocks({name: block for name, block in kfac.items() if isinstance(block, KroneckerBlock)}, vectors=True,
+                      progress=options.progress)
 
     def statistic(entry: Entry, block: KroneckerBlock) -> EigenbasisSquares:
         eig, layout = eigs[entry.module_name], block.layout

@@ -62,14 +62,15 @@ class KFAC(Mapping[str, CurvatureBlock]):
         return len(self.blocks)
 
     def eig(self, dtype: torch.dtype | None = None, vectors: bool = False,
-            distributed: bool = False) -> dict[str, BlockEigen]:
+            distributed: bool = False, progress: bool = False) -> dict[str, BlockEigen]:
         """Eigen-structures of every block, decomposed together (``blocks.eig_blocks``): batched by size, on the CPU
         eigenvalues through concurrent tridiagonalizations, eigenvectors on first use unless ``vectors=True``.
 
         ``distributed=True``: the matrices are split over the ranks of the process group by cost (≈ B·d³), each rank
-        decomposes its share, and all ranks receive every result.
+        decomposes its share, and all ranks receive every result. ``progress=True``: blocks done, rate and ETA (as
+        ``compute_kfac(progress=True)`` reports its batches) when there are many blocks and the work takes long.
         """
-        return eig_blocks(self.blocks, dtype, vectors, distributed)
+        return eig_blocks(self.blocks, dtype, vectors, distributed, progress)
 
     def with_blocks(self, blocks: dict[str, CurvatureBlock], **changes) -> KFAC:
         """A copy with ``blocks`` (and any field in ``changes``), its dictionaries copied."""

@@ -73,3 +73,39 @@ def test_every_eigen_structure_is_an_eigen_result():
         assert (values[:-1] >= values[1:]).all() and len(values) == eigen.num_params == block.num_params
         _, vecs = eigen.topk(3)
         assert torch.allclose(vecs @ vecs.T, torch.eye(3), atol=1e-12)
+
+
+def _many_blocks(n: int) -> dict:
+    layout = BlockLayout(4, 5, True)
+    return {f"layer{i}": KroneckerBlock(psd(6, seed=2 * i), psd(4, seed=2 * i + 1), layout, f"layer{i}")
+            for i in range(n)}
+
+
+@pytest.mark.parametrize("vectors", [False, True])
+def test_eig_blocks_reports_progress_over_many_blocks_with_the_same_results(monkeypatch, capsys, vectors):
+    import sys
+
+    import kfac_hessian.blocks.base as base
+
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # the plain lines (tqdm draws to the terminal)
+    monkeypatch.setattr(base, "EIG_COST_WORTH_A_BAR", 0)
+    blocks = _many_blocks(base.EIG_BLOCKS_WORTH_A_BAR + 1)
+    quiet = eig_blocks(blocks, vectors=vectors)
+    assert capsys.readouterr().err == ""  # off by default
+    reported = eig_blocks(blocks, vectors=vectors, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    what = "eigendecompositions" if vectors else "eigenvalues"
+    assert lines and lines[-1].startswith(f"{what} of 9 blocks: 9/9 block, ") and lines[-1].endswith("ETA 0.0 s")
+    for name, block in blocks.items():
+        expected = torch.linalg.eigvalsh(block.to_dense()).flip(0).clamp_min(0)  # dense float64 reference
+        assert torch.allclose(reported[name].eigenvalues, expected, atol=1e-12 * float(expected[0]))
+        assert torch.allclose(reported[name].eigenvalues, quiet[name].eigenvalues, atol=1e-12 * float(expected[0]))
+
+
+def test_eig_blocks_is_quiet_for_few_blocks_or_little_work(capsys):
+    import kfac_hessian.blocks.base as base
+
+    eig_blocks(_many_blocks(base.EIG_BLOCKS_WORTH_A_BAR - 1), progress=True)  # few blocks
+    eig_blocks(_many_blocks(base.EIG_BLOCKS_WORTH_A_BAR), progress=True)  # many, but microseconds of work
+    assert capsys.readouterr().err == ""
+

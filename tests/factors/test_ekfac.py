@@ -115,3 +115,22 @@ def test_cross_attention_models_get_ekfac_blocks_of_the_layers_their_attention_r
         kfac, ekfac = _check(model, nn.CrossEntropyLoss(), X, y, ["dec.multihead_attn.out_proj", "head"])
     kept = ekfac["dec.multihead_attn"]
     assert kept is kfac["dec.multihead_attn"]  # the cross-attention in-projection's block is kept as it is
+
+
+def test_the_eigendecompositions_report_progress_with_the_pass(monkeypatch, capsys):
+    import sys
+
+    import kfac_hessian.blocks.base as base
+
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # plain lines
+    monkeypatch.setattr(base, "EIG_COST_WORTH_A_BAR", 0)
+    model = mlp(widths=(5,) * (base.EIG_BLOCKS_WORTH_A_BAR + 1)).double()  # 8 Kronecker layers
+    X, y = classification_data(n=4, d=5, classes=5)
+    quiet = kh.compute_ekfac(model, nn.CrossEntropyLoss(), (X.double(), y), curvature="mc", seed=0)
+    assert capsys.readouterr().err == ""
+    reported = kh.compute_ekfac(model, nn.CrossEntropyLoss(), (X.double(), y), curvature="mc", seed=0, progress=True)
+    err = capsys.readouterr().err
+    assert "eigendecompositions of 8 blocks: 8/8 block" in err and "KFAC (mc)" in err
+    for name, block in quiet.items():  # the same computation, reported (torch's batched eigh of fewer matrices at a
+        # time: equal to round-off)
+        assert torch.allclose(reported[name].values, block.values, rtol=0, atol=1e-12 * float(block.values.max()))

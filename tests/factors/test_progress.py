@@ -41,3 +41,19 @@ def test_a_pass_with_many_backward_chunks_reports_them(monkeypatch, capsys):
 def test_tqdm_is_used_when_installed(total):
     pytest.importorskip("tqdm")
     assert list(tracked(iter([1, 2, 3]), "d", total, "batch")) == [1, 2, 3]
+
+
+def test_an_item_counts_as_its_size(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    out = io.StringIO()
+    chunks = list(tracked([[1, 2], [3], [4, 5, 6]], "d", 6, "block", interval=0.0, stream=out, size=len))
+    assert chunks == [[1, 2], [3], [4, 5, 6]]
+    lines = out.getvalue().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["d: 2/6 block", "d: 3/6 block", "d: 6/6 block"]
+    assert lines[-1].endswith("ETA 0.0 s")
+
+
+def test_tqdm_bar_counts_an_item_as_its_size(capsys):
+    pytest.importorskip("tqdm")
+    assert list(tracked([[1, 2], [3]], "d", 3, "block", size=len)) == [[1, 2], [3]]
+    assert "3/3" in capsys.readouterr().err
