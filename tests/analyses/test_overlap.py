@@ -63,6 +63,9 @@ def test_bases_that_are_not_orthonormal_rows_are_refused_with_the_orientation():
     wide = torch.linalg.qr(torch.randn(6, 4, generator=torch.Generator().manual_seed(1))).Q  # (6, 4) columns
     with pytest.raises(ValueError, match="more rows than columns"):
         eigenspace_overlap(wide, wide)
+    long = torch.ones(2, 3_000_000, dtype=torch.float64)  # a (P, P) check would need 72 TB: only (k, k) is formed
+    with pytest.raises(ValueError, match="not orthonormal"):
+        eigenspace_overlap(long, long)
 
 
 def test_overlap_by_layer_takes_lanczos_and_dense_results_against_dense_eigh():
