@@ -335,7 +335,13 @@ def _meaning(results: dict) -> list[str]:
     return ["## What the numbers mean", "", " ".join(sentences) + " An overlap near 1 means the approximation finds "
             f"the block's top-{K} directions; a λ₁ ratio near 1 with a small overlap means the scale is right and the "
             "directions are not; a relative error near 1 means the approximation misses most of what the block does "
-            "to its own top eigenvectors. All of this is within one layer's block (see above).", ""]
+            "to its own top eigenvectors. All of this is within one layer's block (see above).", "",
+            "EKFAC and the fit are built on the mc pass: the fit is the nearest Kronecker product to the "
+            "Monte-Carlo block scale·Σ_n ĝ_n ĝ_nᵀ (ĝ_n: sample n's gradient for sampled labels, summed over its "
+            "positions), whose rank is at most the number of samples — 2 here — so that block's λ₁ carries most of "
+            "its trace, and the fit inherits it (a λ₁ ratio far above 1). KFAC's G ⊗ A spreads the same samples over "
+            "position-level factors and is not concentrated that way. For the fit on few samples use more samples or "
+            "curvature=\"ggn\" (with column_signs= at this vocabulary).", ""]
 
 
 def _spread(rows: dict, key: str) -> str:
