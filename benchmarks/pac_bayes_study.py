@@ -171,17 +171,24 @@ def cell_values(rows: list[dict]) -> dict[str, list[float]]:
     count of converged runs are not compared: they measure the machine's load and a yes/no, not the bound."""
     differences = {basis: paired_differences(rows, basis) for basis in BASES[1:]}
     cells = {}
+    for (task, labels, basis), group in table_groups(rows):
+        for metric in METRICS:
+            cells[f"{task} {labels} {basis} {metric}"] = [g[metric] for g in group]
+        if basis != "identity":
+            cells[f"{task} {labels} {basis} Δ vs identity"] = differences[basis][task, labels]
+    return cells
+
+
+def table_groups(rows: list[dict]) -> list[tuple[tuple[str, str, str], list[dict]]]:
+    """The rows of each table line — ``(task, labels, basis)`` in the table's order — skipping empty lines."""
+    groups = []
     for task in dict.fromkeys(r["task"] for r in rows):
         for labels in ("true", "random"):
             for basis in BASES:
                 group = [r for r in rows if r["task"] == task and r["labels"] == labels and r["basis"] == basis]
-                if not group:
-                    continue
-                for metric in METRICS:
-                    cells[f"{task} {labels} {basis} {metric}"] = [g[metric] for g in group]
-                if basis != "identity":
-                    cells[f"{task} {labels} {basis} Δ vs identity"] = differences[basis][task, labels]
-    return cells
+                if group:
+                    groups.append(((task, labels, basis), group))
+    return groups
 
 
 def agreement(first: list[dict], second: list[dict]) -> tuple[Agreement, dict]:
@@ -210,21 +217,15 @@ def render(rows: list[dict], args, n_seeds: int, replicate: list[dict] | None = 
         "| task | labels | basis | bound | Δ vs identity | SNN train ê | SNN test | det. test | KL | conv. | seconds |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for task in dict.fromkeys(r["task"] for r in rows):
-        for labels in ("true", "random"):
-            for basis in BASES:
-                group = [r for r in rows if r["task"] == task and r["labels"] == labels and r["basis"] == basis]
-                if not group:
-                    continue
-                cell = {metric: interval_cell(values[f"{task} {labels} {basis} {metric}"], 0 if metric == "kl" else 3)
-                        for metric in METRICS}
-                delta = "—" if basis == "identity" else interval_cell(values[f"{task} {labels} {basis} Δ vs identity"])
-                lines.append(
-                    f"| {task} (m={group[0]['n_train']}) | {labels} | {basis} | **{cell['bound']}** | {delta} | "
-                    f"{cell['train_error']} | {cell['test_error']} | {cell['mean_test_error']} | {cell['kl']} | "
-                    f"{sum(g['converged'] for g in group)}/{len(group)} | "
-                    f"{interval_cell([g['seconds'] for g in group], 0)} |"
-                )
+    for (task, labels, basis), group in table_groups(rows):
+        cell = {metric: interval_cell(values[f"{task} {labels} {basis} {metric}"], 0 if metric == "kl" else 3)
+                for metric in METRICS}
+        delta = "—" if basis == "identity" else interval_cell(values[f"{task} {labels} {basis} Δ vs identity"])
+        lines.append(
+            f"| {task} (m={group[0]['n_train']}) | {labels} | {basis} | **{cell['bound']}** | {delta} | "
+            f"{cell['train_error']} | {cell['test_error']} | {cell['mean_test_error']} | {cell['kl']} | "
+            f"{sum(g['converged'] for g in group)}/{len(group)} | {interval_cell([g['seconds'] for g in group], 0)} |"
+        )
     if replicate:
         lines += ["", *_replicate_section(rows, replicate)]
     return "\n".join(lines) + "\n"

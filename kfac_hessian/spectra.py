@@ -94,19 +94,10 @@ def symmetric_eigvals(batches: list[Tensor]) -> list[tuple[Tensor, list[ClampRep
     is retried in float64 (no form kept then).
     """
     results: list = [None] * len(batches)
-    tridiagonal, groups = [], {}
-    for i, batch in enumerate(batches):
-        if _tridiagonal_applies(batch):
-            tridiagonal.append(i)
-        else:  # equal sizes in one batched call (one kernel launch on a GPU)
-            groups.setdefault((batch.shape[-1], batch.device, batch.dtype), []).append(i)
-    for members in groups.values():
-        values, _, reports = symmetric_eig(torch.cat([batches[i] for i in members]), vectors=False)
-        start = 0
-        for i in members:
-            count = len(batches[i])
-            results[i] = (values[start : start + count], reports[start : start + count], [None] * count)
-            start += count
+    tridiagonal = [i for i, batch in enumerate(batches) if _tridiagonal_applies(batch)]
+    others = [i for i in range(len(batches)) if i not in set(tridiagonal)]
+    for i, (values, _, reports) in _batched_by_size(batches, others, vectors=False).items():
+        results[i] = (values, reports, [None] * len(values))
     order = sorted(tridiagonal, key=lambda i: -batches[i].shape[-1])  # longest first: balanced threads
     with _single_threaded_scipy_lapack():
         decomposed = _map_concurrently(lambda i: _eigvals_with_form(batches[i][0]), order)
@@ -125,20 +116,12 @@ def symmetric_eigs(batches: list[Tensor]) -> list[tuple[Tensor, Tensor, list[Cla
     alone in ``symmetric_eigvals``; everything else through torch's ``eigh``, one batched call per size.
     """
     results: list = [None] * len(batches)
-    concurrent, groups = [], {}
-    for i, batch in enumerate(batches):
-        if batch.device.type == "cpu" and batch.dtype in (torch.float32, torch.float64) \
-                and batch.shape[-1] >= TRIDIAGONAL_MIN_SIZE:
-            concurrent += [(i, b) for b in range(len(batch))]
-        else:
-            groups.setdefault((batch.shape[-1], batch.device, batch.dtype), []).append(i)
-    for members in groups.values():
-        values, vectors, reports = symmetric_eig(torch.cat([batches[i] for i in members]), vectors=True)
-        start = 0
-        for i in members:
-            count = len(batches[i])
-            results[i] = (values[start : start + count], vectors[start : start + count], reports[start : start + count])
-            start += count
+    on_lapack = [i for i, batch in enumerate(batches) if batch.device.type == "cpu"
+                 and batch.dtype in (torch.float32, torch.float64) and batch.shape[-1] >= TRIDIAGONAL_MIN_SIZE]
+    concurrent = [(i, b) for i in on_lapack for b in range(len(batches[i]))]
+    others = [i for i in range(len(batches)) if i not in set(on_lapack)]
+    for i, result in _batched_by_size(batches, others, vectors=True).items():
+        results[i] = result
     order = sorted(concurrent, key=lambda item: -batches[item[0]].shape[-1])
     with _single_threaded_scipy_lapack():
         decomposed = dict(zip(order, _map_concurrently(lambda item: _syevd(batches[item[0]][item[1]]), order)))
@@ -146,6 +129,23 @@ def symmetric_eigs(batches: list[Tensor]) -> list[tuple[Tensor, Tensor, list[Cla
         pairs = [decomposed[(i, b)] for b in range(len(batches[i]))]
         values, reports = _descending_clamped(torch.stack([values for values, _ in pairs]))
         results[i] = (values, torch.stack([vectors for _, vectors in pairs]).flip(-1), reports)
+    return results
+
+
+def _batched_by_size(batches: list[Tensor], indices: list[int], vectors: bool) -> dict[int, tuple]:
+    """``symmetric_eig`` of ``batches[i]`` for each of ``indices``, equal sizes in one batched call (one kernel launch
+    on a GPU); per index ``(values, vectors or None, reports)``."""
+    groups: dict[tuple, list[int]] = {}
+    for i in indices:
+        groups.setdefault((batches[i].shape[-1], batches[i].device, batches[i].dtype), []).append(i)
+    results = {}
+    for members in groups.values():
+        values, vecs, reports = symmetric_eig(torch.cat([batches[i] for i in members]), vectors=vectors)
+        start = 0
+        for i in members:
+            part = slice(start, start + len(batches[i]))
+            results[i] = (values[part], None if vecs is None else vecs[part], reports[part])
+            start = part.stop
     return results
 
 

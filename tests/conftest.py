@@ -215,3 +215,30 @@ class FunctionScaled(nn.Module):
 
     def forward(self, x):
         return tanh_gelu(x * self.scale) if self.plain else OldStyleGeLU.apply(x * self.scale)
+
+
+def on_two_gloo_ranks(work) -> list[dict]:
+    """``work(rank)`` (a module-level function returning a dict of tensors) run in two spawned processes joined in a
+    gloo process group; each rank's dict, in rank order."""
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_gloo_rank, args=(work, out_dir), nprocs=2, join=True)
+        return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=True) for rank in range(2)]
+
+
+def _gloo_rank(rank: int, work, out_dir: str) -> None:
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.save(work(rank), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -3,19 +3,14 @@ single-process results (float64, ≤ 1e-10 relative)."""
 
 from __future__ import annotations
 
-import datetime
-import os
-import tempfile
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import kfac_hessian as kh
 
-from .conftest import NormCNN
+from .conftest import NormCNN, on_two_gloo_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -42,25 +37,18 @@ def results(model, loss_fn, data, distributed):
     return out
 
 
-def worker(rank, store_path, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        torch.set_default_dtype(torch.float64)
-        model, loss_fn, X, y = problem()
-        lo, hi = SPLIT[rank]
-        shard = list(zip(X[lo:hi].split(3), y[lo:hi].split(3)))  # uneven batches too
-        torch.save(results(model, loss_fn, shard, distributed=True), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def worker(rank):
+    torch.set_default_dtype(torch.float64)
+    model, loss_fn, X, y = problem()
+    lo, hi = SPLIT[rank]
+    shard = list(zip(X[lo:hi].split(3), y[lo:hi].split(3)))  # uneven batches too
+    return results(model, loss_fn, shard, distributed=True)
 
 
 def test_two_gloo_ranks_equal_single_process():
     model, loss_fn, X, y = problem()
     single = results(model, loss_fn, list(zip(X.split(4), y.split(4))), distributed=False)
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(worker, args=(os.path.join(out_dir, "store"), out_dir), nprocs=2, join=True)
-        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+    ranks = on_two_gloo_ranks(worker)
     for key, expected in single.items():
         for got in ranks:
             assert (got[key] - expected).norm() <= 1e-10 * expected.norm(), key

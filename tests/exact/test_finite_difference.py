@@ -4,22 +4,18 @@ over two gloo processes against the same products of the unsharded model in one 
 
 from __future__ import annotations
 
-import datetime
 import math
-import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import kfac_hessian as kh
 from kfac_hessian.distributed import local_tensor
 from kfac_hessian.exact.finite_difference import finite_difference_operator
 
-from ..conftest import batches, classification_data, mlp, regression_data
+from ..conftest import batches, classification_data, mlp, on_two_gloo_ranks, regression_data
 from ..references import dense_ggn, dense_hessian, rel_err
 
 REFERENCES = {"hessian": dense_hessian, "ggn": dense_ggn}
@@ -179,32 +175,29 @@ def products(model, loss_fn, data, distributed):
     return out
 
 
-def worker(rank, store_path, out_dir):
+def worker(rank):
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        torch.set_default_dtype(torch.float64)
-        for layout, dtype in LAYOUTS.items():
-            model, loss_fn, X, y = problem(dtype)
-            start = sum(SPLIT[0]) * rank
-            shard = batches(X[start : start + sum(SPLIT[rank])], y[start : start + sum(SPLIT[rank])], SPLIT[rank])
-            if layout.startswith("per-layer"):
-                fully_shard(model[0])
-                fully_shard(model[2])
-            if layout != "unsharded":
-                fully_shard(model)
-                with pytest.raises(ValueError, match="distributed=True"):  # a sharded model reduces over the group
-                    finite_difference_operator(model, loss_fn, shard)
-            before = [local_tensor(p).clone() for p in model.parameters()]
-            out = products(model, loss_fn, shard, distributed=True)
-            out["bitwise"] = torch.tensor(all(torch.equal(b, local_tensor(p))
-                                              for b, p in zip(before, model.parameters())))
-            out["no grad"] = torch.tensor(all(p.grad is None for p in model.parameters()))
-            torch.save(out, os.path.join(out_dir, f"{layout}.rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    torch.set_default_dtype(torch.float64)
+    results = {}
+    for layout, dtype in LAYOUTS.items():
+        model, loss_fn, X, y = problem(dtype)
+        start = sum(SPLIT[0]) * rank
+        shard = batches(X[start : start + sum(SPLIT[rank])], y[start : start + sum(SPLIT[rank])], SPLIT[rank])
+        if layout.startswith("per-layer"):
+            fully_shard(model[0])
+            fully_shard(model[2])
+        if layout != "unsharded":
+            fully_shard(model)
+            with pytest.raises(ValueError, match="distributed=True"):  # a sharded model reduces over the group
+                finite_difference_operator(model, loss_fn, shard)
+        before = [local_tensor(p).clone() for p in model.parameters()]
+        out = products(model, loss_fn, shard, distributed=True)
+        out["bitwise"] = torch.tensor(all(torch.equal(b, local_tensor(p))
+                                          for b, p in zip(before, model.parameters())))
+        out["no grad"] = torch.tensor(all(p.grad is None for p in model.parameters()))
+        results[layout] = out
+    return results
 
 
 @pytest.mark.slow
@@ -217,10 +210,8 @@ def test_fully_shard_over_two_gloo_ranks_equals_the_unsharded_products():
         for kind in ("hessian", "ggn"):
             for layer, layers in ((None, LAYERS), ("2", ["2"])):
                 exact[(dtype, f"{kind}.{layer}")] = reference(kind, model, loss_fn, X, y, layers)
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(worker, args=(os.path.join(out_dir, "store"), out_dir), nprocs=2, join=True)
-        ranks = {(layout, r): torch.load(os.path.join(out_dir, f"{layout}.rank{r}.pt"), weights_only=True)
-                 for layout in LAYOUTS for r in range(2)}
+    per_rank = on_two_gloo_ranks(worker)
+    ranks = {(layout, r): per_rank[r][layout] for layout in LAYOUTS for r in range(2)}
     for (layout, rank), got in ranks.items():
         dtype, where = LAYOUTS[layout], (layout, rank)
         assert bool(got["bitwise"]) and bool(got["no grad"]), where  # parameters bitwise, .grad untouched
